@@ -1,0 +1,14 @@
+"""The engine-directory contract: ``manifest.schema.json`` and ``FORMAT.md``."""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from importlib import resources
+
+FORMAT_NAME = "specrt-engine"
+FORMAT_VERSION = 1
+
+
+@lru_cache(maxsize=1)
+def manifest_schema() -> dict:
+    return json.loads(resources.files(__name__).joinpath("manifest.schema.json").read_text())

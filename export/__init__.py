@@ -1,0 +1,6 @@
+"""Build time: HuggingFace draft + target → engine directory (needs torch, transformers, optimum-onnx, onnx)."""
+from __future__ import annotations
+
+from specrt.export.pair import DEFAULT_K, DEFAULT_MAX_CONTEXT, ExportError, ExportReport, export_pair
+
+__all__ = ["export_pair", "ExportError", "ExportReport", "DEFAULT_K", "DEFAULT_MAX_CONTEXT"]

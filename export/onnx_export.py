@@ -1,0 +1,100 @@
+"""One model → ``<role>.onnx`` with the static-cache interface, plus its manifest entry."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+
+from specrt.export import static_cache
+
+log = logging.getLogger(__name__)
+EXTERNAL_DATA_ABOVE = 100 * 2**20  # bytes; bigger graphs keep their weights in <file>.data
+
+_ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+                onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32"}
+
+
+def optimum_export(checkpoint: Path, workdir: Path) -> Path:
+    """Run optimum's exporter (task text-generation-with-past, fp32) quietly; return the model.onnx path."""
+    from optimum.exporters.onnx import main_export
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    sink = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+        warnings.simplefilter("ignore")
+        main_export(str(checkpoint), output=str(workdir), task="text-generation-with-past", do_validation=False,
+                    local_files_only=True, library_name="transformers")
+    path = workdir / "model.onnx"
+    if not path.is_file():
+        raise RuntimeError(f"optimum produced no model.onnx for {checkpoint} (files: {sorted(workdir.iterdir())})")
+    return path
+
+
+def _tensor(vi: onnx.ValueInfoProto) -> dict:
+    t = vi.type.tensor_type
+    return {"name": vi.name, "dtype": _ONNX_DTYPES[t.elem_type],
+            "shape": [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]}
+
+
+def export_model(checkpoint: Path, role: str, out_dir: Path, workdir: Path, max_context: int, config) -> dict:
+    """Export, rewrite to the static cache, save ``out_dir/<role>.onnx``; return the manifest entry."""
+    raw = onnx.load(str(optimum_export(checkpoint, workdir / role)))
+    past = [i for i in raw.graph.input if i.name.startswith("past_key_values.") and i.name.endswith(".key")]
+    if not past:
+        raise RuntimeError(f"{checkpoint}: optimum's export has no past_key_values inputs; this architecture "
+                           "is not supported by specrt export yet")
+    dims = past[0].type.tensor_type.shape.dim
+    num_layers, kv_heads, head_dim = len(past), dims[1].dim_value, dims[3].dim_value
+    if not kv_heads or not head_dim:
+        raise RuntimeError(f"{checkpoint}: cannot read kv heads / head dim from the exported graph ({dims})")
+    model = static_cache.to_static_cache(raw, num_layers, kv_heads, head_dim, max_context)
+    onnx.checker.check_model(model)
+    path = out_dir / f"{role}.onnx"
+    external = None
+    if model.ByteSize() > EXTERNAL_DATA_ABOVE:
+        external = f"{role}.onnx.data"
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=external, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+    logits = next(o for o in model.graph.output if o.name == static_cache.LOGITS)
+    vocab = logits.type.tensor_type.shape.dim[2].dim_value or config.vocab_size
+    cache_dtype = _ONNX_DTYPES[past[0].type.tensor_type.elem_type]
+    num_params = sum(int(_numel(t)) for t in model.graph.initializer)
+    n = static_cache.names(num_layers)
+    return {
+        "file": path.name,
+        "external_data": external,
+        "architecture": (config.architectures or [type(config).__name__])[0],
+        "model_type": config.model_type,
+        "num_layers": num_layers,
+        "num_attention_heads": int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0)) or kv_heads,
+        "num_kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_size": int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0)) or 1,
+        "dtype": cache_dtype,
+        "vocab_size": int(vocab),
+        "num_parameters": num_params,
+        "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+        "inputs": [_tensor(i) for i in model.graph.input],
+        "outputs": [_tensor(o) for o in model.graph.output],
+        "kv_cache": {
+            "layout": "static-buffer-bhsd",
+            "buffer_shape": [1, kv_heads, max_context, head_dim],
+            "input_ids": static_cache.INPUT_IDS,
+            "past_length": static_cache.PAST_LENGTH,
+            "logits": static_cache.LOGITS,
+            **n,
+        },
+    }
+
+
+def _numel(t: onnx.TensorProto) -> int:
+    size = 1
+    for d in t.dims:
+        size *= d
+    return size

@@ -1,0 +1,164 @@
+"""``export_pair``: a HuggingFace draft + target pair → one engine directory.
+
+Phases: check (tokenizers compatible) → export (optimum ONNX, rewritten to the
+static-cache interface) → verify (ONNX Runtime vs PyTorch) → write (tokenizer,
+manifest with SHA-256 of every file).  Everything is written to a temporary
+sibling directory and renamed into place at the end, so a failed export never
+leaves a directory the runtime would accept (it has no manifest.json).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+import specrt
+from specrt.engines import FORMAT_NAME, FORMAT_VERSION
+from specrt.export.compat import check_tokenizers, require_local_checkpoint
+from specrt.export.onnx_export import export_model
+from specrt.export.verify import compare
+from specrt.runtime.errors import SpecrtError
+from specrt.runtime.manifest import MANIFEST, load_manifest, model_spec, sha256_file, validate_manifest
+
+log = logging.getLogger(__name__)
+DEFAULT_K = (1, 2, 4, 8)
+DEFAULT_MAX_CONTEXT = 2048
+DEFAULT_TOLERANCE = 2e-3
+
+
+class ExportError(SpecrtError, RuntimeError):
+    """Export failed; the output directory was left untouched."""
+
+
+@dataclass
+class ExportReport:
+    out: Path
+    max_abs_diff: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def export_pair(target: str | Path, draft: str | Path, out: str | Path, *, max_context: int | None = None,
+                k_values: Sequence[int] = DEFAULT_K, force: bool = False, verify: bool = True,
+                tolerance: float = DEFAULT_TOLERANCE, progress: bool = True) -> ExportReport:
+    """Export ``target`` (the verification model) and ``draft`` into the engine directory ``out``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(out)
+    k_values = sorted(set(int(k) for k in k_values))
+    if not k_values or k_values[0] < 1 or k_values[-1] > 64:
+        raise ValueError(f"k values must be in 1..64, got {k_values}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ExportError(f"{str(out)!r} exists and is not empty; pass --force (force=True) to replace it.")
+    target_dir = require_local_checkpoint(target, "target")
+    draft_dir = require_local_checkpoint(draft, "draft")
+    bar = tqdm(total=4, desc="check", disable=not progress, unit="phase",
+               bar_format="{desc:<28} {n_fmt}/{total_fmt} phases [{elapsed}]")
+
+    # 1. check -------------------------------------------------------------------
+    t_tok = AutoTokenizer.from_pretrained(target_dir)
+    d_tok = AutoTokenizer.from_pretrained(draft_dir)
+    check_tokenizers(t_tok, d_tok)
+    if not t_tok.is_fast:
+        raise ExportError("the target's tokenizer has no tokenizer.json (not a 'fast' tokenizer); the runtime "
+                          "needs one. Convert it with transformers (`AutoTokenizer.from_pretrained(...).save_pretrained`).")
+    t_cfg, d_cfg = AutoConfig.from_pretrained(target_dir), AutoConfig.from_pretrained(draft_dir)
+    limit = min(getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 1 << 30
+                for c in (t_cfg, d_cfg))
+    max_context = max_context or min(DEFAULT_MAX_CONTEXT, limit)
+    if max_context > limit:
+        raise ValueError(f"--max-context {max_context} exceeds the models' position limit {limit}")
+    if max_context < k_values[-1] + 2:
+        raise ValueError(f"--max-context {max_context} is too small for k={k_values[-1]}")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp.chmod(0o755)
+    work = Path(tempfile.mkdtemp(prefix="specrt-export-"))
+    report = ExportReport(out=out)
+    try:
+        # 2. export --------------------------------------------------------------
+        bar.update(1)
+        bar.set_description("export target + draft")
+        models = {}
+        for role, ckpt, cfg in (("target", target_dir, t_cfg), ("draft", draft_dir, d_cfg)):
+            log.info("exporting %s from %s", role, ckpt)
+            models[role] = export_model(ckpt, role, tmp, work, max_context, cfg)
+        # 3. verify --------------------------------------------------------------
+        bar.update(1)
+        bar.set_description("verify vs PyTorch")
+        manifest = {
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "created_by": f"specrt {specrt.__version__}",
+            "models": models,
+            "pair": {"k_values": k_values, "max_context": max_context,
+                     "eos_token_ids": _eos_ids(t_cfg, t_tok), "bos_token_id": t_tok.bos_token_id},
+            "tokenizer": {},
+            "files": {},
+        }
+        if verify:
+            for role, ckpt in (("target", target_dir), ("draft", draft_dir)):
+                hf = AutoModelForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32).eval()
+                diffs = compare(model_spec(tmp, role, manifest), hf, k=k_values[-1], vocab_limit=len(t_tok))
+                del hf
+                report.max_abs_diff[role] = diffs
+                worst = max(v for key, v in diffs.items() if not key.endswith("argmax_equal"))
+                log.info("%s: max |ONNX - PyTorch| = %s", role, {k: f"{v:.2e}" for k, v in diffs.items()})
+                if worst > tolerance:
+                    raise ExportError(f"{role}: exported logits differ from PyTorch by {worst:.3g} > tolerance "
+                                      f"{tolerance:g} ({diffs}). This is an exporter bug for this architecture; "
+                                      "please report it (or pass --tolerance / --no-verify at your own risk).")
+                models[role]["verification"] = {k: round(v, 8) for k, v in diffs.items()}
+        # 4. write -----------------------------------------------------------------
+        bar.update(1)
+        bar.set_description("write tokenizer + manifest")
+        tok_files = [Path(f).name for f in t_tok.save_pretrained(tmp)]
+        tok_files = sorted(f for f in set(tok_files) if (tmp / f).is_file())
+        if "tokenizer.json" not in tok_files:
+            raise ExportError("the target tokenizer did not write tokenizer.json")
+        manifest["tokenizer"] = {"files": tok_files, "tokenizer_json": "tokenizer.json",
+                                 "chat_template": _chat_template(t_tok),
+                                 "add_bos_token": bool(getattr(t_tok, "add_bos_token", False))}
+        manifest["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                             for p in sorted(tmp.iterdir()) if p.is_file()}
+        validate_manifest(manifest)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        load_manifest(tmp)  # the runtime must accept what we wrote
+        _replace_dir(tmp, out)
+        bar.update(1)
+        bar.set_description("done")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        bar.close()
+    return report
+
+
+def _eos_ids(cfg, tok) -> list[int]:
+    ids = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+    ids = [i for i in ids + [tok.eos_token_id] if i is not None]
+    return sorted(set(int(i) for i in ids))
+
+
+def _chat_template(tok) -> str | None:
+    t = getattr(tok, "chat_template", None)
+    return t if isinstance(t, str) else None
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished directory into place; the old one (only with --force) goes last."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+

@@ -1,0 +1,173 @@
+"""``Engine``: an engine directory opened for generation."""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from specrt.runtime.errors import GenerationError
+from specrt.runtime.loop import StepResult, speculative, target_only
+from specrt.runtime.manifest import Manifest, load_manifest
+from specrt.runtime.ort_backend import OrtModelStep
+from specrt.runtime.sampling import SamplingParams
+from specrt.runtime.stats import Stats
+from specrt.runtime.text import Detokenizer, StopChecker, TextCodec
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]  # new tokens only (an EOS that ended generation is included)
+    prompt_token_ids: list[int]
+    stats: Stats = field(default_factory=Stats)
+
+    def as_dict(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "prompt_token_ids": self.prompt_token_ids,
+                "stats": self.stats.as_dict()}
+
+
+@dataclass
+class Chunk:
+    """What one target pass added: text safe to show, and the token ids."""
+
+    text: str
+    token_ids: list[int]
+
+
+class Stream:
+    """Iterate for ``Chunk``s as tokens are accepted; ``result`` is complete once iteration ends."""
+
+    def __init__(self, chunks: Iterator[Chunk], result: Result):
+        self._chunks = chunks
+        self.result = result
+
+    def __iter__(self) -> Iterator[Chunk]:
+        return self._chunks
+
+
+class Engine:
+    """A draft + target pair loaded from an engine directory.
+
+    >>> engine = Engine.load("engines/demo/engine")            # doctest: +SKIP
+    >>> engine.generate("def fib(n):", max_new_tokens=64, k=4).text  # doctest: +SKIP
+    """
+
+    def __init__(self, manifest: Manifest, target: OrtModelStep, draft: OrtModelStep):
+        self.manifest = manifest
+        self.target = target
+        self.draft = draft
+        self.codec = TextCodec(manifest.tokenizer_json, manifest.chat_template, manifest.bos_token_id,
+                               manifest.eos_token_ids)
+
+    @classmethod
+    def load(cls, path: str | Path, provider: str = "cpu", threads: int | None = None,
+             check_hashes: bool = True) -> Engine:
+        """Validate the manifest (schema + SHA-256 of every file) and open both models."""
+        manifest = load_manifest(path, check_hashes=check_hashes)
+        target = OrtModelStep(manifest.target, provider, threads, max_step=max(manifest.k_values) + 1)
+        draft = OrtModelStep(manifest.draft, provider, threads, max_step=2)
+        return cls(manifest, target, draft)
+
+    @property
+    def max_context(self) -> int:
+        return self.manifest.max_context
+
+    def encode(self, text: str) -> list[int]:
+        return self.codec.encode(text)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.codec.decode(token_ids)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Prompt ids for a chat, rendered with the model's chat template."""
+        return self.codec.encode(self.codec.apply_chat_template(messages), add_special_tokens=False)
+
+    # -- generation -----------------------------------------------------------------
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 128, k: int | None = 4,
+                 stop: Sequence[str] = (), temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int | None = None, use_draft: bool = True) -> Result:
+        """Generate; ``k=None`` or ``use_draft=False`` decodes with the target alone."""
+        s = self.stream(prompt, max_new_tokens, k, stop, temperature, top_k, top_p, seed, use_draft)
+        for _ in s:
+            pass
+        return s.result
+
+    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 128, k: int | None = 4,
+               stop: Sequence[str] = (), temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               seed: int | None = None, use_draft: bool = True) -> Stream:
+        """Like ``generate`` but yields text as soon as the target accepts it."""
+        params = SamplingParams(temperature, top_k, top_p)
+        prompt_ids = self._prompt_ids(prompt)
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        use_draft = use_draft and k is not None
+        if use_draft and k not in self.manifest.k_values:
+            raise GenerationError(f"k={k} is not one of this engine's compiled k values {list(self.manifest.k_values)}; "
+                                  f"pick one of those or re-export with `specrt export ... --k {k}`")
+        rng = np.random.default_rng(seed)
+        stats = Stats()
+        checker = StopChecker(Detokenizer(self.codec, prompt_ids), self.manifest.eos_token_ids, stop, max_new_tokens)
+        result = Result("", checker.token_ids, list(prompt_ids), stats)
+        ids = np.asarray(prompt_ids, dtype=np.int64)
+        if use_draft:
+            steps = speculative(self.target, self.draft, ids, k, max_new_tokens, params, rng, stats)
+        else:
+            steps = target_only(self.target, ids, max_new_tokens, params, rng, stats)
+        return Stream(self._run(steps, checker, stats, result), result)
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.codec.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.manifest.target.vocab_size]
+            if bad:
+                raise GenerationError(f"prompt token ids {bad[:5]} are outside the vocabulary "
+                                      f"[0, {self.manifest.target.vocab_size})")
+        if not ids:
+            raise GenerationError("the prompt is empty; give at least one token")
+        if len(ids) >= self.max_context:
+            raise GenerationError(f"the prompt has {len(ids)} tokens but this engine's max context is "
+                                  f"{self.max_context} (prompt + new tokens); shorten the prompt or re-export "
+                                  "with a larger `--max-context`")
+        return ids
+
+    @staticmethod
+    def _run(steps: Iterator[StepResult], checker: StopChecker, stats: Stats, result: Result) -> Iterator[Chunk]:
+        t0 = time.perf_counter()
+        try:
+            for step in steps:
+                stats.steps += 1
+                stats.proposed += step.proposed
+                kept = 0
+                for token_id in step.token_ids:
+                    checker.push(token_id)
+                    kept += 1
+                    if checker.reason:
+                        break
+                # book only what was kept: new_tokens == accepted + recovered + bonus
+                accepted = min(step.accepted, kept)
+                stats.accepted += accepted
+                if kept > accepted:
+                    if step.proposed and step.accepted == step.proposed:
+                        stats.bonus += 1
+                    else:
+                        stats.recovered += 1
+                stats.new_tokens += kept
+                chunk = Chunk(checker.take(), step.token_ids[:kept])
+                stats.total_s = time.perf_counter() - t0
+                yield chunk
+                if checker.reason:
+                    break
+            else:
+                checker.reason = checker.reason or "max_context"
+        finally:
+            stats.total_s = time.perf_counter() - t0
+            stats.stop_reason = checker.reason or "cancelled"
+            tail = checker.take(final=True)
+            result.text = checker.text
+        if tail:
+            yield Chunk(tail, [])

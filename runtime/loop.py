@@ -1,0 +1,119 @@
+"""The decode loops: speculative (propose → verify → commit) and target-only.
+
+Both are generators of ``StepResult`` — the tokens one target pass emitted — and
+know nothing about text or stop strings; the caller stops iterating when it has
+enough.  Cache bookkeeping, the one invariant everything rests on:
+
+    at the top of each iteration the context is ``L`` tokens long; the target's cache
+    holds the first ``L - 1`` of them and ``last`` (token ``L - 1``) has not been run;
+    the draft's cache holds ``L - len(pending)`` of them and ``pending`` (which ends
+    with ``last``) has not been run by the draft.
+
+The context never exceeds ``max_context`` tokens: a step emits at most
+``max_context - L`` tokens.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from specrt.runtime.acceptance import greedy_verify, rejection_verify, sample
+from specrt.runtime.backend import ModelStep
+from specrt.runtime.sampling import SamplingParams, warp
+from specrt.runtime.stats import Stats
+
+
+@dataclass
+class StepResult:
+    token_ids: list[int]  # accepted drafts, then one recovered or bonus token
+    accepted: int
+    proposed: int
+
+
+def _choose(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    return int(logits.argmax()) if params.greedy else sample(warp(logits, params), rng)
+
+
+def _prefill(model: ModelStep, prompt_ids: np.ndarray) -> None:
+    if len(prompt_ids) > 1:
+        model.prefill(prompt_ids[:-1])
+    else:
+        model.set_length(0)
+
+
+def target_only(target: ModelStep, prompt_ids: np.ndarray, max_new_tokens: int, params: SamplingParams,
+                rng: np.random.Generator, stats: Stats) -> Iterator[StepResult]:
+    """Plain decoding with the target alone: the baseline, sharing stop and stats code with speculative."""
+    t0 = time.perf_counter()
+    _prefill(target, prompt_ids)
+    stats.prefill_s += time.perf_counter() - t0
+    length, last = len(prompt_ids), int(prompt_ids[-1])
+    for _ in range(max_new_tokens):
+        if length >= target.max_context:
+            return
+        t0 = time.perf_counter()
+        logits = target.step(np.array([last]), length - 1)[-1]  # [vocab]
+        last = _choose(logits, params, rng)
+        stats.verify_s += time.perf_counter() - t0
+        length += 1
+        yield StepResult([last], accepted=0, proposed=0)
+
+
+def speculative(target: ModelStep, draft: ModelStep, prompt_ids: np.ndarray, k: int, max_new_tokens: int,
+                params: SamplingParams, rng: np.random.Generator, stats: Stats) -> Iterator[StepResult]:
+    max_context = min(target.max_context, draft.max_context)
+    t0 = time.perf_counter()
+    _prefill(target, prompt_ids)
+    _prefill(draft, prompt_ids)
+    stats.prefill_s += time.perf_counter() - t0
+    length, last = len(prompt_ids), int(prompt_ids[-1])
+    pending = [last]
+    draft_ids = np.zeros(k, dtype=np.int64)  # [k]
+    draft_probs = None if params.greedy else np.zeros((k, draft.vocab_size))  # [k, vocab_draft]
+    emitted = 0
+    while emitted < max_new_tokens and length < max_context:
+        # Fewer proposals near the end: never emit past max_new_tokens or the context.
+        k_step = max(0, min(k, max_new_tokens - emitted - 1, max_context - length - 1))
+
+        # propose: k_step autoregressive draft steps, starting from the tokens it has not seen
+        t0 = time.perf_counter()
+        feed, pos = pending, length - len(pending)
+        for i in range(k_step):
+            logits = draft.step(np.asarray(feed), pos)[-1]  # [vocab_draft]
+            pos += len(feed)
+            if params.greedy:
+                draft_ids[i] = logits.argmax()
+            else:
+                draft_probs[i] = warp(logits, params)
+                draft_ids[i] = sample(draft_probs[i], rng)
+            feed = [int(draft_ids[i])]
+        t1 = time.perf_counter()
+
+        # verify: the target scores `last` and all proposals in one pass
+        target_logits = target.step(np.concatenate(([last], draft_ids[:k_step])), length - 1)  # [k_step+1, vocab]
+        if params.greedy:
+            accepted, next_id = greedy_verify(draft_ids[:k_step], target_logits)
+        else:
+            accepted, next_id = rejection_verify(draft_ids[:k_step], draft_probs[:k_step],
+                                                 warp(target_logits, params), rng)
+        t2 = time.perf_counter()
+        stats.draft_s += t1 - t0
+        stats.verify_s += t2 - t1
+
+        # commit: both caches keep exactly the accepted context (rollback = moving a length)
+        new_ids = [int(t) for t in draft_ids[:accepted]] + [next_id]
+        target.set_length(length + accepted)  # `last` + accepted proposals; next_id not run yet
+        if accepted < k_step:
+            draft.set_length(length + accepted)
+            pending = [next_id]
+        else:
+            # All proposals accepted (or none made): the draft never ran its last proposal,
+            # so it catches up on it together with next_id at the next propose.
+            pending = (pending if k_step == 0 else [int(draft_ids[k_step - 1])]) + [next_id]
+        length += accepted + 1
+        last = next_id
+        emitted += len(new_ids)
+        yield StepResult(new_ids, accepted=accepted, proposed=k_step)

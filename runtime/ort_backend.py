@@ -1,0 +1,144 @@
+"""ONNX Runtime implementation of the ``ModelStep`` protocol (CPU; the embedded default).
+
+The exported graph reads the *whole* preallocated cache buffer plus a
+``past_length`` scalar and returns only the KV of the new tokens.  The buffers
+are numpy arrays wrapped once in OrtValues (zero-copy on CPU) and bound once;
+per step Python binds two tiny inputs, ORT writes logits and new KV into
+preallocated per-n output buffers, and Python copies the n new KV entries into
+the cache at ``pos``.  Nothing in Python is proportional to the context length.
+Inside ORT the graph still slices the buffer to ``past_length`` and concatenates
+the new KV (the attention of optimum's export is concat-style); that in-graph
+copy is O(context) and is measured by ``benchmarks/kv_copy.py``.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnxruntime as ort
+
+from specrt.runtime.errors import EngineDirError, GenerationError
+from specrt.runtime.kv_cache import KVCache
+from specrt.runtime.manifest import ModelSpec
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+PREFILL_CHUNK = 128  # prompt tokens per prefill pass: bounds the [n, vocab] logits buffer
+_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return so
+
+
+class OrtModelStep:
+    """One exported model + its static KV cache, driven through IOBinding."""
+
+    def __init__(self, spec: ModelSpec, provider: str = "cpu", threads: int | None = None, max_step: int = 65):
+        if provider != "cpu":
+            # The cache buffers live in host memory; on CUDA/TensorRT EPs they would have to
+            # live on the device (OrtValue on "cuda") and be updated there.  Not built yet.
+            raise GenerationError(
+                f"provider {provider!r}: only 'cpu' is implemented in this release; the ONNX Runtime GPU "
+                "providers need device-resident cache buffers (not built yet, see README 'GPU'). Use provider='cpu'."
+            )
+        if spec.dtype not in _DTYPES:
+            raise EngineDirError(f"{spec.role}: dtype {spec.dtype} is not supported by the ONNX Runtime CPU backend")
+        self.spec = spec
+        try:
+            self.session = ort.InferenceSession(str(spec.path), session_options(threads),
+                                                providers=[PROVIDERS[provider]])
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise EngineDirError(f"ONNX Runtime cannot open {spec.path.name}: {e}. Re-export the engine directory "
+                                 "with `specrt export ... --force`.") from None
+        self._check_names()
+        kv = spec.kv
+        self.dtype = _DTYPES[spec.dtype]
+        self.cache = KVCache(spec.num_layers, kv.buffer_shape, self.dtype)
+        self._vocab = spec.vocab_size
+        self._max_step = max_step
+        self.binding = self.session.io_binding()
+        # The cache buffers are bound once; ORT reads them in place at every run.
+        for name, buf in zip(kv.key_buffers + kv.value_buffers, self.cache.keys + self.cache.values):
+            self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(buf))
+        self._past = np.zeros(1, dtype=np.int64)
+        self._outputs: dict[int, tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list]] = {}
+        self.calls = 0
+
+    def _check_names(self) -> None:
+        kv = self.spec.kv
+        want_in = {kv.input_ids, kv.past_length, *kv.key_buffers, *kv.value_buffers}
+        want_out = {kv.logits, *kv.new_keys, *kv.new_values}
+        have_in = {i.name for i in self.session.get_inputs()}
+        have_out = {o.name for o in self.session.get_outputs()}
+        if want_in != have_in or not want_out <= have_out:
+            raise EngineDirError(
+                f"{self.spec.path.name}: tensor names do not match the manifest (missing inputs "
+                f"{sorted(want_in - have_in)}, unexpected inputs {sorted(have_in - want_in)}, missing outputs "
+                f"{sorted(want_out - have_out)}). The directory mixes files from different exports; re-export it."
+            )
+
+    # -- protocol -----------------------------------------------------------------
+    @property
+    def max_context(self) -> int:
+        return self.cache.capacity
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def set_length(self, length: int) -> None:
+        self.cache.set_length(length)
+
+    def step(self, token_ids: np.ndarray, pos: int) -> np.ndarray:
+        n = len(token_ids)
+        if not 0 <= pos <= self.cache.length:
+            raise ValueError(f"{self.spec.role}: step at pos {pos} but only {self.cache.length} cache entries are valid")
+        if n < 1 or pos + n > self.cache.capacity:
+            raise GenerationError(f"{self.spec.role}: {n} tokens at pos {pos} exceed the max context "
+                                  f"{self.cache.capacity}; re-export with a larger --max-context")
+        kv = self.spec.kv
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(1, n)  # O(n)
+        self._past[0] = pos
+        self.binding.bind_cpu_input(kv.input_ids, ids)
+        self.binding.bind_cpu_input(kv.past_length, self._past)
+        logits, new_k, new_v = self._bind_outputs(n)
+        self.session.run_with_iobinding(self.binding)
+        self.calls += 1
+        self.cache.write(pos, new_k, new_v, n)
+        return logits[0]  # [n, vocab], a view of a reused buffer
+
+    def prefill(self, token_ids: np.ndarray) -> np.ndarray:
+        self.cache.set_length(0)
+        logits = None
+        for start in range(0, len(token_ids), PREFILL_CHUNK):
+            logits = self.step(token_ids[start:start + PREFILL_CHUNK], start)
+        assert logits is not None, "prefill needs at least one token"
+        return logits[-1]
+
+    # -- buffers --------------------------------------------------------------------
+    def _bind_outputs(self, n: int):
+        """Bind preallocated output buffers for an n-token step (allocated once per n)."""
+        out = self._outputs.get(n)
+        if out is None:
+            kv = self.spec.kv
+            _, kvh, _, hd = kv.buffer_shape
+            logits = np.empty((1, n, self._vocab), dtype=np.float32 if self.dtype == np.float32 else self.dtype)
+            new_k = [np.empty((1, kvh, n, hd), dtype=self.dtype) for _ in kv.new_keys]
+            new_v = [np.empty((1, kvh, n, hd), dtype=self.dtype) for _ in kv.new_values]
+            values = [ort.OrtValue.ortvalue_from_numpy(a) for a in [logits, *new_k, *new_v]]
+            out = (logits, new_k, new_v, values)
+            if n <= self._max_step:  # keep the step shapes the loop uses; prefill chunks are few
+                self._outputs[n] = out
+        names = [self.spec.kv.logits, *self.spec.kv.new_keys, *self.spec.kv.new_values]
+        for name, value in zip(names, out[3]):
+            self.binding.bind_ortvalue_output(name, value)
+        return out[0], out[1], out[2]

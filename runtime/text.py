@@ -1,0 +1,114 @@
+"""Tokenizer wrapper, incremental detokenisation and stop conditions.
+
+Streaming text is produced incrementally (decode a small window of recent ids,
+emit the new suffix), so a step's work does not grow with the generated length.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import jinja2
+from tokenizers import Tokenizer
+
+from specrt.runtime.errors import EngineDirError, GenerationError
+
+
+class TextCodec:
+    def __init__(self, tokenizer_json: Path, chat_template: str | None, bos_token_id: int | None,
+                 eos_token_ids: frozenset[int]):
+        try:
+            self.tokenizer = Tokenizer.from_file(str(tokenizer_json))
+        except Exception as e:
+            raise EngineDirError(f"cannot read {tokenizer_json.name}: {e}. Re-export the engine directory.") from None
+        self.chat_template = chat_template
+        self.bos_token_id = bos_token_id
+        self.eos_token_ids = eos_token_ids
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render messages with the model's own chat template (the HF Jinja format)."""
+        if not self.chat_template:
+            raise GenerationError("this engine's tokenizer has no chat template; pass a plain prompt instead")
+
+        def raise_exception(msg: str):
+            raise GenerationError(f"chat template error: {msg}")
+
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = raise_exception
+        tok = self.tokenizer
+        bos = tok.id_to_token(self.bos_token_id) if self.bos_token_id is not None else ""
+        eos = tok.id_to_token(min(self.eos_token_ids)) if self.eos_token_ids else ""
+        return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                          bos_token=bos, eos_token=eos)
+
+
+class Detokenizer:
+    """Turns a stream of token ids into a stream of text deltas (vLLM-style prefix/read offsets)."""
+
+    def __init__(self, codec: TextCodec, prompt_ids: Sequence[int], context_tokens: int = 5):
+        self.codec = codec
+        self.ids = list(prompt_ids[-context_tokens:])  # a little prompt context so the first word spaces right
+        self.prefix = 0
+        self.read = len(self.ids)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self.codec.decode(self.ids[self.prefix:self.read])
+        after = self.codec.decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""  # an incomplete UTF-8 sequence, or a special token: wait for more
+
+
+class StopChecker:
+    """Applies EOS / stop strings / max_new_tokens to emitted tokens one at a time.
+
+    The text that matched a stop string is not part of the result (its token is).  While
+    streaming, the last ``len(longest stop) - 1`` characters are held back until they can
+    no longer start a stop string, so nothing already shown ever has to be taken back.
+    """
+
+    def __init__(self, detok: Detokenizer, eos_ids: frozenset[int], stop: Sequence[str], max_new_tokens: int):
+        if isinstance(stop, str) or any(not isinstance(s, str) or not s for s in stop):
+            raise GenerationError(f"stop must be a list of non-empty strings, got {stop!r}")
+        self.detok = detok
+        self.eos_ids = eos_ids
+        self.stop = tuple(stop)
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.max_new_tokens = max_new_tokens
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.shown = 0  # characters of text already handed out
+        self.reason: str | None = None
+
+    def push(self, token_id: int) -> None:
+        """Record one emitted token; sets ``reason`` when generation must stop here."""
+        assert self.reason is None
+        self.token_ids.append(token_id)
+        delta = self.detok.push(token_id)
+        if delta and self.stop:
+            start = max(0, len(self.text) - self.hold)
+            window = self.text[start:] + delta
+            hits = [i for i in (window.find(s) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = (self.text + delta)[: start + min(hits)]
+                self.reason = "stop_string"
+                return
+        self.text += delta
+        if token_id in self.eos_ids:
+            self.reason = "eos"
+        elif len(self.token_ids) >= self.max_new_tokens:
+            self.reason = "max_new_tokens"
+
+    def take(self, final: bool = False) -> str:
+        """Text that is safe to show now (everything, once ``final``)."""
+        end = len(self.text) if (final or self.reason) else max(self.shown, len(self.text) - self.hold)
+        out, self.shown = self.text[self.shown:end], max(self.shown, end)
+        return out

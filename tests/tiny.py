@@ -1,0 +1,74 @@
+"""Tiny random-initialised checkpoints and tokenizers, built from configs (no hub access needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+CORPUS = [
+    "def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.",
+    "import os\nimport sys\nprint(os.getcwd())\n", "Speculative decoding proposes tokens with a small draft.",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n", "Hello world! How are you today?",
+    "for i in range(10):\n    print(i * i)\n", "numbers = [1, 2, 3, 4, 5]\nprint(sum(numbers))\n",
+] * 20
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+VOCAB = 384
+
+
+def make_tokenizer(vocab_size: int = VOCAB, seed_words: tuple[str, ...] = ()):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS + list(seed_words), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _config(family: str, vocab: int, layers: int, hidden: int, heads: int, kv_heads: int, eos: int):
+    import transformers as T
+
+    common = dict(vocab_size=vocab, bos_token_id=eos, eos_token_id=eos)
+    if family == "llama":
+        return T.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                             num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                             **common)
+    if family == "qwen2":
+        return T.Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                             num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                             use_sliding_window=False, **common)
+    if family == "mistral":
+        return T.MistralConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                               num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                               sliding_window=None, **common)
+    if family == "gpt2":
+        return T.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256, **common)
+    if family == "phi3":
+        return T.Phi3Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                            num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                            original_max_position_embeddings=256, pad_token_id=eos, **common)
+    raise ValueError(family)
+
+
+def make_checkpoint(path: Path, family: str = "llama", seed: int = 0, layers: int = 2, hidden: int = 64,
+                    heads: int = 4, kv_heads: int = 2, vocab: int = VOCAB, tokenizer=None,
+                    init_std: float | None = None) -> Path:
+    """Save a random-initialised causal LM + tokenizer to ``path``."""
+    import torch
+    import transformers as T
+
+    tokenizer = tokenizer or make_tokenizer()
+    cfg = _config(family, vocab, layers, hidden, heads, kv_heads, tokenizer.eos_token_id)
+    if init_std is not None:
+        cfg.initializer_range = init_std
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(cfg).eval()
+    model.generation_config.pad_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
