@@ -1,0 +1,170 @@
+"""``specrt`` command line: export, generate, bench, info."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from specrt import __version__
+
+EPILOG = """examples:
+  specrt export --target ./SmolLM2-135M --draft ./draft --out ./engine
+  specrt generate ./engine --prompt "def fib(n):" --k 4
+  specrt generate ./engine --chat "What is a hash table?" --json
+  specrt bench ./engine --k 2,4,8 --json-out bench.json
+"""
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="specrt", description="Speculative decoding runtime: a small draft model "
+                                "proposes k tokens, the target (verification) model checks them in one pass; the "
+                                "output is exactly the target's own.", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"specrt {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("export", help="HuggingFace draft + target checkpoints -> engine directory (needs torch)",
+                       description="Check that the two checkpoints tokenize identically, export both to ONNX with a "
+                       "static KV cache, verify the ONNX logits against PyTorch, and write a self-describing engine "
+                       "directory (manifest.json + ONNX files + tokenizer).")
+    e.add_argument("--target", required=True, help="local checkpoint directory of the target (verification) model")
+    e.add_argument("--draft", required=True, help="local checkpoint directory of the draft model (same tokenizer)")
+    e.add_argument("--out", required=True, type=Path, help="engine directory to write")
+    e.add_argument("--max-context", type=int, default=None,
+                   help="prompt + generated tokens the KV caches hold (default: min(2048, model limit))")
+    e.add_argument("--k", type=_ints, default=[1, 2, 4, 8], help="draft lengths to support (default 1,2,4,8)")
+    e.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+    e.add_argument("--no-verify", action="store_true", help="skip the ONNX-vs-PyTorch logits check")
+    e.add_argument("--tolerance", type=float, default=None, help="max |logits diff| accepted by the check (2e-3)")
+
+    for name, helptext in (("generate", "generate text with speculative decoding"),
+                           ("bench", "target-only vs speculative tokens/s, side by side")):
+        g = sub.add_parser(name, help=helptext, description=helptext)
+        g.add_argument("engine", type=Path, help="engine directory (from `specrt export`)")
+        g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores, max 8)")
+        g.add_argument("--max-new-tokens", type=int, default=128 if name == "generate" else 64)
+        if name == "generate":
+            src = g.add_mutually_exclusive_group(required=True)
+            src.add_argument("--prompt", help="prompt text")
+            src.add_argument("--prompt-ids", type=_ints, help="prompt token ids, comma-separated")
+            src.add_argument("--chat", help="a user message, rendered with the model's chat template")
+            g.add_argument("--k", type=int, default=4, help="draft tokens per verification step (default 4)")
+            g.add_argument("--no-draft", action="store_true", help="decode with the target alone (the baseline)")
+            g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+            g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+            g.add_argument("--top-k", type=int, default=0)
+            g.add_argument("--top-p", type=float, default=1.0)
+            g.add_argument("--seed", type=int, default=None, help="seed for sampling")
+            g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+        else:
+            g.add_argument("--k", type=_ints, default=None, help="k values to compare (default: the engine's, >1)")
+            g.add_argument("--prompts", type=Path, default=None,
+                           help='JSON list of {"name", "prompt" | "chat" | "prompt_ids"} (default: a code and a chat prompt)')
+            g.add_argument("--repeats", type=int, default=3)
+            g.add_argument("--json-out", type=Path, default=None, help="also write the rows as JSON here")
+
+    i = sub.add_parser("info", help="validate an engine directory and summarise its manifest")
+    i.add_argument("engine", type=Path)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    from specrt.runtime.errors import SpecrtError
+
+    try:
+        return {"export": _export, "generate": _generate, "bench": _bench, "info": _info}[args.command](args)
+    except SpecrtError as e:
+        print(f"specrt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _export(args) -> int:
+    try:
+        from specrt.export import export_pair
+        from specrt.export.pair import DEFAULT_TOLERANCE
+    except ImportError as e:
+        print(f"specrt export: error: {e}. Export needs the build-time extras: pip install 'specrt[export]'",
+              file=sys.stderr)
+        return 2
+    report = export_pair(args.target, args.draft, args.out, max_context=args.max_context, k_values=args.k,
+                         force=args.force, verify=not args.no_verify, tolerance=args.tolerance or DEFAULT_TOLERANCE)
+    for role, diffs in report.max_abs_diff.items():
+        shown = ", ".join(f"{k} {v:.1e}" for k, v in diffs.items() if not k.endswith("argmax_equal"))
+        print(f"{role}: max |ONNX - PyTorch| logits: {shown}")
+    print(f"wrote {report.out}")
+    return 0
+
+
+def _generate(args) -> int:
+    from specrt.runtime import Engine
+
+    engine = Engine.load(args.engine, threads=args.threads)
+    prompt = (args.prompt_ids if args.prompt_ids is not None else
+              engine.chat_prompt([{"role": "user", "content": args.chat}]) if args.chat is not None else args.prompt)
+    stream = engine.stream(prompt, max_new_tokens=args.max_new_tokens, k=args.k, stop=args.stop,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                           use_draft=not args.no_draft)
+    for chunk in stream:
+        if not args.json:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+    r = stream.result
+    if args.json:
+        d = r.as_dict()
+        keys = ("new_tokens", "steps", "proposed", "accepted", "acceptance_rate", "tokens_per_step", "draft_s",
+                "verify_s", "total_s", "tokens_per_s", "prefill_s", "other_s", "recovered", "bonus", "stop_reason")
+        d["stats"] = {k: d["stats"][k] for k in keys}
+        print(json.dumps(d))
+    else:
+        s = r.stats
+        print(f"\n\n[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tok/s, {s.steps} target passes, "
+              f"acceptance {s.acceptance_rate:.2f}, stop: {s.stop_reason}]", file=sys.stderr)
+    return 0
+
+
+def _bench(args) -> int:
+    from specrt.runtime import Engine
+    from specrt.runtime.bench import DEFAULT_PROMPTS, bench, format_table
+
+    engine = Engine.load(args.engine, threads=args.threads)
+    ks = args.k or [k for k in engine.manifest.k_values if k > 1] or list(engine.manifest.k_values)
+    prompts = json.loads(args.prompts.read_text()) if args.prompts else DEFAULT_PROMPTS
+    if engine.manifest.chat_template is None:
+        prompts = [p for p in prompts if "chat" not in p]
+    rows = bench(engine, prompts, ks, max_new_tokens=args.max_new_tokens, repeats=args.repeats)
+    print(format_table(rows))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def _info(args) -> int:
+    from specrt.runtime.manifest import load_manifest
+
+    m = load_manifest(args.engine)
+    for spec in (m.target, m.draft):
+        raw = spec.raw
+        print(f"{spec.role:>6}: {raw['architecture']} ({raw['model_type']}), {raw.get('num_parameters', 0) / 1e6:.1f}M "
+              f"params, {spec.num_layers} layers, {spec.num_kv_heads} KV heads x {spec.head_dim}, {spec.dtype}, "
+              f"vocab {spec.vocab_size}")
+    print(f"  pair: k {list(m.k_values)}, max context {m.max_context}, EOS {sorted(m.eos_token_ids)}")
+    print("  manifest valid, all file hashes match")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny checkpoints (built from configs) and engine directories exported from them."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny  # noqa: E402
+
+MAX_CONTEXT = 64
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny.make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, tokenizer):
+    """target: 2-layer Llama with peaked logits; drafts: a perturbed copy (agrees often), a random 1-layer model."""
+    import torch
+    import transformers as T
+
+    root = tmp_path_factory.mktemp("ckpt")
+    target = tiny.make_checkpoint(root / "target", "llama", seed=1, init_std=0.2, tokenizer=tokenizer)
+    random_draft = tiny.make_checkpoint(root / "random_draft", "llama", seed=2, layers=1, hidden=32, heads=2,
+                                        kv_heads=1, tokenizer=tokenizer)
+    model = T.AutoModelForCausalLM.from_pretrained(target)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05 * p.std())
+    close_draft = root / "close_draft"
+    model.save_pretrained(close_draft)
+    tokenizer.save_pretrained(close_draft)
+    return {"target": target, "random": random_draft, "close": close_draft}
+
+
+@pytest.fixture(scope="session")
+def engines(tmp_path_factory, checkpoints):
+    """Engine directories: target paired with each draft (including itself)."""
+    from specrt.export import export_pair
+
+    root = tmp_path_factory.mktemp("engines")
+    out = {}
+    for name, draft in (("close", checkpoints["close"]), ("random", checkpoints["random"]),
+                        ("self", checkpoints["target"])):
+        export_pair(checkpoints["target"], draft, root / name, max_context=MAX_CONTEXT, tolerance=1e-4,
+                    progress=False)
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_target(checkpoints):
+    import transformers as T
+
+    return T.AutoModelForCausalLM.from_pretrained(checkpoints["target"]).eval()

@@ -1,0 +1,167 @@
+"""End-to-end losslessness: Engine.generate == transformers' generate(do_sample=False), token for token."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from specrt.runtime import Engine, GenerationError
+from specrt.runtime.ort_backend import OrtModelStep
+
+PROMPTS = [[5], [17, 33, 2], list(range(40, 52)), [100, 7, 7, 7, 250, 3, 9, 11, 60, 61, 62, 63, 64, 65, 66, 67, 68, 69]]
+
+
+class AdversarialDraft:
+    """A draft that always proposes a token the target will reject: the target's choice + 1."""
+
+    def __init__(self, inner: OrtModelStep):
+        self.inner = inner
+
+    max_context = property(lambda self: self.inner.max_context)
+    vocab_size = property(lambda self: self.inner.vocab_size)
+    length = property(lambda self: self.inner.length)
+
+    def step(self, token_ids, pos):
+        return np.roll(self.inner.step(token_ids, pos), 1, axis=-1)
+
+    def set_length(self, length):
+        self.inner.set_length(length)
+
+    def prefill(self, token_ids):
+        return np.roll(self.inner.prefill(token_ids), 1)
+
+
+def hf_greedy(model, prompt, max_new_tokens, eos=None):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=eos, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def loaded(engines):
+    out = {name: Engine.load(path) for name, path in engines.items()}
+    adversarial = Engine.load(engines["self"])
+    adversarial.draft = AdversarialDraft(adversarial.draft)
+    out["adversarial"] = adversarial
+    return out
+
+
+@pytest.fixture(scope="module")
+def references(hf_target):
+    return {tuple(p): hf_greedy(hf_target, p, 30) for p in PROMPTS}
+
+
+@pytest.mark.parametrize("draft", ["close", "random", "self", "adversarial"])
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+def test_greedy_equals_transformers(loaded, references, draft, k):
+    engine = loaded[draft]
+    # the tiny target never picks EOS on these prompts; disable EOS so both sides run the full length
+    engine.manifest = dataclasses.replace(engine.manifest, eos_token_ids=frozenset())
+    for prompt in PROMPTS:
+        r = engine.generate(prompt, max_new_tokens=30, k=k)
+        assert r.token_ids == references[tuple(prompt)], (draft, k, prompt)
+        s = r.stats
+        assert s.accepted <= s.proposed and s.new_tokens == s.accepted + s.recovered + s.bonus == 30
+        if draft == "self":
+            assert s.acceptance_rate == 1.0
+        if draft == "adversarial":
+            assert s.accepted == 0 and s.steps == 30
+    if draft == "close":
+        assert r.stats.tokens_per_step > 1.4  # the perturbed copy really is a useful draft
+
+
+@pytest.mark.parametrize("draft", ["close", "random"])
+def test_eos_cuts_inside_an_accepted_run(loaded, hf_target, draft):
+    engine = loaded[draft]
+    prompt = PROMPTS[2]
+    free_run = hf_greedy(hf_target, prompt, 30)
+    eos = free_run[11]  # pretend the 12th token is EOS: it can arrive in the middle of an accepted run
+    engine.manifest = dataclasses.replace(engine.manifest, eos_token_ids=frozenset({eos}))
+    expected = hf_greedy(hf_target, prompt, 30, eos=eos)
+    for k in (2, 4, 8):
+        r = engine.generate(prompt, max_new_tokens=30, k=k)
+        assert r.token_ids == expected and r.token_ids[-1] == eos and r.stats.stop_reason == "eos"
+        assert r.stats.new_tokens == r.stats.accepted + r.stats.recovered + r.stats.bonus
+
+
+@pytest.mark.parametrize("k", [1, 4, 8])
+def test_runs_to_max_context(loaded, hf_target, k):
+    engine = loaded["close"]
+    engine.manifest = dataclasses.replace(engine.manifest, eos_token_ids=frozenset())
+    prompt = PROMPTS[3]
+    r = engine.generate(prompt, max_new_tokens=500, k=k)
+    assert len(prompt) + len(r.token_ids) == engine.max_context
+    assert r.stats.stop_reason == "max_context"
+    assert r.token_ids == hf_greedy(hf_target, prompt, engine.max_context - len(prompt))
+
+
+def test_target_only_equals_transformers(loaded, references):
+    engine = loaded["random"]
+    engine.manifest = dataclasses.replace(engine.manifest, eos_token_ids=frozenset())
+    for prompt in PROMPTS:
+        assert engine.generate(prompt, max_new_tokens=30, use_draft=False).token_ids == references[tuple(prompt)]
+
+
+def test_stream_yields_the_same_text(loaded):
+    engine = loaded["close"]
+    stream = engine.stream("def add(a, b):", max_new_tokens=20, k=4)
+    pieces = [c.text for c in stream]
+    assert "".join(pieces) == stream.result.text
+    assert stream.result.text == engine.decode(stream.result.token_ids) or len(stream.result.text) > 0
+
+
+def test_stop_string_cuts_text_and_tokens(loaded):
+    engine = loaded["close"]
+    engine.manifest = dataclasses.replace(engine.manifest, eos_token_ids=frozenset())
+    full = engine.generate("def add(a, b):", max_new_tokens=30, k=4)
+    stop = full.text[5:8]
+    assert stop
+    cut = engine.generate("def add(a, b):", max_new_tokens=30, k=4, stop=[stop])
+    assert cut.stats.stop_reason == "stop_string"
+    assert cut.text == full.text[: full.text.index(stop)]
+    assert cut.token_ids == full.token_ids[: len(cut.token_ids)] and len(cut.token_ids) < len(full.token_ids)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"k": 3}, "compiled k values"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_k": -2}, "top_k"),
+    ({"stop": "x"}, "stop"),
+])
+def test_invalid_requests(loaded, kwargs, match):
+    with pytest.raises(GenerationError, match=match):
+        loaded["close"].generate([1, 2, 3], **kwargs)
+
+
+def test_prompt_longer_than_context(loaded):
+    engine = loaded["close"]
+    with pytest.raises(GenerationError, match="max context is 64.*--max-context"):
+        engine.generate(list(range(1, 65)), max_new_tokens=4)
+    with pytest.raises(GenerationError, match="outside the vocabulary"):
+        engine.generate([1, 10_000], max_new_tokens=4)
+    # the engine is still usable afterwards
+    assert len(engine.generate([1, 2], max_new_tokens=4, k=2).token_ids) >= 1
+
+
+def test_sampling_first_token_follows_target(loaded, hf_target):
+    """Speculative sampling with a random draft: the first token's distribution is the target's softmax
+    computed by transformers (temperature 1)."""
+    engine = loaded["random"]
+    prompt = [17, 33, 2]
+    with torch.no_grad():
+        p = torch.softmax(hf_target(torch.tensor([prompt])).logits[0, -1].double() / 1.5, -1).numpy()
+    n = 1500
+    rng = np.random.default_rng(0)
+    counts = np.zeros_like(p)
+    for _ in range(n):
+        r = engine.generate(prompt, max_new_tokens=2, k=2, temperature=1.5, seed=int(rng.integers(1 << 31)))
+        counts[r.token_ids[0]] += 1
+    tv = 0.5 * np.abs(counts / n - p).sum()
+    noise = 0.5 * np.sqrt(p * (1 - p) / n).sum() * 2.5  # a generous bound on sampling noise
+    assert tv < max(noise, 0.05), (tv, noise)
