@@ -1,0 +1,78 @@
+"""The `specrt` command line, run as a user would."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def specrt(*args, check=True):
+    p = subprocess.run([sys.executable, "-m", "specrt.cli", *map(str, args)], capture_output=True, text=True,
+                       timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(p.stderr)
+    return p
+
+
+def test_help_explains():
+    out = specrt("--help").stdout
+    assert "export" in out and "generate" in out and "bench" in out
+    assert "--no-draft" in specrt("generate", "--help").stdout
+
+
+def test_generate_json(engines):
+    p = specrt("generate", engines["close"], "--prompt-ids", "5,17,33", "--max-new-tokens", "12", "--k", "4", "--json")
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 1
+    d = json.loads(lines[0])
+    assert set(d) == {"text", "token_ids", "prompt_token_ids", "stats"}
+    assert d["prompt_token_ids"] == [5, 17, 33] and 1 <= len(d["token_ids"]) <= 12
+    assert {"new_tokens", "steps", "proposed", "accepted", "acceptance_rate", "tokens_per_step", "draft_s",
+            "verify_s", "total_s", "tokens_per_s"} <= set(d["stats"])
+    base = json.loads(specrt("generate", engines["close"], "--prompt-ids", "5,17,33", "--max-new-tokens", "12",
+                             "--no-draft", "--json").stdout)
+    assert base["token_ids"] == d["token_ids"] and base["stats"]["proposed"] == 0
+
+
+def test_generate_streams_text(engines):
+    p = specrt("generate", engines["close"], "--prompt", "def add(a, b):", "--max-new-tokens", "8")
+    assert "tokens" in p.stderr and "acceptance" in p.stderr
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--k", "3"], "compiled k values"),
+    (["--temperature", "-1"], "temperature"),
+])
+def test_generate_errors_are_one_clear_line(engines, args, match):
+    p = specrt("generate", engines["close"], "--prompt", "x", *args, check=False)
+    assert p.returncode == 2 and match in p.stderr and "Traceback" not in p.stderr
+
+
+def test_bad_engine_dir(tmp_path):
+    p = specrt("generate", tmp_path, "--prompt", "x", check=False)
+    assert p.returncode == 2 and "no manifest.json" in p.stderr
+
+
+def test_bench_prints_ratio(engines, tmp_path):
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([{"name": "ids", "prompt_ids": [5, 17, 33]}]))
+    p = specrt("bench", engines["self"], "--prompts", prompts, "--k", "2,4", "--repeats", "2",
+               "--max-new-tokens", "16", "--json-out", tmp_path / "b.json")
+    assert "speedup" in p.stdout
+    rows = json.loads((tmp_path / "b.json").read_text())
+    assert [r["k"] for r in rows] == [None, 2, 4]
+    assert all(r["identical_to_target_only"] for r in rows)
+    assert rows[1]["acceptance_rate"] == 1.0  # the target is its own draft
+
+
+def test_info(engines):
+    assert "manifest valid" in specrt("info", engines["close"]).stdout
+
+
+def test_export_cli_refuses_non_empty(tmp_path, checkpoints):
+    (tmp_path / "x").write_text("x")
+    p = specrt("export", "--target", checkpoints["target"], "--draft", checkpoints["random"], "--out", tmp_path,
+               check=False)
+    assert p.returncode == 2 and "--force" in p.stderr

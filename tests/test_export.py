@@ -1,0 +1,113 @@
+"""specrt.export: every family exports, validates, and matches transformers; errors are clear and atomic."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import tiny
+from specrt.export import ExportError, export_pair
+from specrt.runtime.errors import CompatibilityError
+from specrt.runtime.manifest import load_manifest
+from specrt.runtime.ort_backend import OrtModelStep
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gpt2", "phi3"])
+def test_family_exports_and_matches_transformers(tmp_path, tokenizer, family):
+    import transformers as T
+
+    target = tiny.make_checkpoint(tmp_path / "t", family, seed=1, init_std=0.1, tokenizer=tokenizer)
+    draft = tiny.make_checkpoint(tmp_path / "d", family, seed=2, layers=1, tokenizer=tokenizer)
+    report = export_pair(target, draft, tmp_path / "engine", max_context=48, k_values=[2, 4], tolerance=1e-4,
+                         progress=False)
+    m = load_manifest(tmp_path / "engine")  # schema + hashes
+    assert m.target.raw["model_type"] == family
+    for role in ("target", "draft"):
+        diffs = report.max_abs_diff[role]
+        assert set(diffs) >= {"prefill", "decode", "verify_k4"}
+        assert max(diffs["prefill"], diffs["decode"], diffs["verify_k4"]) < 1e-4
+        assert m.raw["models"][role]["verification"]["verify_k4"] < 1e-4
+    # independent of export's own check: a fresh ORT step vs one full PyTorch forward (no cache at all)
+    hf = T.AutoModelForCausalLM.from_pretrained(target).eval()
+    ids = np.random.default_rng(5).integers(0, len(tokenizer), size=20)
+    step = OrtModelStep(m.target)
+    got = np.concatenate([step.step(ids[:9], 0).copy(), step.step(ids[9:10], 9).copy(), step.step(ids[10:], 10).copy()])
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids[None])).logits[0].numpy()
+    assert np.abs(got - ref).max() < 1e-4
+
+
+def test_manifest_describes_every_tensor(engines):
+    m = json.loads((engines["close"] / "manifest.json").read_text())
+    t = m["models"]["target"]
+    names = {x["name"]: x for x in t["inputs"]}
+    assert names["input_ids"] == {"name": "input_ids", "dtype": "int64", "shape": [1, "sequence_length"]}
+    assert names["past_length"]["shape"] == [1]
+    assert names["cache_key.0"]["shape"] == [1, 2, 64, 16]
+    outs = {x["name"]: x for x in t["outputs"]}
+    assert outs["logits"]["shape"][2] == t["vocab_size"]
+    assert set(m["files"]) == {p.name for p in engines["close"].iterdir() if p.name != "manifest.json"}
+    assert "tokenizer.json" in m["tokenizer"]["files"]
+
+
+def test_tokenizer_mismatch_names_first_tokens(tmp_path, tokenizer):
+    other = tiny.make_tokenizer(vocab_size=tiny.VOCAB, seed_words=("zebra zebra quokka quokka " * 50,))
+    target = tiny.make_checkpoint(tmp_path / "t", tokenizer=tokenizer)
+    draft = tiny.make_checkpoint(tmp_path / "d", tokenizer=other)
+    with pytest.raises(CompatibilityError, match=r"tokenizers differ.*first differences: '.*': target id \d+") as e:
+        export_pair(target, draft, tmp_path / "engine", progress=False)
+    assert "same token ids" in str(e.value)
+    assert not (tmp_path / "engine").exists()
+
+
+def test_eos_mismatch(tmp_path, tokenizer):
+    from transformers import PreTrainedTokenizerFast
+
+    other = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|im_end|>",
+                                    bos_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
+    target = tiny.make_checkpoint(tmp_path / "t", tokenizer=tokenizer)
+    draft = tiny.make_checkpoint(tmp_path / "d", tokenizer=other)
+    with pytest.raises(CompatibilityError, match="eos_token_id"):
+        export_pair(target, draft, tmp_path / "engine", progress=False)
+
+
+def test_larger_draft_embedding_is_fine(tmp_path, tokenizer):
+    target = tiny.make_checkpoint(tmp_path / "t", tokenizer=tokenizer)
+    draft = tiny.make_checkpoint(tmp_path / "d", tokenizer=tokenizer, vocab=tiny.VOCAB + 64, layers=1)
+    export_pair(target, draft, tmp_path / "engine", max_context=32, tolerance=1e-4, progress=False)
+    m = load_manifest(tmp_path / "engine")
+    assert m.draft.vocab_size == tiny.VOCAB + 64 and m.target.vocab_size == tiny.VOCAB
+
+
+def test_hub_id_and_missing_dirs(tmp_path, checkpoints):
+    with pytest.raises(CompatibilityError, match="Hub id.*huggingface-cli download"):
+        export_pair("HuggingFaceTB/SmolLM2-135M", checkpoints["target"], tmp_path / "e", progress=False)
+    with pytest.raises(CompatibilityError, match="does not exist"):
+        export_pair(tmp_path / "nope", checkpoints["target"], tmp_path / "e", progress=False)
+
+
+def test_refuses_non_empty_dir_then_force_replaces(tmp_path, checkpoints):
+    out = tmp_path / "engine"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="not empty; pass --force"):
+        export_pair(checkpoints["target"], checkpoints["random"], out, progress=False)
+    assert (out / "precious.txt").read_text() == "keep me"
+    export_pair(checkpoints["target"], checkpoints["random"], out, max_context=32, force=True, progress=False)
+    assert not (out / "precious.txt").exists()
+    load_manifest(out)
+
+
+def test_failed_export_leaves_nothing(tmp_path, checkpoints, monkeypatch):
+    import specrt.export.pair as pair
+
+    def broken(*a, **kw):
+        return {"prefill": 1.0, "decode": 1.0, "verify_k8": 1.0}
+
+    monkeypatch.setattr(pair, "compare", broken)
+    with pytest.raises(ExportError, match="differ from PyTorch by 1 > tolerance"):
+        export_pair(checkpoints["target"], checkpoints["random"], tmp_path / "engine", progress=False)
+    assert not (tmp_path / "engine").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []  # no .partial left behind either

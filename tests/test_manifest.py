@@ -1,0 +1,73 @@
+"""runtime/manifest.py: the schema accepts what export writes and rejects corrupt or foreign directories."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from specrt.runtime import Engine, EngineDirError
+from specrt.runtime.manifest import load_manifest, validate_manifest
+
+
+@pytest.fixture
+def engine_copy(engines, tmp_path):
+    dst = tmp_path / "engine"
+    shutil.copytree(engines["close"], dst)
+    return dst
+
+
+def edit(path, fn):
+    data = json.loads((path / "manifest.json").read_text())
+    fn(data)
+    (path / "manifest.json").write_text(json.dumps(data))
+
+
+def test_good_manifest_validates(engines):
+    m = load_manifest(engines["close"])
+    assert m.k_values == (1, 2, 4, 8) and m.max_context == 64
+    assert m.target.kv.buffer_shape == (1, 2, 64, 16)
+    validate_manifest(m.raw)
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda d: d.update(format="something-else"), "not a specrt engine manifest"),
+    (lambda d: d.update(format_version=99), "format version 99 is not supported"),
+    (lambda d: d["models"].pop("draft"), "models.*draft"),
+    (lambda d: d["pair"].update(k_values=[0]), "pair/k_values/0"),
+    (lambda d: d["models"]["target"].update(num_layers="two"), "models/target/num_layers"),
+    (lambda d: d["models"]["target"]["kv_cache"]["key_buffers"].pop(), "key_buffers has 1 names for 2 layers"),
+    (lambda d: d["models"]["draft"]["kv_cache"].update(buffer_shape=[1, 2, 32, 16]), "buffer_shape"),
+    (lambda d: d["files"].update({"../etc/passwd": {"sha256": "0" * 64, "bytes": 1}}), "files"),
+    (lambda d: d["files"]["target.onnx"].update(sha256="f" * 64), "does not match its SHA-256"),
+    (lambda d: d["files"]["target.onnx"].update(bytes=1), "has .* bytes, the manifest says 1"),
+])
+def test_corrupt_manifests_are_rejected(engine_copy, mutate, match):
+    edit(engine_copy, mutate)
+    with pytest.raises(EngineDirError, match=match) as e:
+        Engine.load(engine_copy)
+    assert "specrt export" in str(e.value) or "Re-export" in str(e.value) or "Point at" in str(e.value)
+
+
+def test_missing_and_garbled_files(engine_copy, tmp_path):
+    with pytest.raises(EngineDirError, match="does not exist"):
+        Engine.load(tmp_path / "nowhere")
+    with pytest.raises(EngineDirError, match="no manifest.json"):
+        Engine.load(tmp_path)
+    (engine_copy / "draft.onnx").write_bytes(b"not onnx")
+    with pytest.raises(EngineDirError, match="draft.onnx"):
+        Engine.load(engine_copy)
+    (engine_copy / "manifest.json").write_text("{ not json")
+    with pytest.raises(EngineDirError, match="not valid JSON"):
+        Engine.load(engine_copy)
+
+
+def test_swapped_model_file_is_caught_by_names(engines, engine_copy):
+    """Files from another export with valid hashes recomputed: tensor names are compared on load."""
+    from specrt.runtime.manifest import sha256_file
+
+    shutil.copy(engines["random"] / "draft.onnx", engine_copy / "target.onnx")
+    f = engine_copy / "target.onnx"
+    edit(engine_copy, lambda d: d["files"]["target.onnx"].update(sha256=sha256_file(f), bytes=f.stat().st_size))
+    with pytest.raises(EngineDirError, match="target.onnx: tensor names do not match|ONNX Runtime cannot open"):
+        Engine.load(engine_copy)
