@@ -3,4 +3,4 @@ from __future__ import annotations
 
 from specrt.export.pair import DEFAULT_K, DEFAULT_MAX_CONTEXT, ExportError, ExportReport, export_pair
 
-__all__ = ["export_pair", "ExportError", "ExportReport", "DEFAULT_K", "DEFAULT_MAX_CONTEXT"]
+__all__ = ["DEFAULT_K", "DEFAULT_MAX_CONTEXT", "ExportError", "ExportReport", "export_pair"]

@@ -8,7 +8,6 @@ import warnings
 from pathlib import Path
 
 import onnx
-
 from specrt.export import static_cache
 
 log = logging.getLogger(__name__)

@@ -16,20 +16,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-import specrt
 from specrt.engines import FORMAT_NAME, FORMAT_VERSION
 from specrt.export.compat import check_tokenizers, require_local_checkpoint
 from specrt.export.onnx_export import export_model
 from specrt.export.verify import compare
 from specrt.runtime.errors import SpecrtError
 from specrt.runtime.manifest import MANIFEST, load_manifest, model_spec, sha256_file, validate_manifest
+from tqdm.auto import tqdm
+
+import specrt
 
 log = logging.getLogger(__name__)
 DEFAULT_K = (1, 2, 4, 8)
 DEFAULT_MAX_CONTEXT = 2048
 DEFAULT_TOLERANCE = 2e-3
+# what the runtime (and a C++ tokenizers port) needs; a slow tokenizer's model files are dropped
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "added_tokens.json"}
 
 
 class ExportError(SpecrtError, RuntimeError):
@@ -50,7 +53,7 @@ def export_pair(target: str | Path, draft: str | Path, out: str | Path, *, max_c
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     out = Path(out)
-    k_values = sorted(set(int(k) for k in k_values))
+    k_values = sorted({int(k) for k in k_values})
     if not k_values or k_values[0] < 1 or k_values[-1] > 64:
         raise ValueError(f"k values must be in 1..64, got {k_values}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
@@ -116,8 +119,16 @@ def export_pair(target: str | Path, draft: str | Path, out: str | Path, *, max_c
         # 4. write -----------------------------------------------------------------
         bar.update(1)
         bar.set_description("write tokenizer + manifest")
-        tok_files = [Path(f).name for f in t_tok.save_pretrained(tmp)]
-        tok_files = sorted(f for f in set(tok_files) if (tmp / f).is_file())
+        tok_files = []
+        for f in t_tok.save_pretrained(tmp):
+            name = Path(f).name
+            if name in TOKENIZER_FILES and (tmp / name).is_file():
+                tok_files.append(name)
+            elif (tmp / name).is_file():  # e.g. a slow tokenizer's model file: not needed at run time
+                (tmp / name).unlink()
+        tok_files = sorted(set(tok_files))
+        for p in tmp.iterdir():
+            p.chmod(0o644)
         if "tokenizer.json" not in tok_files:
             raise ExportError("the target tokenizer did not write tokenizer.json")
         manifest["tokenizer"] = {"files": tok_files, "tokenizer_json": "tokenizer.json",
@@ -143,7 +154,7 @@ def export_pair(target: str | Path, draft: str | Path, out: str | Path, *, max_c
 def _eos_ids(cfg, tok) -> list[int]:
     ids = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
     ids = [i for i in ids + [tok.eos_token_id] if i is not None]
-    return sorted(set(int(i) for i in ids))
+    return sorted({int(i) for i in ids})
 
 
 def _chat_template(tok) -> str | None:

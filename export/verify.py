@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
 from specrt.runtime.manifest import ModelSpec
 from specrt.runtime.ort_backend import OrtModelStep
 

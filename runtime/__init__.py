@@ -6,5 +6,15 @@ from specrt.runtime.errors import CompatibilityError, EngineDirError, Generation
 from specrt.runtime.sampling import SamplingParams
 from specrt.runtime.stats import Stats
 
-__all__ = ["Engine", "Result", "Stream", "Chunk", "Stats", "SamplingParams", "SpecrtError", "EngineDirError",
-           "GenerationError", "CompatibilityError"]
+__all__ = [
+           "Chunk",
+           "CompatibilityError",
+           "Engine",
+           "EngineDirError",
+           "GenerationError",
+           "Result",
+           "SamplingParams",
+           "SpecrtError",
+           "Stats",
+           "Stream",
+]

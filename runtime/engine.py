@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from specrt.runtime.errors import GenerationError
 from specrt.runtime.loop import StepResult, speculative, target_only
 from specrt.runtime.manifest import Manifest, load_manifest

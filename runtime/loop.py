@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-
 from specrt.runtime.acceptance import greedy_verify, rejection_verify, sample
 from specrt.runtime.backend import ModelStep
 from specrt.runtime.sampling import SamplingParams, warp

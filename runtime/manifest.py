@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-
 from specrt.engines import FORMAT_NAME, FORMAT_VERSION, manifest_schema
 from specrt.runtime.errors import EngineDirError
 

@@ -16,7 +16,6 @@ import os
 
 import numpy as np
 import onnxruntime as ort
-
 from specrt.runtime.errors import EngineDirError, GenerationError
 from specrt.runtime.kv_cache import KVCache
 from specrt.runtime.manifest import ModelSpec
@@ -52,7 +51,7 @@ class OrtModelStep:
         try:
             self.session = ort.InferenceSession(str(spec.path), session_options(threads),
                                                 providers=[PROVIDERS[provider]])
-        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+        except Exception as e:  # noqa: BLE001 -- onnxruntime raises its own Fail/InvalidGraph types
             raise EngineDirError(f"ONNX Runtime cannot open {spec.path.name}: {e}. Re-export the engine directory "
                                  "with `specrt export ... --force`.") from None
         self._check_names()

@@ -5,7 +5,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-
 from specrt.runtime.errors import GenerationError
 
 

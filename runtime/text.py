@@ -9,9 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jinja2
-from tokenizers import Tokenizer
-
 from specrt.runtime.errors import EngineDirError, GenerationError
+from tokenizers import Tokenizer
 
 
 class TextCodec:
@@ -19,7 +18,7 @@ class TextCodec:
                  eos_token_ids: frozenset[int]):
         try:
             self.tokenizer = Tokenizer.from_file(str(tokenizer_json))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 -- tokenizers raises a plain Exception
             raise EngineDirError(f"cannot read {tokenizer_json.name}: {e}. Re-export the engine directory.") from None
         self.chat_template = chat_template
         self.bos_token_id = bos_token_id

@@ -189,7 +189,7 @@ def corpus(hf: Path, work: Path, chat_budget_s: float) -> None:
         if i % 3 == 2 and di < len(docs):
             mixed.append(docs[di])
             di += 1
-    pad = lambda s: s + [tok.eos_token_id] * (SEQ - len(s))  # noqa: E731
+    pad = lambda s: s + [tok.eos_token_id] * (SEQ - len(s))
     lens = [len(s) for s in chat_seqs] + [SEQ] * len(mixed)
     train_arr = np.array([pad(s) for s in chat_seqs + mixed], dtype=np.int32)
     held_arr = np.array(held_seqs[:64], dtype=np.int32)
@@ -284,7 +284,7 @@ def train(hf: Path, work: Path, budget_s: float, batch: int) -> dict:
         from transformers import AutoModelForCausalLM
 
         emb = AutoModelForCausalLM.from_pretrained(hf).get_input_embeddings().weight.detach()
-        u, s, v = torch.pca_lowrank(emb, q=cfg.hidden_size, center=True)
+        _u, _s, v = torch.pca_lowrank(emb, q=cfg.hidden_size, center=True)
         proj = (emb - emb.mean(0)) @ v[:, : cfg.hidden_size]
         model.get_input_embeddings().weight.data.copy_(proj / proj.std() * 0.02 * 10)
     ids, vals, idx = load_shards(work, "train")

@@ -6,7 +6,6 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-
 from specrt.runtime import Engine, GenerationError
 from specrt.runtime.ort_backend import OrtModelStep
 

@@ -5,9 +5,8 @@ import json
 
 import numpy as np
 import pytest
-import torch
-
 import tiny
+import torch
 from specrt.export import ExportError, export_pair
 from specrt.runtime.errors import CompatibilityError
 from specrt.runtime.manifest import load_manifest
@@ -101,7 +100,7 @@ def test_refuses_non_empty_dir_then_force_replaces(tmp_path, checkpoints):
 
 
 def test_failed_export_leaves_nothing(tmp_path, checkpoints, monkeypatch):
-    import specrt.export.pair as pair
+    from specrt.export import pair
 
     def broken(*a, **kw):
         return {"prefill": 1.0, "decode": 1.0, "verify_k8": 1.0}

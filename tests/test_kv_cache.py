@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from specrt.runtime.kv_cache import KVCache
 from specrt.runtime.manifest import load_manifest
 from specrt.runtime.ort_backend import OrtModelStep

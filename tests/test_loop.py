@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from specrt.runtime.loop import speculative, target_only
 from specrt.runtime.sampling import SamplingParams
 from specrt.runtime.stats import Stats

@@ -5,7 +5,6 @@ import json
 import shutil
 
 import pytest
-
 from specrt.runtime import Engine, EngineDirError
 from specrt.runtime.manifest import load_manifest, validate_manifest
 

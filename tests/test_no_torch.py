@@ -17,6 +17,7 @@ print("ok")
 
 
 def test_runtime_without_torch(engines):
-    p = subprocess.run([sys.executable, "-c", CODE, str(engines["close"])], capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, "-c", CODE, str(engines["close"])], capture_output=True, text=True, timeout=300,
+                       check=False)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "ok"

@@ -33,7 +33,7 @@ def make_tokenizer(vocab_size: int = VOCAB, seed_words: tuple[str, ...] = ()):
 def _config(family: str, vocab: int, layers: int, hidden: int, heads: int, kv_heads: int, eos: int):
     import transformers as T
 
-    common = dict(vocab_size=vocab, bos_token_id=eos, eos_token_id=eos)
+    common = {"vocab_size": vocab, "bos_token_id": eos, "eos_token_id": eos}
     if family == "llama":
         return T.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                              num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
