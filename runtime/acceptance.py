@@ -58,3 +58,21 @@ def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
     """Inverse-CDF sample of one id from a probability vector [vocab]."""
     cdf = np.cumsum(probs, dtype=np.float64)
     return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(probs) - 1))
+
+
+def relaxed_greedy_verify(draft_ids: np.ndarray, target_logits: np.ndarray, tau: float) -> tuple[int, int]:
+    """LOSSY.  Like ``greedy_verify``, but a draft token is also accepted when the target gives it
+    probability >= tau.  Faster with a weak draft; the output is no longer the target's own."""
+    k = len(draft_ids)
+    target_ids = target_logits.argmax(axis=-1)  # [k+1]
+    for i in range(k):
+        d = int(draft_ids[i])
+        if d == target_ids[i]:
+            continue
+        row = target_logits[i]
+        if d < row.shape[0]:
+            shifted = np.exp(row - row[target_ids[i]])  # [vocab]; the max is 1
+            if shifted[d] / shifted.sum() >= tau:
+                continue
+        return i, int(target_ids[i])
+    return k, int(target_ids[k])

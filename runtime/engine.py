@@ -11,6 +11,7 @@ from specrt.runtime.errors import GenerationError
 from specrt.runtime.loop import StepResult, speculative, target_only
 from specrt.runtime.manifest import Manifest, load_manifest
 from specrt.runtime.ort_backend import OrtModelStep
+from specrt.runtime.policy import make_policy
 from specrt.runtime.sampling import SamplingParams
 from specrt.runtime.stats import Stats
 from specrt.runtime.text import Detokenizer, StopChecker, TextCodec
@@ -87,32 +88,52 @@ class Engine:
     # -- generation -----------------------------------------------------------------
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 128, k: int | None = 4,
                  stop: Sequence[str] = (), temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int | None = None, use_draft: bool = True) -> Result:
-        """Generate; ``k=None`` or ``use_draft=False`` decodes with the target alone."""
-        s = self.stream(prompt, max_new_tokens, k, stop, temperature, top_k, top_p, seed, use_draft)
+                 seed: int | None = None, use_draft: bool = True, policy: str = "fixed", tau: float | None = None,
+                 max_draft_per_token: float | None = None, acceptance: str = "strict",
+                 accept_tau: float | None = None) -> Result:
+        """Generate.  ``k=None`` or ``use_draft=False`` decodes with the target alone (the baseline).
+
+        ``policy``: fixed | confidence (``tau``) | adaptive | budget (``max_draft_per_token``), see
+        ``specrt.runtime.policy``.  ``acceptance="relaxed"`` with ``accept_tau`` is LOSSY (greedy only).
+        """
+        s = self.stream(prompt, max_new_tokens, k, stop, temperature, top_k, top_p, seed, use_draft, policy, tau,
+                        max_draft_per_token, acceptance, accept_tau)
         for _ in s:
             pass
         return s.result
 
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 128, k: int | None = 4,
                stop: Sequence[str] = (), temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-               seed: int | None = None, use_draft: bool = True) -> Stream:
+               seed: int | None = None, use_draft: bool = True, policy: str = "fixed", tau: float | None = None,
+               max_draft_per_token: float | None = None, acceptance: str = "strict",
+               accept_tau: float | None = None) -> Stream:
         """Like ``generate`` but yields text as soon as the target accepts it."""
         params = SamplingParams(temperature, top_k, top_p)
         prompt_ids = self._prompt_ids(prompt)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         use_draft = use_draft and k is not None
-        if use_draft and k not in self.manifest.k_values:
+        if use_draft and policy != "adaptive" and k not in self.manifest.k_values:
             raise GenerationError(f"k={k} is not one of this engine's compiled k values {list(self.manifest.k_values)}; "
                                   f"pick one of those or re-export with `specrt export ... --k {k}`")
+        if acceptance not in ("strict", "relaxed"):
+            raise GenerationError(f"acceptance must be 'strict' (lossless, default) or 'relaxed', got {acceptance!r}")
+        if acceptance == "relaxed":
+            if accept_tau is None or not 0.0 < accept_tau <= 1.0:
+                raise GenerationError(f"relaxed acceptance needs accept_tau in (0, 1], got {accept_tau!r}")
+            if not params.greedy:
+                raise GenerationError("relaxed acceptance is defined for greedy decoding only; use temperature=0")
+        control = make_policy(policy, k or 1, self.manifest.k_values, tau, max_draft_per_token) if use_draft else None
         rng = np.random.default_rng(seed)
-        stats = Stats()
+        stats = Stats(policy=control.name if control else "target-only",
+                      acceptance="relaxed" if (use_draft and acceptance == "relaxed") else "strict",
+                      accept_tau=accept_tau if (use_draft and acceptance == "relaxed") else None)
         checker = StopChecker(Detokenizer(self.codec, prompt_ids), self.manifest.eos_token_ids, stop, max_new_tokens)
         result = Result("", checker.token_ids, list(prompt_ids), stats)
         ids = np.asarray(prompt_ids, dtype=np.int64)
         if use_draft:
-            steps = speculative(self.target, self.draft, ids, k, max_new_tokens, params, rng, stats)
+            steps = speculative(self.target, self.draft, ids, control, max_new_tokens, params, rng, stats,
+                                accept_tau=stats.accept_tau)
         else:
             steps = target_only(self.target, ids, max_new_tokens, params, rng, stats)
         return Stream(self._run(steps, checker, stats, result), result)

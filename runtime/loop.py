@@ -19,8 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from specrt.runtime.acceptance import greedy_verify, rejection_verify, sample
+from specrt.runtime.acceptance import greedy_verify, rejection_verify, relaxed_greedy_verify, sample
 from specrt.runtime.backend import ModelStep
+from specrt.runtime.policy import Policy
 from specrt.runtime.sampling import SamplingParams, warp
 from specrt.runtime.stats import Stats
 
@@ -61,8 +62,10 @@ def target_only(target: ModelStep, prompt_ids: np.ndarray, max_new_tokens: int, 
         yield StepResult([last], accepted=0, proposed=0)
 
 
-def speculative(target: ModelStep, draft: ModelStep, prompt_ids: np.ndarray, k: int, max_new_tokens: int,
-                params: SamplingParams, rng: np.random.Generator, stats: Stats) -> Iterator[StepResult]:
+def speculative(target: ModelStep, draft: ModelStep, prompt_ids: np.ndarray, policy: Policy, max_new_tokens: int,
+                params: SamplingParams, rng: np.random.Generator, stats: Stats,
+                accept_tau: float | None = None) -> Iterator[StepResult]:
+    """``accept_tau`` switches on the LOSSY relaxed acceptance (greedy only); None = strict."""
     max_context = min(target.max_context, draft.max_context)
     t0 = time.perf_counter()
     _prefill(target, prompt_ids)
@@ -70,49 +73,70 @@ def speculative(target: ModelStep, draft: ModelStep, prompt_ids: np.ndarray, k: 
     stats.prefill_s += time.perf_counter() - t0
     length, last = len(prompt_ids), int(prompt_ids[-1])
     pending = [last]
-    draft_ids = np.zeros(k, dtype=np.int64)  # [k]
-    draft_probs = None if params.greedy else np.zeros((k, draft.vocab_size))  # [k, vocab_draft]
+    k_max = policy.max_k
+    draft_ids = np.zeros(k_max, dtype=np.int64)  # [k_max]
+    draft_probs = None if params.greedy else np.zeros((k_max, draft.vocab_size))  # [k_max, vocab_draft]
     emitted = 0
     while emitted < max_new_tokens and length < max_context:
         # Fewer proposals near the end: never emit past max_new_tokens or the context.
-        k_step = max(0, min(k, max_new_tokens - emitted - 1, max_context - length - 1))
+        k_step = policy.next_k(max(0, min(max_new_tokens - emitted - 1, max_context - length - 1)))
 
-        # propose: k_step autoregressive draft steps, starting from the tokens it has not seen
+        # propose: up to k_step autoregressive draft steps, starting from the tokens it has not seen
         t0 = time.perf_counter()
         feed, pos = pending, length - len(pending)
-        for i in range(k_step):
+        proposed = 0
+        while proposed < k_step:
             logits = draft.step(np.asarray(feed), pos)[-1]  # [vocab_draft]
             pos += len(feed)
             if params.greedy:
-                draft_ids[i] = logits.argmax()
+                draft_ids[proposed] = logits.argmax()
+                top = _top_prob(logits) if policy.needs_confidence else 1.0
             else:
-                draft_probs[i] = warp(logits, params)
-                draft_ids[i] = sample(draft_probs[i], rng)
-            feed = [int(draft_ids[i])]
+                draft_ids[proposed] = _draft_sample(logits, params, rng, draft_probs[proposed])
+                top = float(draft_probs[proposed].max())
+            feed = [int(draft_ids[proposed])]
+            proposed += 1
+            if not policy.keep_drafting(top):
+                break
         t1 = time.perf_counter()
 
         # verify: the target scores `last` and all proposals in one pass
-        target_logits = target.step(np.concatenate(([last], draft_ids[:k_step])), length - 1)  # [k_step+1, vocab]
-        if params.greedy:
-            accepted, next_id = greedy_verify(draft_ids[:k_step], target_logits)
-        else:
-            accepted, next_id = rejection_verify(draft_ids[:k_step], draft_probs[:k_step],
+        target_logits = target.step(np.concatenate(([last], draft_ids[:proposed])), length - 1)  # [proposed+1, vocab]
+        if not params.greedy:
+            accepted, next_id = rejection_verify(draft_ids[:proposed], draft_probs[:proposed],
                                                  warp(target_logits, params), rng)
+        elif accept_tau is None:
+            accepted, next_id = greedy_verify(draft_ids[:proposed], target_logits)
+        else:
+            accepted, next_id = relaxed_greedy_verify(draft_ids[:proposed], target_logits, accept_tau)
         t2 = time.perf_counter()
         stats.draft_s += t1 - t0
         stats.verify_s += t2 - t1
+        policy.observe(proposed, accepted, t1 - t0, t2 - t1)
 
         # commit: both caches keep exactly the accepted context (rollback = moving a length)
         new_ids = [int(t) for t in draft_ids[:accepted]] + [next_id]
         target.set_length(length + accepted)  # `last` + accepted proposals; next_id not run yet
-        if accepted < k_step:
+        if accepted < proposed:
             draft.set_length(length + accepted)
             pending = [next_id]
         else:
             # All proposals accepted (or none made): the draft never ran its last proposal,
             # so it catches up on it together with next_id at the next propose.
-            pending = (pending if k_step == 0 else [int(draft_ids[k_step - 1])]) + [next_id]
+            pending = (pending if proposed == 0 else [int(draft_ids[proposed - 1])]) + [next_id]
         length += accepted + 1
         last = next_id
         emitted += len(new_ids)
-        yield StepResult(new_ids, accepted=accepted, proposed=k_step)
+        yield StepResult(new_ids, accepted=accepted, proposed=proposed)
+
+
+def _top_prob(logits: np.ndarray) -> float:
+    """Largest softmax probability of a logits row, without materialising the softmax twice."""
+    return float(1.0 / np.exp(logits - logits.max()).sum())
+
+
+def _draft_sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, probs_out: np.ndarray) -> int:
+    """Sample a draft token; ``probs_out`` receives q, the distribution it was *actually* drawn from
+    (the acceptance rule is only lossless if these two agree)."""
+    probs_out[:] = warp(logits, params)
+    return sample(probs_out, rng)

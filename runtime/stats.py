@@ -19,6 +19,13 @@ class Stats:
     prefill_s: float = 0.0
     total_s: float = 0.0
     stop_reason: str = ""
+    policy: str = "fixed"
+    acceptance: str = "strict"  # "relaxed" = LOSSY: output may differ from the target's own
+    accept_tau: float | None = None
+
+    @property
+    def lossless(self) -> bool:
+        return self.acceptance == "strict"
 
     @property
     def acceptance_rate(self) -> float:
@@ -39,5 +46,6 @@ class Stats:
     def as_dict(self) -> dict:
         d = asdict(self)
         d.update(acceptance_rate=self.acceptance_rate, tokens_per_step=self.tokens_per_step,
-                 other_s=self.other_s, tokens_per_s=self.tokens_per_s)
+                 other_s=self.other_s, tokens_per_s=self.tokens_per_s,
+                 lossless=self.lossless)
         return d

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from specrt import __version__
+from specrt.runtime.policy import POLICIES
 
 EPILOG = """examples:
   specrt export --target ./SmolLM2-135M --draft ./draft --out ./engine
@@ -64,13 +65,29 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
             g.add_argument("--top-k", type=int, default=0)
             g.add_argument("--top-p", type=float, default=1.0)
-            g.add_argument("--seed", type=int, default=None, help="seed for sampling")
+            g.add_argument("--seed", type=int, default=None, help="seed for sampling (sample i uses seed + i)")
+            g.add_argument("--num-samples", type=int, default=1,
+                           help="draw N independent samples (seeds seed..seed+N-1); with --json one object per line")
+            g.add_argument("--policy", choices=POLICIES, default="fixed",
+                           help="how many tokens to draft per step: fixed (k), confidence (stop below --tau), "
+                           "adaptive (picks k from measured acceptance and costs), budget (--max-draft-per-token)")
+            g.add_argument("--tau", type=float, default=None, help="confidence policy threshold (default 0.5)")
+            g.add_argument("--max-draft-per-token", type=float, default=None,
+                           help="budget policy: drafted tokens per generated token (default 1.0)")
+            g.add_argument("--acceptance", choices=("strict", "relaxed"), default="strict",
+                           help="strict = lossless (default); relaxed = LOSSY, also accepts drafts the target "
+                           "gives probability >= --accept-tau")
+            g.add_argument("--accept-tau", type=float, default=None, help="threshold of --acceptance relaxed")
             g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
         else:
             g.add_argument("--k", type=_ints, default=None, help="k values to compare (default: the engine's, >1)")
             g.add_argument("--prompts", type=Path, default=None,
                            help='JSON list of {"name", "prompt" | "chat" | "prompt_ids"} (default: a code and a chat prompt)')
             g.add_argument("--repeats", type=int, default=3)
+            g.add_argument("--policies", action="store_true",
+                           help="compare the policies (fixed, confidence, adaptive, budget), greedy and at T=0.8")
+            g.add_argument("--relaxed", type=lambda t: [float(x) for x in t.split(",")], default=None,
+                           metavar="TAUS", help="also measure LOSSY relaxed acceptance at these thresholds, e.g. 0.1,0.3")
             g.add_argument("--json-out", type=Path, default=None, help="also write the rows as JSON here")
 
     i = sub.add_parser("info", help="validate an engine directory and summarise its manifest")
@@ -110,42 +127,59 @@ def _export(args) -> int:
 
 
 def _generate(args) -> int:
-    from specrt.runtime import Engine
+    from specrt.runtime import Engine, GenerationError
 
     engine = Engine.load(args.engine, threads=args.threads)
     prompt = (args.prompt_ids if args.prompt_ids is not None else
               engine.chat_prompt([{"role": "user", "content": args.chat}]) if args.chat is not None else args.prompt)
-    stream = engine.stream(prompt, max_new_tokens=args.max_new_tokens, k=args.k, stop=args.stop,
-                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                           use_draft=not args.no_draft)
-    for chunk in stream:
-        if not args.json:
-            sys.stdout.write(chunk.text)
-            sys.stdout.flush()
-    r = stream.result
-    if args.json:
-        d = r.as_dict()
-        keys = ("new_tokens", "steps", "proposed", "accepted", "acceptance_rate", "tokens_per_step", "draft_s",
-                "verify_s", "total_s", "tokens_per_s", "prefill_s", "other_s", "recovered", "bonus", "stop_reason")
-        d["stats"] = {k: d["stats"][k] for k in keys}
-        print(json.dumps(d))
-    else:
-        s = r.stats
-        print(f"\n\n[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tok/s, {s.steps} target passes, "
-              f"acceptance {s.acceptance_rate:.2f}, stop: {s.stop_reason}]", file=sys.stderr)
+    if args.num_samples < 1:
+        raise GenerationError(f"--num-samples must be >= 1, got {args.num_samples}")
+    for i in range(args.num_samples):
+        seed = None if args.seed is None else args.seed + i
+        if seed is None and args.num_samples > 1:
+            seed = i  # independent, and reproducible
+        stream = engine.stream(prompt, max_new_tokens=args.max_new_tokens, k=args.k, stop=args.stop,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
+                               use_draft=not args.no_draft, policy=args.policy, tau=args.tau,
+                               max_draft_per_token=args.max_draft_per_token, acceptance=args.acceptance,
+                               accept_tau=args.accept_tau)
+        if not args.json and args.num_samples > 1:
+            print(f"--- sample {i + 1}/{args.num_samples} (seed {seed}) ---")
+        for chunk in stream:
+            if not args.json:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+        r = stream.result
+        if args.json:
+            d = r.as_dict()
+            keys = ("new_tokens", "steps", "proposed", "accepted", "acceptance_rate", "tokens_per_step", "draft_s",
+                    "verify_s", "total_s", "tokens_per_s", "prefill_s", "other_s", "recovered", "bonus",
+                    "stop_reason", "policy", "acceptance", "accept_tau", "lossless")
+            d["stats"] = {k: d["stats"][k] for k in keys}
+            print(json.dumps(d), flush=True)
+        else:
+            s = r.stats
+            lossy = "" if s.lossless else f", LOSSY relaxed acceptance tau={s.accept_tau}"
+            print(f"\n\n[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tok/s, {s.steps} target passes, "
+                  f"acceptance {s.acceptance_rate:.2f}, stop: {s.stop_reason}{lossy}]", file=sys.stderr)
     return 0
 
 
 def _bench(args) -> int:
     from specrt.runtime import Engine
-    from specrt.runtime.bench import DEFAULT_PROMPTS, bench, format_table
+    from specrt.runtime.bench import (DEFAULT_PROMPTS, bench, fixed_configs, format_table, policy_configs,
+                                      relaxed_configs)
 
     engine = Engine.load(args.engine, threads=args.threads)
     ks = args.k or [k for k in engine.manifest.k_values if k > 1] or list(engine.manifest.k_values)
     prompts = json.loads(args.prompts.read_text()) if args.prompts else DEFAULT_PROMPTS
     if engine.manifest.chat_template is None:
         prompts = [p for p in prompts if "chat" not in p]
-    rows = bench(engine, prompts, ks, max_new_tokens=args.max_new_tokens, repeats=args.repeats)
+    k_mid = 4 if 4 in engine.manifest.k_values else ks[len(ks) // 2]
+    configs = policy_configs(ks, k_mid) if args.policies else fixed_configs(ks)
+    if args.relaxed:
+        configs += relaxed_configs(args.relaxed, k_mid)
+    rows = bench(engine, prompts, configs, max_new_tokens=args.max_new_tokens, repeats=args.repeats)
     print(format_table(rows))
     if args.json_out:
         args.json_out.write_text(json.dumps(rows, indent=1))

@@ -98,3 +98,13 @@ def test_seeded_determinism():
     q = np.full((2, 6), 1 / 6)
     a = [rejection_verify(np.array([1, 2]), q, p, np.random.default_rng(7)) for _ in range(3)]
     assert a[0] == a[1] == a[2]
+
+
+def test_relaxed_accepts_probable_non_argmax_tokens():
+    from specrt.runtime.acceptance import relaxed_greedy_verify
+
+    logits = np.log(np.array([[0.5, 0.4, 0.1], [0.2, 0.2, 0.6], [0.3, 0.3, 0.4]]))
+    draft = np.array([1, 0])  # neither is the argmax; p = 0.4 then 0.2
+    assert relaxed_greedy_verify(draft, logits, tau=0.3) == (1, 2)  # 0.4 passes, 0.2 does not
+    assert relaxed_greedy_verify(draft, logits, tau=0.15) == (2, 2)  # both pass, bonus = argmax of last row
+    assert relaxed_greedy_verify(draft, logits, tau=1.0) == greedy_verify(draft, logits)  # tau=1: strict

@@ -36,6 +36,26 @@ def test_generate_json(engines):
     assert base["token_ids"] == d["token_ids"] and base["stats"]["proposed"] == 0
 
 
+def test_num_samples_one_json_per_line(engines):
+    p = specrt("generate", engines["random"], "--prompt-ids", "5,17", "--max-new-tokens", "6", "--temperature", "1",
+               "--num-samples", "3", "--seed", "10", "--json")
+    rows = [json.loads(line) for line in p.stdout.strip().splitlines()]
+    assert len(rows) == 3 and all(set(r) == {"text", "token_ids", "prompt_token_ids", "stats"} for r in rows)
+    again = [json.loads(line) for line in specrt("generate", engines["random"], "--prompt-ids", "5,17",
+                                                  "--max-new-tokens", "6", "--temperature", "1", "--num-samples",
+                                                  "3", "--seed", "10", "--json").stdout.strip().splitlines()]
+    assert [r["token_ids"] for r in rows] == [r["token_ids"] for r in again]  # reproducible per seed
+
+
+def test_relaxed_is_flagged(engines):
+    d = json.loads(specrt("generate", engines["random"], "--prompt-ids", "5,17", "--max-new-tokens", "6",
+                          "--acceptance", "relaxed", "--accept-tau", "0.2", "--json").stdout)
+    assert d["stats"]["acceptance"] == "relaxed" and d["stats"]["lossless"] is False
+    d = json.loads(specrt("generate", engines["random"], "--prompt-ids", "5,17", "--max-new-tokens", "6",
+                          "--json").stdout)
+    assert d["stats"]["lossless"] is True
+
+
 def test_generate_streams_text(engines):
     p = specrt("generate", engines["close"], "--prompt", "def add(a, b):", "--max-new-tokens", "8")
     assert "tokens" in p.stderr and "acceptance" in p.stderr
@@ -63,8 +83,22 @@ def test_bench_prints_ratio(engines, tmp_path):
     assert "speedup" in p.stdout
     rows = json.loads((tmp_path / "b.json").read_text())
     assert [r["k"] for r in rows] == [None, 2, 4]
-    assert all(r["identical_to_target_only"] for r in rows)
+    assert all(r["agreement_with_target"] == 1.0 for r in rows)
     assert rows[1]["acceptance_rate"] == 1.0  # the target is its own draft
+
+
+def test_bench_policies_and_relaxed(engines, tmp_path):
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([{"name": "ids", "prompt_ids": [5, 17, 33]}]))
+    p = specrt("bench", engines["random"], "--prompts", prompts, "--k", "2", "--repeats", "1", "--policies",
+               "--relaxed", "0.01", "--max-new-tokens", "12", "--json-out", tmp_path / "b.json")
+    rows = json.loads((tmp_path / "b.json").read_text())
+    labels = [r["config"] for r in rows]
+    assert "adaptive" in labels and "adaptive T=0.8" in labels and "RELAXED k=4 tau=0.01" in labels
+    assert "LOSSY" in p.stdout
+    for r in rows:
+        if r["temperature"] == 0 and r["acceptance"] == "strict":
+            assert r["agreement_with_target"] == 1.0, r
 
 
 def test_info(engines):

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from specrt.runtime.loop import speculative, target_only
+from specrt.runtime.policy import Adaptive, Budget, Confidence, Fixed
 from specrt.runtime.sampling import SamplingParams
 from specrt.runtime.stats import Stats
 
@@ -63,22 +64,30 @@ def run(gen):
 GREEDY = SamplingParams()
 
 
-@settings(max_examples=150, deadline=None)
+def make(policy: str, k: int):
+    return {"fixed": lambda: Fixed(k), "confidence": lambda: Confidence(k, 0.5),
+            "adaptive": lambda: Adaptive((1, 2, 4, 8)), "budget": lambda: Budget(k, 0.7)}[policy]()
+
+
+@settings(max_examples=200, deadline=None)
 @given(k=st.integers(1, 8), agree=st.sampled_from([0.0, 0.3, 0.8, 1.0]), prompt_len=st.integers(1, 20),
-       max_new=st.integers(1, 60), max_context=st.integers(22, 64))
-def test_speculative_equals_target_only(k, agree, prompt_len, max_new, max_context):
+       max_new=st.integers(1, 60), max_context=st.integers(22, 64),
+       policy=st.sampled_from(["fixed", "confidence", "adaptive", "budget"]))
+def test_speculative_equals_target_only(k, agree, prompt_len, max_new, max_context, policy):
     prompt = np.arange(prompt_len) % VOCAB
     rng = np.random.default_rng(0)
     target = FakeStep(salt=1, max_context=max_context)
     draft = FakeStep(salt=0, max_context=max_context, agree_with=target, agree=agree)
     stats = Stats()
-    spec_ids, steps = run(speculative(target, draft, prompt, k, max_new, GREEDY, rng, stats))
+    pol = make(policy, k)
+    spec_ids, steps = run(speculative(target, draft, prompt, pol, max_new, GREEDY, rng, stats))
     ref_ids, _ = run(target_only(FakeStep(salt=1, max_context=max_context), prompt, max_new, GREEDY, rng, Stats()))
     assert spec_ids == ref_ids
     # never past the context or the budget
     assert len(spec_ids) == min(max_new, max_context - prompt_len)
     # counters add up
-    assert all(s.accepted <= s.proposed <= k for s in steps)
+    assert all(s.accepted <= s.proposed <= pol.max_k for s in steps)
+    assert target.length <= max_context and draft.length <= max_context
     assert sum(s.accepted for s in steps) + len(steps) == len(spec_ids)
     if agree == 1.0:
         assert all(s.accepted == s.proposed for s in steps)
@@ -87,7 +96,7 @@ def test_speculative_equals_target_only(k, agree, prompt_len, max_new, max_conte
 def test_adversarial_draft_still_correct():
     target = FakeStep(salt=1)
     draft = FakeStep(salt=0, agree_with=target, agree=0.0)  # always proposes the wrong token
-    ids, steps = run(speculative(target, draft, np.array([1, 2, 3]), 4, 30, GREEDY, np.random.default_rng(0), Stats()))
+    ids, steps = run(speculative(target, draft, np.array([1, 2, 3]), Fixed(4), 30, GREEDY, np.random.default_rng(0), Stats()))
     ref, _ = run(target_only(FakeStep(salt=1), np.array([1, 2, 3]), 30, GREEDY, np.random.default_rng(0), Stats()))
     assert ids == ref and all(s.accepted == 0 for s in steps) and len(steps) == 30
 
@@ -99,7 +108,7 @@ def test_all_accepted_draft_catches_up():
     seen = []
     orig = draft.step
     draft.step = lambda ids, pos: (seen.append((len(ids), pos)), orig(ids, pos))[1]
-    run(speculative(target, draft, np.array([4, 5]), 3, 12, GREEDY, np.random.default_rng(0), Stats()))
+    run(speculative(target, draft, np.array([4, 5]), Fixed(3), 12, GREEDY, np.random.default_rng(0), Stats()))
     # prompt [4,5]: prefill 1 token; step 1 feeds [5] at pos 1; after 3 accepted + bonus, feed 2 tokens at 1+3
     assert seen[:4] == [(1, 0), (1, 1), (1, 2), (1, 3)]
     assert seen[4] == (2, 4)
@@ -111,5 +120,42 @@ def test_sampling_loop_runs_and_counts(temperature):
     draft = FakeStep(salt=0, agree_with=target, agree=0.5)
     stats = Stats()
     params = SamplingParams(temperature=temperature)
-    ids, steps = run(speculative(target, draft, np.array([1]), 4, 40, params, np.random.default_rng(1), stats))
+    ids, steps = run(speculative(target, draft, np.array([1]), Fixed(4), 40, params, np.random.default_rng(1), stats))
     assert len(ids) == 40 and sum(s.accepted for s in steps) + len(steps) == 40
+
+
+def test_budget_caps_drafted_tokens():
+    target = FakeStep(salt=1)
+    draft = FakeStep(salt=0, agree_with=target, agree=0.0)
+    pol = Budget(8, 0.5)
+    ids, steps = run(speculative(target, draft, np.array([1]), pol, 40, GREEDY, np.random.default_rng(0), Stats()))
+    assert sum(s.proposed for s in steps) <= 0.5 * len(ids) + 1
+
+
+def test_confidence_stops_drafting_early():
+    """FakeStep logits are one-hot with value 1: top probability e/(e+V-1) ~ 0.21 < 0.5, so one token per step."""
+    target = FakeStep(salt=1)
+    draft = FakeStep(salt=0, agree_with=target, agree=1.0)
+    ids, steps = run(speculative(target, draft, np.array([1]), Confidence(8, 0.5), 20, GREEDY,
+                                 np.random.default_rng(0), Stats()))
+    assert all(s.proposed <= 1 for s in steps)
+
+
+def test_adaptive_follows_the_text():
+    """Costs of the notes' kind (draft token 5% of a pass, passes 10% dearer per extra token):
+    k goes up on easy text, down when acceptance collapses, and back up when it returns."""
+    pol = Adaptive((1, 2, 4, 8))
+
+    def phase(alpha, steps=40):
+        rng = np.random.default_rng(0)
+        for _ in range(steps):
+            k = pol.next_k(100)
+            accepted = 0
+            while accepted < k and rng.random() < alpha:
+                accepted += 1
+            pol.observe(k, accepted, draft_s=0.05 * k, verify_s=1.0 + 0.1 * k)
+        return pol.next_k(100)
+
+    assert phase(0.95) == 8
+    assert phase(0.05) == 1
+    assert phase(0.95) == 8
