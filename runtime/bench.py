@@ -13,9 +13,8 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from tqdm.auto import tqdm
-
 from specrt.runtime.engine import Engine
+from tqdm.auto import tqdm
 
 DEFAULT_PROMPTS = [
     {"name": "code", "prompt": "import os\n\n\ndef list_python_files(root):\n    \"\"\"Return every .py file under root.\"\"\"\n"},

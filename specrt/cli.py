@@ -167,8 +167,14 @@ def _generate(args) -> int:
 
 def _bench(args) -> int:
     from specrt.runtime import Engine
-    from specrt.runtime.bench import (DEFAULT_PROMPTS, bench, fixed_configs, format_table, policy_configs,
-                                      relaxed_configs)
+    from specrt.runtime.bench import (
+        DEFAULT_PROMPTS,
+        bench,
+        fixed_configs,
+        format_table,
+        policy_configs,
+        relaxed_configs,
+    )
 
     engine = Engine.load(args.engine, threads=args.threads)
     ks = args.k or [k for k in engine.manifest.k_values if k > 1] or list(engine.manifest.k_values)

@@ -136,7 +136,7 @@ def test_confidence_stops_drafting_early():
     """FakeStep logits are one-hot with value 1: top probability e/(e+V-1) ~ 0.21 < 0.5, so one token per step."""
     target = FakeStep(salt=1)
     draft = FakeStep(salt=0, agree_with=target, agree=1.0)
-    ids, steps = run(speculative(target, draft, np.array([1]), Confidence(8, 0.5), 20, GREEDY,
+    _ids, steps = run(speculative(target, draft, np.array([1]), Confidence(8, 0.5), 20, GREEDY,
                                  np.random.default_rng(0), Stats()))
     assert all(s.proposed <= 1 for s in steps)
 

@@ -13,8 +13,7 @@ import math
 
 import numpy as np
 import pytest
-
-import specrt.runtime.loop as loop
+from specrt.runtime import loop
 from specrt.runtime.acceptance import sample
 from specrt.runtime.errors import GenerationError
 from specrt.runtime.policy import Fixed
