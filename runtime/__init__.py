@@ -1,20 +1,21 @@
 """Deploy time: load an engine directory and decode.  numpy + onnxruntime + tokenizers; never torch."""
 from __future__ import annotations
 
-from specrt.runtime.engine import Chunk, Engine, Result, Stream
+from specrt.runtime.engine import Chunk, Engine, EnginePool, Result, Stream
 from specrt.runtime.errors import CompatibilityError, EngineDirError, GenerationError, SpecrtError
 from specrt.runtime.sampling import SamplingParams
 from specrt.runtime.stats import Stats
 
 __all__ = [
-           "Chunk",
-           "CompatibilityError",
-           "Engine",
-           "EngineDirError",
-           "GenerationError",
-           "Result",
-           "SamplingParams",
-           "SpecrtError",
-           "Stats",
-           "Stream",
+    "Chunk",
+    "CompatibilityError",
+    "Engine",
+    "EngineDirError",
+    "EnginePool",
+    "GenerationError",
+    "Result",
+    "SamplingParams",
+    "SpecrtError",
+    "Stats",
+    "Stream",
 ]

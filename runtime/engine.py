@@ -1,6 +1,8 @@
 """``Engine``: an engine directory opened for generation."""
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +63,8 @@ class Engine:
         self.draft = draft
         self.codec = TextCodec(manifest.tokenizer_json, manifest.chat_template, manifest.bos_token_id,
                                manifest.eos_token_ids)
+        self._lock = threading.Lock()
+        self._generation = 0
 
     @classmethod
     def load(cls, path: str | Path, provider: str = "cpu", threads: int | None = None,
@@ -136,7 +140,8 @@ class Engine:
                                 accept_tau=stats.accept_tau)
         else:
             steps = target_only(self.target, ids, max_new_tokens, params, rng, stats)
-        return Stream(self._run(steps, checker, stats, result), result)
+        self._generation += 1
+        return Stream(self._run(steps, checker, stats, result, self._generation), result)
 
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -155,11 +160,15 @@ class Engine:
                                   "with a larger `--max-context`")
         return ids
 
-    @staticmethod
-    def _run(steps: Iterator[StepResult], checker: StopChecker, stats: Stats, result: Result) -> Iterator[Chunk]:
+    def _run(self, steps: Iterator[StepResult], checker: StopChecker, stats: Stats, result: Result,
+             generation: int) -> Iterator[Chunk]:
         t0 = time.perf_counter()
         try:
-            for step in steps:
+            while True:
+                step = self._advance(steps, generation)
+                if step is None:
+                    checker.reason = checker.reason or "max_context"
+                    break
                 stats.steps += 1
                 stats.proposed += step.proposed
                 kept = 0
@@ -179,11 +188,10 @@ class Engine:
                 stats.new_tokens += kept
                 chunk = Chunk(checker.take(), step.token_ids[:kept])
                 stats.total_s = time.perf_counter() - t0
+                result.text = checker.text  # the result is usable even if the consumer stops here
                 yield chunk
                 if checker.reason:
                     break
-            else:
-                checker.reason = checker.reason or "max_context"
         finally:
             stats.total_s = time.perf_counter() - t0
             stats.stop_reason = checker.reason or "cancelled"
@@ -191,3 +199,39 @@ class Engine:
             result.text = checker.text
         if tail:
             yield Chunk(tail, [])
+
+    def _advance(self, steps: Iterator[StepResult], generation: int) -> StepResult | None:
+        """Run one step of ``steps`` while holding the engine (its caches are not shareable)."""
+        if not self._lock.acquire(blocking=False):
+            raise GenerationError("this Engine is running a step for another thread; an Engine (its KV caches) is "
+                                  "not thread-safe: use one Engine per thread, or specrt.runtime.EnginePool")
+        try:
+            if generation != self._generation:
+                raise GenerationError("this stream was superseded: a newer generate()/stream() on the same Engine "
+                                      "reused its KV caches. Finish one stream before starting the next, or use "
+                                      "one Engine per concurrent generation (specrt.runtime.EnginePool)")
+            return next(steps, None)
+        finally:
+            self._lock.release()
+
+
+class EnginePool:
+    """N independent Engines of one directory for concurrent generations (one per thread at a time).
+
+    >>> pool = EnginePool("engine", size=2)          # doctest: +SKIP
+    >>> pool.generate("def f(x):", max_new_tokens=32)  # doctest: +SKIP  (thread-safe)
+    """
+
+    def __init__(self, path: str | Path, size: int = 2, **load_kwargs):
+        if size < 1:
+            raise GenerationError(f"EnginePool size must be >= 1, got {size}")
+        self._free: queue.Queue[Engine] = queue.Queue()
+        for _ in range(size):
+            self._free.put(Engine.load(path, **load_kwargs))
+
+    def generate(self, prompt: str | Sequence[int], **kwargs) -> Result:
+        engine = self._free.get()
+        try:
+            return engine.generate(prompt, **kwargs)
+        finally:
+            self._free.put(engine)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from specrt.runtime.acceptance import greedy_verify, rejection_verify, relaxed_greedy_verify, sample
 from specrt.runtime.backend import ModelStep
+from specrt.runtime.errors import GenerationError
 from specrt.runtime.policy import Policy
 from specrt.runtime.sampling import SamplingParams, warp
 from specrt.runtime.stats import Stats
@@ -56,6 +57,7 @@ def target_only(target: ModelStep, prompt_ids: np.ndarray, max_new_tokens: int, 
             return
         t0 = time.perf_counter()
         logits = target.step(np.array([last]), length - 1)[-1]  # [vocab]
+        _check_finite(logits, "target", length)
         last = _choose(logits, params, rng)
         stats.verify_s += time.perf_counter() - t0
         length += 1
@@ -87,6 +89,7 @@ def speculative(target: ModelStep, draft: ModelStep, prompt_ids: np.ndarray, pol
         proposed = 0
         while proposed < k_step:
             logits = draft.step(np.asarray(feed), pos)[-1]  # [vocab_draft]
+            _check_finite(logits, "draft", pos)
             pos += len(feed)
             if params.greedy:
                 draft_ids[proposed] = logits.argmax()
@@ -102,6 +105,7 @@ def speculative(target: ModelStep, draft: ModelStep, prompt_ids: np.ndarray, pol
 
         # verify: the target scores `last` and all proposals in one pass
         target_logits = target.step(np.concatenate(([last], draft_ids[:proposed])), length - 1)  # [proposed+1, vocab]
+        _check_finite(target_logits, "target", length)
         if not params.greedy:
             accepted, next_id = rejection_verify(draft_ids[:proposed], draft_probs[:proposed],
                                                  warp(target_logits, params), rng)
@@ -140,3 +144,10 @@ def _draft_sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Gen
     (the acceptance rule is only lossless if these two agree)."""
     probs_out[:] = warp(logits, params)
     return sample(probs_out, rng)
+
+
+def _check_finite(logits: np.ndarray, role: str, pos: int) -> None:
+    # One O(vocab) reduction per model call; NaN/inf would otherwise turn silently into token 0 or garbage.
+    if not np.isfinite(logits).all():
+        raise GenerationError(f"the {role} model produced NaN/inf logits at position {pos}: the engine is numerically "
+                              "broken (corrupt weights, or fp16 overflow). Re-export it (fp32) with `specrt export`.")
