@@ -15,7 +15,7 @@ demo: install-demo
 	$(PYTHON) scripts/demo.py
 
 ## make test: the whole test suite (CPU only; GPU/TensorRT tests are skipped with their reason)
-test: install-export
+test: install-demo
 	$(PYTHON) -m pytest -q -ra
 
 ## speed of the demo pair, side by side (after `make demo`)

@@ -19,6 +19,7 @@ from pathlib import Path
 from specrt.engines import FORMAT_NAME, FORMAT_VERSION
 from specrt.export.compat import check_tokenizers, require_local_checkpoint
 from specrt.export.onnx_export import export_model
+from specrt.export.quantize import QUANT_CHOICES, quantize_file
 from specrt.export.verify import compare
 from specrt.runtime.errors import SpecrtError
 from specrt.runtime.manifest import MANIFEST, load_manifest, model_spec, sha256_file, validate_manifest
@@ -47,8 +48,15 @@ class ExportReport:
 
 def export_pair(target: str | Path, draft: str | Path, out: str | Path, *, max_context: int | None = None,
                 k_values: Sequence[int] = DEFAULT_K, force: bool = False, verify: bool = True,
-                tolerance: float = DEFAULT_TOLERANCE, progress: bool = True) -> ExportReport:
-    """Export ``target`` (the verification model) and ``draft`` into the engine directory ``out``."""
+                tolerance: float = DEFAULT_TOLERANCE, progress: bool = True, quant: str = "fp32",
+                target_quant: str | None = None, draft_quant: str | None = None, block_size: int = 32,
+                accuracy_level: int = 4) -> ExportReport:
+    """Export ``target`` (the verification model) and ``draft`` into the engine directory ``out``.
+
+    ``quant`` (fp32 | int8 | int4, overridable per model) applies ONNX Runtime's weight-only
+    MatMulNBits quantizer after the fp32 graphs have been verified; the drift it causes is measured
+    and recorded in the manifest.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -58,6 +66,10 @@ def export_pair(target: str | Path, draft: str | Path, out: str | Path, *, max_c
         raise ValueError(f"k values must be in 1..64, got {k_values}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise ExportError(f"{str(out)!r} exists and is not empty; pass --force (force=True) to replace it.")
+    quants = {"target": target_quant or quant, "draft": draft_quant or quant}
+    for role, q in quants.items():
+        if q not in QUANT_CHOICES:
+            raise ValueError(f"{role} quantization must be one of {', '.join(QUANT_CHOICES)}, got {q!r}")
     target_dir = require_local_checkpoint(target, "target")
     draft_dir = require_local_checkpoint(draft, "draft")
     bar = tqdm(total=4, desc="check", disable=not progress, unit="phase",
@@ -116,6 +128,19 @@ def export_pair(target: str | Path, draft: str | Path, out: str | Path, *, max_c
                                       f"{tolerance:g} ({diffs}). This is an exporter bug for this architecture; "
                                       "please report it (or pass --tolerance / --no-verify at your own risk).")
                 models[role]["verification"] = {k: round(v, 8) for k, v in diffs.items()}
+        for role, ckpt in (("target", target_dir), ("draft", draft_dir)):
+            if quants[role] == "fp32":
+                continue
+            bar.set_description(f"quantize {role} ({quants[role]})")
+            record = quantize_file(tmp / models[role]["file"], quants[role], block_size, accuracy_level)
+            models[role]["external_data"] = models[role]["file"] + ".data"
+            if verify:  # drift from the checkpoint, measured and recorded (not a failure: it is the point)
+                hf = AutoModelForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32).eval()
+                record["drift_vs_pytorch"] = compare(model_spec(tmp, role, manifest), hf, k=k_values[-1],
+                                                     vocab_limit=len(t_tok))
+                del hf
+                report.max_abs_diff[f"{role}-{quants[role]}"] = record["drift_vs_pytorch"]
+            models[role]["quantization"] = record
         # 4. write -----------------------------------------------------------------
         bar.update(1)
         bar.set_description("write tokenizer + manifest")

@@ -47,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
     e.add_argument("--no-verify", action="store_true", help="skip the ONNX-vs-PyTorch logits check")
     e.add_argument("--tolerance", type=float, default=None, help="max |logits diff| accepted by the check (2e-3)")
+    e.add_argument("--quant", choices=("fp32", "int8", "int4"), default="fp32",
+                   help="weight-only quantization of both models (ONNX Runtime MatMulNBits), applied after the "
+                   "fp32 graphs are verified; the drift is measured and recorded")
+    e.add_argument("--target-quant", choices=("fp32", "int8", "int4"), default=None, help="override --quant for the target")
+    e.add_argument("--draft-quant", choices=("fp32", "int8", "int4"), default=None, help="override --quant for the draft")
+    e.add_argument("--block-size", type=int, default=32, help="int4/int8 quantization block size (default 32)")
+    e.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
+                   help="MatMulNBits accuracy level: 4 = int8 activations (fastest on CPU), 0 = fp32")
 
     for name, helptext in (("generate", "generate text with speculative decoding"),
                            ("bench", "target-only vs speculative tokens/s, side by side")):
@@ -118,7 +126,9 @@ def _export(args) -> int:
               file=sys.stderr)
         return 2
     report = export_pair(args.target, args.draft, args.out, max_context=args.max_context, k_values=args.k,
-                         force=args.force, verify=not args.no_verify, tolerance=args.tolerance or DEFAULT_TOLERANCE)
+                         force=args.force, verify=not args.no_verify, tolerance=args.tolerance or DEFAULT_TOLERANCE,
+                         quant=args.quant, target_quant=args.target_quant, draft_quant=args.draft_quant,
+                         block_size=args.block_size, accuracy_level=args.accuracy_level)
     for role, diffs in report.max_abs_diff.items():
         shown = ", ".join(f"{k} {v:.1e}" for k, v in diffs.items() if not k.endswith("argmax_equal"))
         print(f"{role}: max |ONNX - PyTorch| logits: {shown}")

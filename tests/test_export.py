@@ -110,3 +110,22 @@ def test_failed_export_leaves_nothing(tmp_path, checkpoints, monkeypatch):
         export_pair(checkpoints["target"], checkpoints["random"], tmp_path / "engine", progress=False)
     assert not (tmp_path / "engine").exists()
     assert [p.name for p in tmp_path.iterdir()] == []  # no .partial left behind either
+
+
+def test_quantized_engine_is_lossless_against_itself(tmp_path, checkpoints):
+    """int4 target + int8 draft: losslessness is defined against the deployed (quantized) target."""
+    from specrt.runtime import Engine
+
+    out = tmp_path / "engine"
+    report = export_pair(checkpoints["target"], checkpoints["close"], out, max_context=48, target_quant="int4",
+                         draft_quant="int8", block_size=32, progress=False)
+    m = load_manifest(out)
+    tq, dq = m.target.raw["quantization"], m.draft.raw["quantization"]
+    assert (tq["bits"], dq["bits"]) == (4, 8) and tq["quantized_matmuls"] > 0
+    assert "prefill" in tq["drift_vs_pytorch"] and "target-int4" in report.max_abs_diff
+    assert m.raw["files"]["target.onnx.data"]["bytes"] > 0
+    engine = Engine.load(out)
+    for prompt in ([5, 17, 33], [40, 41, 42, 43, 44]):
+        base = engine.generate(prompt, max_new_tokens=25, use_draft=False).token_ids
+        for k in (1, 2, 4, 8):
+            assert engine.generate(prompt, max_new_tokens=25, k=k).token_ids == base
