@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from specrt.runtime.errors import GenerationError
@@ -17,6 +18,7 @@ from specrt.runtime.policy import make_policy
 from specrt.runtime.sampling import SamplingParams
 from specrt.runtime.stats import Stats
 from specrt.runtime.text import Detokenizer, StopChecker, TextCodec
+from specrt.runtime.trace import TraceWriter
 
 
 @dataclass
@@ -94,14 +96,14 @@ class Engine:
                  stop: Sequence[str] = (), temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, use_draft: bool = True, policy: str = "fixed", tau: float | None = None,
                  max_draft_per_token: float | None = None, acceptance: str = "strict",
-                 accept_tau: float | None = None) -> Result:
+                 accept_tau: float | None = None, trace: str | Path | IO[str] | None = None) -> Result:
         """Generate.  ``k=None`` or ``use_draft=False`` decodes with the target alone (the baseline).
 
         ``policy``: fixed | confidence (``tau``) | adaptive | budget (``max_draft_per_token``), see
         ``specrt.runtime.policy``.  ``acceptance="relaxed"`` with ``accept_tau`` is LOSSY (greedy only).
         """
         s = self.stream(prompt, max_new_tokens, k, stop, temperature, top_k, top_p, seed, use_draft, policy, tau,
-                        max_draft_per_token, acceptance, accept_tau)
+                        max_draft_per_token, acceptance, accept_tau, trace)
         for _ in s:
             pass
         return s.result
@@ -110,8 +112,11 @@ class Engine:
                stop: Sequence[str] = (), temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                seed: int | None = None, use_draft: bool = True, policy: str = "fixed", tau: float | None = None,
                max_draft_per_token: float | None = None, acceptance: str = "strict",
-               accept_tau: float | None = None) -> Stream:
-        """Like ``generate`` but yields text as soon as the target accepts it."""
+               accept_tau: float | None = None, trace: str | Path | IO[str] | None = None) -> Stream:
+        """Like ``generate`` but yields text as soon as the target accepts it.
+
+        ``trace``: a path or text file to append a JSON Lines trace to (see ``specrt.runtime.trace``).
+        """
         params = SamplingParams(temperature, top_k, top_p)
         prompt_ids = self._prompt_ids(prompt)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -137,11 +142,17 @@ class Engine:
         ids = np.asarray(prompt_ids, dtype=np.int64)
         if use_draft:
             steps = speculative(self.target, self.draft, ids, control, max_new_tokens, params, rng, stats,
-                                accept_tau=stats.accept_tau)
+                                accept_tau=stats.accept_tau, trace=trace is not None)
         else:
             steps = target_only(self.target, ids, max_new_tokens, params, rng, stats)
+        tracer = None
+        if trace is not None:
+            tracer = TraceWriter(trace)
+            tracer.header(engine=str(self.manifest.root), policy=stats.policy, k=k if use_draft else 0,
+                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, acceptance=stats.acceptance,
+                          accept_tau=stats.accept_tau, prompt_tokens=len(prompt_ids), max_new_tokens=max_new_tokens)
         self._generation += 1
-        return Stream(self._run(steps, checker, stats, result, self._generation), result)
+        return Stream(self._run(steps, checker, stats, result, self._generation, tracer), result)
 
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -161,7 +172,7 @@ class Engine:
         return ids
 
     def _run(self, steps: Iterator[StepResult], checker: StopChecker, stats: Stats, result: Result,
-             generation: int) -> Iterator[Chunk]:
+             generation: int, tracer: TraceWriter | None = None) -> Iterator[Chunk]:
         t0 = time.perf_counter()
         try:
             while True:
@@ -186,6 +197,8 @@ class Engine:
                     else:
                         stats.recovered += 1
                 stats.new_tokens += kept
+                if tracer:
+                    tracer.step(stats.steps - 1, step, kept)
                 chunk = Chunk(checker.take(), step.token_ids[:kept])
                 stats.total_s = time.perf_counter() - t0
                 result.text = checker.text  # the result is usable even if the consumer stops here
@@ -197,6 +210,9 @@ class Engine:
             stats.stop_reason = checker.reason or "cancelled"
             tail = checker.take(final=True)
             result.text = checker.text
+            if tracer:
+                tracer.summary(stats.as_dict())
+                tracer.close()
         if tail:
             yield Chunk(tail, [])
 

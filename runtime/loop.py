@@ -32,6 +32,10 @@ class StepResult:
     token_ids: list[int]  # accepted drafts, then one recovered or bonus token
     accepted: int
     proposed: int
+    length: int = 0  # context length before the step
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    draft_top: list[float] | None = None  # the draft's top probability per proposal (when traced)
 
 
 def _choose(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
@@ -59,15 +63,18 @@ def target_only(target: ModelStep, prompt_ids: np.ndarray, max_new_tokens: int, 
         logits = target.step(np.array([last]), length - 1)[-1]  # [vocab]
         _check_finite(logits, "target", length)
         last = _choose(logits, params, rng)
-        stats.verify_s += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        stats.verify_s += dt
         length += 1
-        yield StepResult([last], accepted=0, proposed=0)
+        yield StepResult([last], accepted=0, proposed=0, length=length - 1, verify_s=dt)
 
 
 def speculative(target: ModelStep, draft: ModelStep, prompt_ids: np.ndarray, policy: Policy, max_new_tokens: int,
                 params: SamplingParams, rng: np.random.Generator, stats: Stats,
-                accept_tau: float | None = None) -> Iterator[StepResult]:
-    """``accept_tau`` switches on the LOSSY relaxed acceptance (greedy only); None = strict."""
+                accept_tau: float | None = None, trace: bool = False) -> Iterator[StepResult]:
+    """``accept_tau`` switches on the LOSSY relaxed acceptance (greedy only); None = strict.
+    ``trace`` records the draft's top probabilities (one extra softmax per drafted token)."""
+    want_top = trace or policy.needs_confidence
     max_context = min(target.max_context, draft.max_context)
     t0 = time.perf_counter()
     _prefill(target, prompt_ids)
@@ -87,18 +94,21 @@ def speculative(target: ModelStep, draft: ModelStep, prompt_ids: np.ndarray, pol
         t0 = time.perf_counter()
         feed, pos = pending, length - len(pending)
         proposed = 0
+        tops: list[float] = []
         while proposed < k_step:
             logits = draft.step(np.asarray(feed), pos)[-1]  # [vocab_draft]
             _check_finite(logits, "draft", pos)
             pos += len(feed)
             if params.greedy:
                 draft_ids[proposed] = logits.argmax()
-                top = _top_prob(logits) if policy.needs_confidence else 1.0
+                top = _top_prob(logits) if want_top else 1.0
             else:
                 draft_ids[proposed] = _draft_sample(logits, params, rng, draft_probs[proposed])
                 top = float(draft_probs[proposed].max())
             feed = [int(draft_ids[proposed])]
             proposed += 1
+            if trace:
+                tops.append(round(top, 4))
             if not policy.keep_drafting(top):
                 break
         t1 = time.perf_counter()
@@ -131,7 +141,8 @@ def speculative(target: ModelStep, draft: ModelStep, prompt_ids: np.ndarray, pol
         length += accepted + 1
         last = next_id
         emitted += len(new_ids)
-        yield StepResult(new_ids, accepted=accepted, proposed=proposed)
+        yield StepResult(new_ids, accepted=accepted, proposed=proposed, length=length - len(new_ids),
+                         draft_s=t1 - t0, verify_s=t2 - t1, draft_top=tops if trace else None)
 
 
 def _top_prob(logits: np.ndarray) -> float:

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "gives probability >= --accept-tau")
             g.add_argument("--accept-tau", type=float, default=None, help="threshold of --acceptance relaxed")
             g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+            g.add_argument("--trace", type=Path, default=None,
+                           help="append a JSON Lines trace (header, one record per step, summary) to this file; "
+                           "analyze it with `specrt trace analyze`")
         else:
             g.add_argument("--k", type=_ints, default=None, help="k values to compare (default: the engine's, >1)")
             g.add_argument("--prompts", type=Path, default=None,
@@ -100,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="validate an engine directory and summarise its manifest")
     i.add_argument("engine", type=Path)
+
+    t = sub.add_parser("trace", help="analyze a trace written with --trace",
+                       description="Acceptance overall and by draft position, tokens per target pass, the time "
+                       "split, predicted vs achieved speedup, and a diagnosis naming the bottleneck and its fix.")
+    tsub = t.add_subparsers(dest="trace_command", required=True)
+    ta = tsub.add_parser("analyze", help="summarise a trace and name the bottleneck")
+    ta.add_argument("file", type=Path)
+    ta.add_argument("--plot", type=Path, default=None, help="write a PNG (needs matplotlib)")
+    ta.add_argument("--json", action="store_true", help="print the analysis as JSON")
     return p
 
 
@@ -109,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     from specrt.runtime.errors import SpecrtError
 
     try:
-        return {"export": _export, "generate": _generate, "bench": _bench, "info": _info}[args.command](args)
-    except SpecrtError as e:
+        return {"export": _export, "generate": _generate, "bench": _bench, "info": _info,
+                "trace": _trace}[args.command](args)
+    except (SpecrtError, ValueError, RuntimeError, OSError) as e:
         print(f"specrt {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -152,7 +165,7 @@ def _generate(args) -> int:
                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
                                use_draft=not args.no_draft, policy=args.policy, tau=args.tau,
                                max_draft_per_token=args.max_draft_per_token, acceptance=args.acceptance,
-                               accept_tau=args.accept_tau)
+                               accept_tau=args.accept_tau, trace=args.trace)
         if not args.json and args.num_samples > 1:
             print(f"--- sample {i + 1}/{args.num_samples} (seed {seed}) ---")
         for chunk in stream:
@@ -213,6 +226,18 @@ def _info(args) -> int:
               f"vocab {spec.vocab_size}")
     print(f"  pair: k {list(m.k_values)}, max context {m.max_context}, EOS {sorted(m.eos_token_ids)}")
     print("  manifest valid, all file hashes match")
+    return 0
+
+
+def _trace(args) -> int:
+    from specrt.runtime.trace import analyze, format_analysis, plot, read
+
+    gens = read(args.file)
+    a = analyze(gens)
+    print(json.dumps(a.as_dict(), indent=1) if args.json else format_analysis(a))
+    if args.plot:
+        plot(gens, a, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
 

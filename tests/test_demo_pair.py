@@ -25,11 +25,10 @@ PROMPTS = [
 def demo(tmp_path_factory):
     if not (DRAFT / "config.json").is_file():
         pytest.fail(f"the committed draft is missing from {DRAFT}; it is produced by scripts/distill_draft.py")
-    from transformers import AutoModelForCausalLM
-
     from specrt.export import export_pair
     from specrt.export.gguf import convert_gguf, smollm2_gguf
     from specrt.runtime import Engine
+    from transformers import AutoModelForCausalLM
 
     root = tmp_path_factory.mktemp("demo")
     verifier = convert_gguf(smollm2_gguf(), root / "verifier-hf")
