@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 DEFAULT_PROMPTS = [
     {"name": "code", "prompt": "import os\n\n\ndef list_python_files(root):\n    \"\"\"Return every .py file under root.\"\"\"\n"},
-    {"name": "chat", "chat": [{"role": "user", "content": "Explain what a hash table is, in three sentences."}]},
+    {"name": "chat", "chat": [{"role": "user", "content": "How do I choose a good name for a variable?"}]},
 ]
 
 
