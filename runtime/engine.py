@@ -70,11 +70,16 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path, provider: str = "cpu", threads: int | None = None,
-             check_hashes: bool = True) -> Engine:
-        """Validate the manifest (schema + SHA-256 of every file) and open both models."""
+             draft_threads: int | None = None, spin: bool = True, check_hashes: bool = True) -> Engine:
+        """Validate the manifest (schema + SHA-256 of every file) and open both models.
+
+        ``threads``: ONNX Runtime intra-op threads (default: all cores, at most 8); ``draft_threads``
+        overrides it for the draft; ``spin=False`` stops idle threads from busy-waiting between runs.
+        """
         manifest = load_manifest(path, check_hashes=check_hashes)
-        target = OrtModelStep(manifest.target, provider, threads, max_step=max(manifest.k_values) + 1)
-        draft = OrtModelStep(manifest.draft, provider, threads, max_step=2)
+        k_max = max(manifest.k_values)
+        target = OrtModelStep(manifest.target, provider, threads, max_step=k_max + 1, spin=spin)
+        draft = OrtModelStep(manifest.draft, provider, draft_threads or threads, max_step=k_max + 1, spin=spin)
         return cls(manifest, target, draft)
 
     @property

@@ -25,19 +25,24 @@ PREFILL_CHUNK = 128  # prompt tokens per prefill pass: bounds the [n, vocab] log
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
+def session_options(threads: int | None, spin: bool = True) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    if not spin:
+        # Two sessions alternate (draft, target): threads spinning after one session's run would
+        # steal the cores the other one needs next.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 
 class OrtModelStep:
     """One exported model + its static KV cache, driven through IOBinding."""
 
-    def __init__(self, spec: ModelSpec, provider: str = "cpu", threads: int | None = None, max_step: int = 65):
+    def __init__(self, spec: ModelSpec, provider: str = "cpu", threads: int | None = None, max_step: int = 65,
+                 spin: bool = True):
         if provider != "cpu":
             # The cache buffers live in host memory; on CUDA/TensorRT EPs they would have to
             # live on the device (OrtValue on "cuda") and be updated there.  Not built yet.
@@ -49,7 +54,7 @@ class OrtModelStep:
             raise EngineDirError(f"{spec.role}: dtype {spec.dtype} is not supported by the ONNX Runtime CPU backend")
         self.spec = spec
         try:
-            self.session = ort.InferenceSession(str(spec.path), session_options(threads),
+            self.session = ort.InferenceSession(str(spec.path), session_options(threads, spin),
                                                 providers=[PROVIDERS[provider]])
         except Exception as e:  # noqa: BLE001 -- onnxruntime raises its own Fail/InvalidGraph types
             raise EngineDirError(f"ONNX Runtime cannot open {spec.path.name}: {e}. Re-export the engine directory "
@@ -135,7 +140,7 @@ class OrtModelStep:
             new_v = [np.empty((1, kvh, n, hd), dtype=self.dtype) for _ in kv.new_values]
             values = [ort.OrtValue.ortvalue_from_numpy(a) for a in [logits, *new_k, *new_v]]
             out = (logits, new_k, new_v, values)
-            if n <= self._max_step:  # keep the step shapes the loop uses; prefill chunks are few
+            if n <= self._max_step or n == PREFILL_CHUNK:  # the step shapes the loop uses, and full prefill chunks
                 self._outputs[n] = out
         names = [self.spec.kv.logits, *self.spec.kv.new_keys, *self.spec.kv.new_values]
         for name, value in zip(names, out[3]):

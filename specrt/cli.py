@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         g = sub.add_parser(name, help=helptext, description=helptext)
         g.add_argument("engine", type=Path, help="engine directory (from `specrt export`)")
         g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores, max 8)")
+        g.add_argument("--draft-threads", type=int, default=None, help="threads for the draft (default: --threads)")
+        g.add_argument("--no-spin", action="store_true",
+                       help="idle ONNX Runtime threads sleep instead of busy-waiting between runs")
         g.add_argument("--max-new-tokens", type=int, default=128 if name == "generate" else 64)
         if name == "generate":
             src = g.add_mutually_exclusive_group(required=True)
@@ -152,7 +155,7 @@ def _export(args) -> int:
 def _generate(args) -> int:
     from specrt.runtime import Engine, GenerationError
 
-    engine = Engine.load(args.engine, threads=args.threads)
+    engine = Engine.load(args.engine, threads=args.threads, draft_threads=args.draft_threads, spin=not args.no_spin)
     prompt = (args.prompt_ids if args.prompt_ids is not None else
               engine.chat_prompt([{"role": "user", "content": args.chat}]) if args.chat is not None else args.prompt)
     if args.num_samples < 1:
@@ -199,7 +202,7 @@ def _bench(args) -> int:
         relaxed_configs,
     )
 
-    engine = Engine.load(args.engine, threads=args.threads)
+    engine = Engine.load(args.engine, threads=args.threads, draft_threads=args.draft_threads, spin=not args.no_spin)
     ks = args.k or [k for k in engine.manifest.k_values if k > 1] or list(engine.manifest.k_values)
     prompts = json.loads(args.prompts.read_text()) if args.prompts else DEFAULT_PROMPTS
     if engine.manifest.chat_template is None:
