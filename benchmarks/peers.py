@@ -21,11 +21,10 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM
-
 from specrt.runtime import Engine
 from specrt.runtime.bench import DEFAULT_PROMPTS, prompt_ids
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
 
 
 def main() -> None:

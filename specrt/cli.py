@@ -104,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
                            metavar="TAUS", help="also measure LOSSY relaxed acceptance at these thresholds, e.g. 0.1,0.3")
             g.add_argument("--json-out", type=Path, default=None, help="also write the rows as JSON here")
 
+    b = sub.add_parser("build", help="build TensorRT engines for an engine directory (GPU + TensorRT needed)",
+                       description="Build TensorRT engines with one static profile per stage (draft decode, every "
+                       "k+1 verification width, dynamic prefill), record them in the manifest. Not yet run on "
+                       "hardware: TensorRT could not be installed where specrt was developed.")
+    b.add_argument("engine", type=Path)
+    b.add_argument("--fp16", action="store_true")
+    b.add_argument("--bf16", action="store_true")
+    b.add_argument("--timing-cache", type=Path, default=None, help="reuse/update this timing cache file")
+    b.add_argument("--force", action="store_true", help="rebuild existing engines")
+
     i = sub.add_parser("info", help="validate an engine directory and summarise its manifest")
     i.add_argument("engine", type=Path)
 
@@ -125,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"export": _export, "generate": _generate, "bench": _bench, "info": _info,
-                "trace": _trace}[args.command](args)
+                "trace": _trace, "build": _build}[args.command](args)
     except (SpecrtError, ValueError, RuntimeError, OSError) as e:
         print(f"specrt {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -229,6 +239,14 @@ def _info(args) -> int:
               f"vocab {spec.vocab_size}")
     print(f"  pair: k {list(m.k_values)}, max context {m.max_context}, EOS {sorted(m.eos_token_ids)}")
     print("  manifest valid, all file hashes match")
+    return 0
+
+
+def _build(args) -> int:
+    from specrt.export.tensorrt_build import build_engines
+
+    build_engines(args.engine, fp16=args.fp16, bf16=args.bf16, timing_cache=args.timing_cache, force=args.force)
+    print(f"built TensorRT engines in {args.engine}")
     return 0
 
 

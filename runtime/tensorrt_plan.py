@@ -1,0 +1,118 @@
+"""TensorRT planning: optimization profiles, context buckets, graph-cache keys, binding plans and
+version checks — everything of the TensorRT path that does not touch a GPU, in plain Python.
+
+Static shapes on every compiled path: the draft runs 1 token (2 when it catches up after an
+all-accepted step), the target runs k + 1 for each compiled k; each is its own profile with
+min = opt = max.  Prefill is the one dynamic profile (1 .. prefill_max tokens).
+
+The step graph reads ``past_length`` entries of the cache: a shape-determining value.  CUDA graphs
+are therefore captured per (model, stage, n, context bucket): the bucket is the power of two at or
+above the context, and a captured graph is replayed for every length in its bucket only if the
+backend pads attention to the bucket (see ``trt_backend``).  Nothing here has run on a GPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from specrt.runtime.errors import EngineDirError, GenerationError
+from specrt.runtime.manifest import ModelSpec
+
+_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4}
+
+
+@dataclass(frozen=True)
+class Profile:
+    stage: str  # "prefill" | "decode" | "verify"
+    k: int  # draft length for "verify", else 0
+    n_min: int
+    n_opt: int
+    n_max: int
+
+    @property
+    def static(self) -> bool:
+        return self.n_min == self.n_max
+
+
+def plan_profiles(role: str, k_values: tuple[int, ...], prefill_max: int = 128) -> list[Profile]:
+    """One optimization profile per stage and width; the index in this list is the TensorRT profile index."""
+    profiles = [Profile("prefill", 0, 1, min(64, prefill_max), prefill_max), Profile("decode", 0, 1, 1, 1)]
+    if role == "draft":
+        profiles.append(Profile("decode", 0, 2, 2, 2))  # catch-up: last proposal + the target's token
+    else:
+        profiles += [Profile("verify", k, k + 1, k + 1, k + 1) for k in sorted(set(k_values)) if k + 1 > 1]
+    return profiles
+
+
+def select_profile(profiles: list[Profile], n: int, prefill: bool = False) -> int:
+    """Index of the profile that runs an n-token step; the error quotes every profile's [min, opt, max]."""
+    for i, p in enumerate(profiles):
+        if p.stage != "prefill" and not prefill and p.n_min <= n <= p.n_max:
+            return i
+    for i, p in enumerate(profiles):
+        if p.stage == "prefill" and p.n_min <= n <= p.n_max:
+            return i
+    table = ", ".join(f"{p.stage}{'-k' + str(p.k) if p.k else ''} [{p.n_min}, {p.n_opt}, {p.n_max}]" for p in profiles)
+    raise GenerationError(f"no TensorRT profile runs {n} tokens (profiles: {table}); rebuild with "
+                          f"`specrt build` after re-exporting with the k you need")
+
+
+def context_buckets(max_context: int, smallest: int = 64) -> list[int]:
+    out, b = [], smallest
+    while b < max_context:
+        out.append(b)
+        b *= 2
+    return [*out, max_context]
+
+
+def context_bucket(length: int, max_context: int, smallest: int = 64) -> int:
+    if not 0 <= length <= max_context:
+        raise ValueError(f"context length {length} outside [0, {max_context}]")
+    return next(b for b in context_buckets(max_context, smallest) if length <= b)
+
+
+def graph_key(role: str, profile: Profile, n: int, length: int, max_context: int) -> tuple:
+    """The CUDA-graph cache key: (model, stage, k, n, context bucket)."""
+    return role, profile.stage, profile.k, n, context_bucket(length, max_context)
+
+
+@dataclass(frozen=True)
+class Binding:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    is_input: bool
+    on_host: bool  # shape-tensor inputs (past_length) live in host memory for TensorRT
+
+
+def binding_plan(spec: ModelSpec, n_max: int) -> list[Binding]:
+    """Every tensor of a step at width ``n_max``: its shape and buffer size (buffers are sized for the
+    largest profile once, and their addresses never change — a requirement of graph replay)."""
+    kv = spec.kv
+    _, kvh, max_ctx, hd = kv.buffer_shape
+
+    def b(name, shape, dtype, is_input, on_host=False):
+        size = _BYTES[dtype]
+        for d in shape:
+            size *= d
+        return Binding(name, tuple(shape), dtype, size, is_input, on_host)
+
+    plan = [b(kv.input_ids, (1, n_max), "int64", True), b(kv.past_length, (1,), "int64", True, on_host=True)]
+    plan += [b(name, (1, kvh, max_ctx, hd), spec.dtype, True) for name in kv.key_buffers + kv.value_buffers]
+    plan.append(b(kv.logits, (1, n_max, spec.vocab_size), "float32", False))
+    plan += [b(name, (1, kvh, n_max, hd), spec.dtype, False) for name in kv.new_keys + kv.new_values]
+    return plan
+
+
+def check_engine_compat(record: dict, trt_version: str, compute_capability: tuple[int, int]) -> None:
+    """Refuse a TensorRT engine built for another TensorRT version or GPU (engines are not portable)."""
+    built_trt = record.get("tensorrt_version", "?")
+    built_cc = tuple(record.get("compute_capability", (0, 0)))
+    if built_trt.split(".")[:2] != trt_version.split(".")[:2]:
+        raise EngineDirError(f"this engine was built with TensorRT {built_trt}, the runtime has {trt_version}: "
+                             "TensorRT engines only load in the version that built them. Rebuild on this machine "
+                             "with `specrt build DIR --force`, or use the ONNX Runtime backend (provider='cpu').")
+    if built_cc != tuple(compute_capability):
+        raise EngineDirError(f"this engine was built for a GPU of compute capability {built_cc[0]}.{built_cc[1]}, "
+                             f"this GPU is {compute_capability[0]}.{compute_capability[1]}. Rebuild on this machine "
+                             "with `specrt build DIR --force`.")
