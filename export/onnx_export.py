@@ -25,7 +25,7 @@ def optimum_export(checkpoint: Path, workdir: Path) -> Path:
     sink = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
         warnings.simplefilter("ignore")
-        main_export(str(checkpoint), output=str(workdir), task="text-generation-with-past", do_validation=False,
+        main_export(str(checkpoint), output=str(workdir), task="text-generation-with-past", do_validation=False, dtype="fp32",
                     local_files_only=True, library_name="transformers")
     path = workdir / "model.onnx"
     if not path.is_file():

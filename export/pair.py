@@ -117,7 +117,7 @@ def export_pair(target: str | Path, draft: str | Path, out: str | Path, *, max_c
         }
         if verify:
             for role, ckpt in (("target", target_dir), ("draft", draft_dir)):
-                hf = AutoModelForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32).eval()
+                hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
                 diffs = compare(model_spec(tmp, role, manifest), hf, k=k_values[-1], vocab_limit=len(t_tok))
                 del hf
                 report.max_abs_diff[role] = diffs
@@ -135,7 +135,7 @@ def export_pair(target: str | Path, draft: str | Path, out: str | Path, *, max_c
             record = quantize_file(tmp / models[role]["file"], quants[role], block_size, accuracy_level)
             models[role]["external_data"] = models[role]["file"] + ".data"
             if verify:  # drift from the checkpoint, measured and recorded (not a failure: it is the point)
-                hf = AutoModelForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32).eval()
+                hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
                 record["drift_vs_pytorch"] = compare(model_spec(tmp, role, manifest), hf, k=k_values[-1],
                                                      vocab_limit=len(t_tok))
                 del hf
