@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test install-export install-demo lint bench-demo
+.PHONY: demo test install-export install-demo lint bench-demo bench-policies bench-kv bench-peers demo-int4
 
 install-export:
 	$(PIP) -e ".[export,test]"
@@ -21,6 +21,23 @@ test: install-demo
 ## speed of the demo pair, side by side (after `make demo`)
 bench-demo:
 	$(PYTHON) -m specrt.cli bench .cache/demo/engine --k 2,4,8 --repeats 3 --max-new-tokens 96 --prompts benchmarks/demo_prompts.json --json-out .cache/demo/bench.json
+
+## policies (greedy and T=0.8) and the LOSSY relaxed mode, side by side
+bench-policies:
+	$(PYTHON) -m specrt.cli bench .cache/demo/engine --k 2,4,8 --repeats 2 --max-new-tokens 64 --policies --relaxed 0.05,0.2 --prompts benchmarks/demo_prompts.json --json-out .cache/demo/bench_policies.json
+
+## the in-graph KV copy at contexts 64 / 512 / 2048
+bench-kv:
+	$(PYTHON) benchmarks/kv_copy.py .cache/demo/engine --repeats 20
+
+## transformers generate() and assisted generation on the same checkpoints
+bench-peers:
+	$(PYTHON) benchmarks/peers.py .cache/demo/engine --target-hf .cache/demo/verifier-hf --draft-hf engines/demo/draft --k 4 --repeats 1 --prompts benchmarks/demo_prompts.json --out .cache/demo/peers.md
+
+## int4 verifier + draft engine (ONNX Runtime MatMulNBits), then its bench
+demo-int4:
+	$(PYTHON) -m specrt.cli export --target .cache/demo/verifier-hf --draft engines/demo/draft --out .cache/demo/engine-int4 --max-context 1024 --quant int4 --force
+	$(PYTHON) -m specrt.cli bench .cache/demo/engine-int4 --k 2,4,8 --repeats 3 --max-new-tokens 96 --prompts benchmarks/demo_prompts.json --json-out .cache/demo/bench_int4.json
 
 lint:
 	$(PYTHON) -m ruff check .
