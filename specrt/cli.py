@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         g = sub.add_parser(name, help=helptext, description=helptext)
         g.add_argument("engine", type=Path, help="engine directory (from `specrt export`)")
         g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores, max 8)")
-        g.add_argument("--draft-threads", type=int, default=None, help="threads for the draft (default: --threads)")
+        g.add_argument("--draft-threads", type=int, default=None, help="threads for the draft (default 1)")
         g.add_argument("--no-spin", action="store_true",
                        help="idle ONNX Runtime threads sleep instead of busy-waiting between runs")
         g.add_argument("--max-new-tokens", type=int, default=128 if name == "generate" else 64)
