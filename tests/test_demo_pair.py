@@ -48,4 +48,5 @@ def test_demo_pair_equals_transformers_generate(demo, name, prompt):
     for k in (2, 4):
         r = engine.generate(ids, max_new_tokens=40, k=k)
         assert r.token_ids == expected, (name, k)
-    assert r.stats.acceptance_rate > 0.2, "the distilled draft should agree with its teacher fairly often"
+    s = r.stats  # how much it speeds things up is the bench's business (README "Measured"), not a test's
+    assert s.new_tokens == s.accepted + s.recovered + s.bonus == len(expected)
