@@ -37,7 +37,7 @@ bench-peers:
 ## int4 verifier + draft engine (ONNX Runtime MatMulNBits), then its bench
 demo-int4:
 	$(PYTHON) -m specrt.cli export --target .cache/demo/verifier-hf --draft engines/demo/draft --out .cache/demo/engine-int4 --max-context 1024 --quant int4 --force
-	$(PYTHON) -m specrt.cli bench .cache/demo/engine-int4 --k 2,4,8 --repeats 3 --max-new-tokens 96 --prompts benchmarks/demo_prompts.json --json-out .cache/demo/bench_int4.json
+	$(PYTHON) -m specrt.cli bench .cache/demo/engine-int4 --k 1,2,4 --repeats 2 --max-new-tokens 64 --prompts benchmarks/demo_prompts.json --json-out .cache/demo/bench_int4.json
 
 lint:
 	$(PYTHON) -m ruff check .

@@ -50,7 +50,7 @@ def export_pair(target: str | Path, draft: str | Path, out: str | Path, *, max_c
                 k_values: Sequence[int] = DEFAULT_K, force: bool = False, verify: bool = True,
                 tolerance: float = DEFAULT_TOLERANCE, progress: bool = True, quant: str = "fp32",
                 target_quant: str | None = None, draft_quant: str | None = None, block_size: int = 32,
-                accuracy_level: int = 4) -> ExportReport:
+                accuracy_level: int = 1) -> ExportReport:
     """Export ``target`` (the verification model) and ``draft`` into the engine directory ``out``.
 
     ``quant`` (fp32 | int8 | int4, overridable per model) applies ONNX Runtime's weight-only

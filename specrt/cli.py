@@ -53,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--target-quant", choices=("fp32", "int8", "int4"), default=None, help="override --quant for the target")
     e.add_argument("--draft-quant", choices=("fp32", "int8", "int4"), default=None, help="override --quant for the draft")
     e.add_argument("--block-size", type=int, default=32, help="int4/int8 quantization block size (default 32)")
-    e.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
-                   help="MatMulNBits accuracy level: 4 = int8 activations (fastest on CPU), 0 = fp32")
+    e.add_argument("--accuracy-level", type=int, default=1, choices=(0, 1, 2, 3, 4),
+                   help="MatMulNBits compute: 1 = fp32 (default; batch-invariant, so speculative output equals "
+                   "target-only); 4 = int8 activations, faster but NOT lossless: a (k+1)-token pass can pick "
+                   "other tokens than 1-token decoding")
 
     for name, helptext in (("generate", "generate text with speculative decoding"),
                            ("bench", "target-only vs speculative tokens/s, side by side")):

@@ -121,7 +121,7 @@ def test_quantized_engine_is_lossless_against_itself(tmp_path, checkpoints):
                          draft_quant="int8", block_size=32, progress=False)
     m = load_manifest(out)
     tq, dq = m.target.raw["quantization"], m.draft.raw["quantization"]
-    assert (tq["bits"], dq["bits"]) == (4, 8) and tq["quantized_matmuls"] > 0
+    assert (tq["bits"], dq["bits"]) == (4, 8) and tq["quantized_matmuls"] > 0 and tq["batch_invariant"]
     assert "prefill" in tq["drift_vs_pytorch"] and "target-int4" in report.max_abs_diff
     assert m.raw["files"]["target.onnx.data"]["bytes"] > 0
     engine = Engine.load(out)
