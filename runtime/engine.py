@@ -42,11 +42,18 @@ class Chunk:
 
 
 class Stream:
-    """Iterate for ``Chunk``s as tokens are accepted; ``result`` is complete once iteration ends."""
+    """Iterate for ``Chunk``s as tokens are accepted; ``result`` is complete once iteration ends
+    (read before that — say after an interrupt — it holds everything accepted so far)."""
 
-    def __init__(self, chunks: Iterator[Chunk], result: Result):
+    def __init__(self, chunks: Iterator[Chunk], result: Result, checker: StopChecker):
         self._chunks = chunks
-        self.result = result
+        self._result = result
+        self._checker = checker
+
+    @property
+    def result(self) -> Result:
+        self._result.text = self._checker.text  # one join per access, never per token
+        return self._result
 
     def __iter__(self) -> Iterator[Chunk]:
         return self._chunks
@@ -160,7 +167,7 @@ class Engine:
                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, acceptance=stats.acceptance,
                           accept_tau=stats.accept_tau, prompt_tokens=len(prompt_ids), max_new_tokens=max_new_tokens)
         self._generation += 1
-        return Stream(self._run(steps, checker, stats, result, self._generation, tracer), result)
+        return Stream(self._run(steps, checker, stats, result, self._generation, tracer), result, checker)
 
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -209,7 +216,6 @@ class Engine:
                     tracer.step(stats.steps - 1, step, kept)
                 chunk = Chunk(checker.take(), step.token_ids[:kept])
                 stats.total_s = time.perf_counter() - t0
-                result.text = checker.text  # the result is usable even if the consumer stops here
                 yield chunk
                 if checker.reason:
                     break

@@ -83,9 +83,16 @@ class StopChecker:
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.max_new_tokens = max_new_tokens
         self.token_ids: list[int] = []
-        self.text = ""
-        self.shown = 0  # characters of text already handed out
+        # Text already handed out is kept as pieces (never re-copied); `pending` holds what is not
+        # shown yet, which always includes the last `hold` characters: all a stop search needs.
+        self._shown: list[str] = []
+        self._pending = ""
         self.reason: str | None = None
+
+    @property
+    def text(self) -> str:
+        """All text so far (joins the pieces: call it once at the end, not per token)."""
+        return "".join(self._shown) + self._pending
 
     def push(self, token_id: int) -> None:
         """Record one emitted token; sets ``reason`` when generation must stop here."""
@@ -93,14 +100,14 @@ class StopChecker:
         self.token_ids.append(token_id)
         delta = self.detok.push(token_id)
         if delta and self.stop:
-            start = max(0, len(self.text) - self.hold)
-            window = self.text[start:] + delta
+            tail = self._pending[len(self._pending) - self.hold:] if self.hold else ""
+            window = tail + delta
             hits = [i for i in (window.find(s) for s in self.stop) if i >= 0]
             if hits:
-                self.text = (self.text + delta)[: start + min(hits)]
+                self._pending = (self._pending + delta)[: len(self._pending) - len(tail) + min(hits)]
                 self.reason = "stop_string"
                 return
-        self.text += delta
+        self._pending += delta  # bounded: at most `hold` characters plus one step's text
         if token_id in self.eos_ids:
             self.reason = "eos"
         elif len(self.token_ids) >= self.max_new_tokens:
@@ -108,6 +115,8 @@ class StopChecker:
 
     def take(self, final: bool = False) -> str:
         """Text that is safe to show now (everything, once ``final``)."""
-        end = len(self.text) if (final or self.reason) else max(self.shown, len(self.text) - self.hold)
-        out, self.shown = self.text[self.shown:end], max(self.shown, end)
+        end = len(self._pending) if (final or self.reason) else max(0, len(self._pending) - self.hold)
+        out, self._pending = self._pending[:end], self._pending[end:]
+        if out:
+            self._shown.append(out)
         return out
