@@ -1,4 +1,11 @@
-"""One model → ``<role>.onnx`` with the static-cache interface, plus its manifest entry."""
+"""One model → ``<role>.onnx`` with the static-cache interface, plus its manifest entry.
+
+Two graph builders share that interface (see the manifest's ``kv_cache.update``):
+``gqa`` (``gqa_graph``: our own graph with ONNX Runtime's GroupQueryAttention writing
+the cache in place; Llama, Mistral, Qwen2) and ``concat`` (optimum's export rewritten
+by ``static_cache``; every architecture optimum exports).  ``auto`` picks ``gqa``
+where the checkpoint supports it.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -8,10 +15,11 @@ import warnings
 from pathlib import Path
 
 import onnx
-from specrt.export import static_cache
+from specrt.export import gqa_graph, static_cache
 
 log = logging.getLogger(__name__)
 EXTERNAL_DATA_ABOVE = 100 * 2**20  # bytes; bigger graphs keep their weights in <file>.data
+ATTENTION_CHOICES = ("auto", "gqa", "concat")
 
 _ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
                 onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32"}
@@ -39,19 +47,50 @@ def _tensor(vi: onnx.ValueInfoProto) -> dict:
             "shape": [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]}
 
 
-def export_model(checkpoint: Path, role: str, out_dir: Path, workdir: Path, max_context: int, config) -> dict:
+def choose_attention(attention: str, config, max_context: int) -> str:
+    """Resolve ``auto`` to ``gqa`` or ``concat``; refuse ``gqa`` where the checkpoint cannot use it."""
+    if attention not in ATTENTION_CHOICES:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
+    reason = gqa_graph.unsupported_reason(config, max_context)
+    if attention == "gqa" and reason:
+        raise ValueError(f"--attention gqa is not available for this checkpoint: {reason}. Use --attention concat "
+                         "(or auto).")
+    if attention == "auto":
+        return "concat" if reason else "gqa"
+    return attention
+
+
+def export_model(checkpoint: Path, role: str, out_dir: Path, workdir: Path, max_context: int, config,
+                 attention: str = "auto") -> dict:
     """Export, rewrite to the static cache, save ``out_dir/<role>.onnx``; return the manifest entry."""
-    raw = onnx.load(str(optimum_export(checkpoint, workdir / role)))
-    past = [i for i in raw.graph.input if i.name.startswith("past_key_values.") and i.name.endswith(".key")]
-    if not past:
-        raise RuntimeError(f"{checkpoint}: optimum's export has no past_key_values inputs; this architecture "
-                           "is not supported by specrt export yet")
-    dims = past[0].type.tensor_type.shape.dim
-    num_layers, kv_heads, head_dim = len(past), dims[1].dim_value, dims[3].dim_value
-    if not kv_heads or not head_dim:
-        raise RuntimeError(f"{checkpoint}: cannot read kv heads / head dim from the exported graph ({dims})")
-    model = static_cache.to_static_cache(raw, num_layers, kv_heads, head_dim, max_context)
-    onnx.checker.check_model(model)
+    attention = choose_attention(attention, config, max_context)
+    if attention == "gqa":
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        model = gqa_graph.build(hf, max_context)
+        del hf
+        num_layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        cache_dtype, n = "float32", gqa_graph.names(num_layers)
+        layout = {"update": "in-place", "attention": "group-query-attention"}
+    else:
+        raw = onnx.load(str(optimum_export(checkpoint, workdir / role)))
+        past = [i for i in raw.graph.input if i.name.startswith("past_key_values.") and i.name.endswith(".key")]
+        if not past:
+            raise RuntimeError(f"{checkpoint}: optimum's export has no past_key_values inputs; this architecture "
+                               "is not supported by specrt export yet")
+        dims = past[0].type.tensor_type.shape.dim
+        num_layers, kv_heads, head_dim = len(past), dims[1].dim_value, dims[3].dim_value
+        if not kv_heads or not head_dim:
+            raise RuntimeError(f"{checkpoint}: cannot read kv heads / head dim from the exported graph ({dims})")
+        model = static_cache.to_static_cache(raw, num_layers, kv_heads, head_dim, max_context)
+        # Only this graph goes through the onnx checker: the in-place one uses ORT contrib ops it does not
+        # know (ONNX Runtime validates both on load, and export verifies both against PyTorch).
+        onnx.checker.check_model(model)
+        cache_dtype, n = _ONNX_DTYPES[past[0].type.tensor_type.elem_type], static_cache.names(num_layers)
+        layout = {"update": "write-new", "attention": "concat"}
     path = out_dir / f"{role}.onnx"
     external = None
     if model.ByteSize() > EXTERNAL_DATA_ABOVE:
@@ -62,9 +101,7 @@ def export_model(checkpoint: Path, role: str, out_dir: Path, workdir: Path, max_
         onnx.save_model(model, str(path))
     logits = next(o for o in model.graph.output if o.name == static_cache.LOGITS)
     vocab = logits.type.tensor_type.shape.dim[2].dim_value or config.vocab_size
-    cache_dtype = _ONNX_DTYPES[past[0].type.tensor_type.elem_type]
     num_params = sum(int(_numel(t)) for t in model.graph.initializer)
-    n = static_cache.names(num_layers)
     return {
         "file": path.name,
         "external_data": external,
@@ -88,6 +125,7 @@ def export_model(checkpoint: Path, role: str, out_dir: Path, workdir: Path, max_
             "past_length": static_cache.PAST_LENGTH,
             "logits": static_cache.LOGITS,
             **n,
+            **layout,
         },
     }
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from specrt.engines import FORMAT_NAME, FORMAT_VERSION
 from specrt.export.compat import check_tokenizers, require_local_checkpoint
-from specrt.export.onnx_export import export_model
+from specrt.export.onnx_export import ATTENTION_CHOICES, export_model
 from specrt.export.quantize import QUANT_CHOICES, quantize_file
 from specrt.export.verify import compare
 from specrt.runtime.errors import SpecrtError
@@ -50,12 +50,14 @@ def export_pair(target: str | Path, draft: str | Path, out: str | Path, *, max_c
                 k_values: Sequence[int] = DEFAULT_K, force: bool = False, verify: bool = True,
                 tolerance: float = DEFAULT_TOLERANCE, progress: bool = True, quant: str = "fp32",
                 target_quant: str | None = None, draft_quant: str | None = None, block_size: int = 32,
-                accuracy_level: int = 1) -> ExportReport:
+                accuracy_level: int = 1, attention: str = "auto") -> ExportReport:
     """Export ``target`` (the verification model) and ``draft`` into the engine directory ``out``.
 
     ``quant`` (fp32 | int8 | int4, overridable per model) applies ONNX Runtime's weight-only
     MatMulNBits quantizer after the fp32 graphs have been verified; the drift it causes is measured
-    and recorded in the manifest.
+    and recorded in the manifest.  ``attention`` (auto | gqa | concat) picks the graph builder:
+    ``gqa`` writes the KV cache in place with ONNX Runtime's GroupQueryAttention (Llama, Mistral,
+    Qwen2), ``concat`` is optimum's export; ``auto`` uses ``gqa`` wherever the checkpoint allows.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -70,6 +72,8 @@ def export_pair(target: str | Path, draft: str | Path, out: str | Path, *, max_c
     for role, q in quants.items():
         if q not in QUANT_CHOICES:
             raise ValueError(f"{role} quantization must be one of {', '.join(QUANT_CHOICES)}, got {q!r}")
+    if attention not in ATTENTION_CHOICES:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
     target_dir = require_local_checkpoint(target, "target")
     draft_dir = require_local_checkpoint(draft, "draft")
     bar = tqdm(total=4, desc="check", disable=not progress, unit="phase",
@@ -103,7 +107,7 @@ def export_pair(target: str | Path, draft: str | Path, out: str | Path, *, max_c
         models = {}
         for role, ckpt, cfg in (("target", target_dir, t_cfg), ("draft", draft_dir, d_cfg)):
             log.info("exporting %s from %s", role, ckpt)
-            models[role] = export_model(ckpt, role, tmp, work, max_context, cfg)
+            models[role] = export_model(ckpt, role, tmp, work, max_context, cfg, attention)
         # 3. verify --------------------------------------------------------------
         bar.update(1)
         bar.set_description("verify vs PyTorch")

@@ -15,12 +15,16 @@ from pathlib import Path
 
 from specrt.runtime.errors import EngineDirError
 from specrt.runtime.manifest import MANIFEST, load_manifest, sha256_file, validate_manifest
-from specrt.runtime.tensorrt_plan import plan_profiles
+from specrt.runtime.tensorrt_plan import plan_profiles, require_tensorrt_graph
 from tqdm.auto import tqdm
 
 
 def build_engines(engine_dir: str | Path, fp16: bool = False, bf16: bool = False,
                   timing_cache: str | Path | None = None, workspace_gb: float = 4.0, force: bool = False) -> None:
+    root = Path(engine_dir)
+    m = load_manifest(root)
+    for spec in (m.target, m.draft):
+        require_tensorrt_graph(spec)
     try:
         import tensorrt as trt
         from cuda.bindings import runtime as cudart
@@ -29,8 +33,6 @@ def build_engines(engine_dir: str | Path, fp16: bool = False, bf16: bool = False
                              "index (pip install tensorrt cuda-python) on the GPU machine that will run the engine.") from None
     from specrt.runtime.cuda_graphs import check
 
-    root = Path(engine_dir)
-    m = load_manifest(root)
     data = json.loads((root / MANIFEST).read_text())
     props = check(cudart.cudaGetDeviceProperties(0))
     logger = trt.Logger(trt.Logger.WARNING)

@@ -25,6 +25,11 @@ class KVCache:
             buf[:, :, pos:pos + n, :] = new[:, :, :n, :]
         self.length = pos + n
 
+    def written(self, pos: int, n: int) -> None:
+        """The step itself wrote n entries at [pos, pos+n) (an in-place graph): only the length moves."""
+        assert 0 <= pos <= self.length and pos + n <= self.capacity, (pos, n, self.length, self.capacity)
+        self.length = pos + n
+
     def set_length(self, length: int) -> None:
         """Roll back (or confirm) to ``length`` valid entries.  Moves a number; copies nothing."""
         if not 0 <= length <= self.length:

@@ -34,6 +34,13 @@ class KVSpec:
     value_buffers: tuple[str, ...]
     new_keys: tuple[str, ...]
     new_values: tuple[str, ...]
+    # "write-new": outputs hold the n new entries, the caller copies them in at past_length.
+    # "in-place": outputs are the buffers themselves (bind them to the same memory); the graph writes.
+    update: str = "write-new"
+
+    @property
+    def in_place(self) -> bool:
+        return self.update == "in-place"
 
 
 @dataclass(frozen=True)
@@ -153,6 +160,7 @@ def model_spec(root: Path, role: str, data: dict) -> ModelSpec:
             buffer_shape=tuple(kv["buffer_shape"]), input_ids=kv["input_ids"], past_length=kv["past_length"],
             logits=kv["logits"], key_buffers=tuple(kv["key_buffers"]), value_buffers=tuple(kv["value_buffers"]),
             new_keys=tuple(kv["new_keys"]), new_values=tuple(kv["new_values"]),
+            update=kv.get("update", "write-new"),
         ),
         raw=m,
     )

@@ -1,14 +1,21 @@
 """ONNX Runtime implementation of the ``ModelStep`` protocol (CPU; the embedded default).
 
 The exported graph reads the *whole* preallocated cache buffer plus a
-``past_length`` scalar and returns only the KV of the new tokens.  The buffers
-are numpy arrays wrapped once in OrtValues (zero-copy on CPU) and bound once;
-per step Python binds two tiny inputs, ORT writes logits and new KV into
-preallocated per-n output buffers, and Python copies the n new KV entries into
-the cache at ``pos``.  Nothing in Python is proportional to the context length.
-Inside ORT the graph still slices the buffer to ``past_length`` and concatenates
-the new KV (the attention of optimum's export is concat-style); that in-graph
-copy is O(context) and is measured by ``benchmarks/kv_copy.py``.
+``past_length`` scalar.  The buffers are numpy arrays wrapped once in OrtValues
+(zero-copy on CPU) and bound once; per step Python binds two tiny inputs and
+ORT writes logits into a preallocated per-n buffer.  Two kinds of graph
+(``kv_cache.update`` in the manifest):
+
+* ``in-place`` (GroupQueryAttention, ``export/gqa_graph.py``): the present-KV
+  outputs are bound to the very same OrtValues as the cache inputs; the graph
+  writes the n new entries at ``pos`` and attends over the buffer where it
+  lies.  No KV is copied anywhere, in Python or in ORT.
+* ``write-new`` (optimum's concat-style attention): ORT returns the n new
+  entries and Python copies them into the cache at ``pos`` (O(n)); inside ORT
+  the graph still slices the buffer to ``past_length`` and concatenates, an
+  O(context) copy measured by ``benchmarks/kv_copy.py``.
+
+Nothing in Python is proportional to the context length in either case.
 """
 from __future__ import annotations
 
@@ -66,9 +73,14 @@ class OrtModelStep:
         self._vocab = spec.vocab_size
         self._max_step = max_step
         self.binding = self.session.io_binding()
-        # The cache buffers are bound once; ORT reads them in place at every run.
-        for name, buf in zip(kv.key_buffers + kv.value_buffers, self.cache.keys + self.cache.values):
-            self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(buf))
+        # The cache buffers are bound once; ORT reads them in place at every run, and an in-place
+        # graph also writes them: its present outputs are bound to the same OrtValues.
+        self._in_place = kv.in_place
+        for i, buf in enumerate(self.cache.keys + self.cache.values):
+            value = ort.OrtValue.ortvalue_from_numpy(buf)
+            self.binding.bind_ortvalue_input((kv.key_buffers + kv.value_buffers)[i], value)
+            if self._in_place:
+                self.binding.bind_ortvalue_output((kv.new_keys + kv.new_values)[i], value)
         self._past = np.zeros(1, dtype=np.int64)
         self._outputs: dict[int, tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list]] = {}
         self.calls = 0
@@ -117,7 +129,10 @@ class OrtModelStep:
         logits, new_k, new_v = self._bind_outputs(n)
         self.session.run_with_iobinding(self.binding)
         self.calls += 1
-        self.cache.write(pos, new_k, new_v, n)
+        if self._in_place:
+            self.cache.written(pos, n)
+        else:
+            self.cache.write(pos, new_k, new_v, n)
         return logits[0]  # [n, vocab], a view of a reused buffer
 
     def prefill(self, token_ids: np.ndarray) -> np.ndarray:
@@ -136,13 +151,17 @@ class OrtModelStep:
             kv = self.spec.kv
             _, kvh, _, hd = kv.buffer_shape
             logits = np.empty((1, n, self._vocab), dtype=np.float32 if self.dtype == np.float32 else self.dtype)
-            new_k = [np.empty((1, kvh, n, hd), dtype=self.dtype) for _ in kv.new_keys]
-            new_v = [np.empty((1, kvh, n, hd), dtype=self.dtype) for _ in kv.new_values]
+            new_k, new_v = [], []
+            if not self._in_place:  # in-place graphs write the cache buffers bound in __init__
+                new_k = [np.empty((1, kvh, n, hd), dtype=self.dtype) for _ in kv.new_keys]
+                new_v = [np.empty((1, kvh, n, hd), dtype=self.dtype) for _ in kv.new_values]
             values = [ort.OrtValue.ortvalue_from_numpy(a) for a in [logits, *new_k, *new_v]]
             out = (logits, new_k, new_v, values)
             if n <= self._max_step or n == PREFILL_CHUNK:  # the step shapes the loop uses, and full prefill chunks
                 self._outputs[n] = out
-        names = [self.spec.kv.logits, *self.spec.kv.new_keys, *self.spec.kv.new_values]
+        names = [self.spec.kv.logits]
+        if not self._in_place:
+            names += [*self.spec.kv.new_keys, *self.spec.kv.new_values]
         for name, value in zip(names, out[3]):
             self.binding.bind_ortvalue_output(name, value)
         return out[0], out[1], out[2]

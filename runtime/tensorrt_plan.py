@@ -85,9 +85,20 @@ class Binding:
     on_host: bool  # shape-tensor inputs (past_length) live in host memory for TensorRT
 
 
+def require_tensorrt_graph(spec: ModelSpec) -> None:
+    """TensorRT builds only the concat-style graph: the in-place one is made of ONNX Runtime contrib ops."""
+    if spec.kv.in_place:
+        raise EngineDirError(
+            f"{spec.role}: this engine directory was exported with in-place attention (ONNX Runtime's "
+            "com.microsoft.GroupQueryAttention), which TensorRT's ONNX parser does not implement. For TensorRT, "
+            "export the pair with `specrt export ... --attention concat`."
+        )
+
+
 def binding_plan(spec: ModelSpec, n_max: int) -> list[Binding]:
     """Every tensor of a step at width ``n_max``: its shape and buffer size (buffers are sized for the
     largest profile once, and their addresses never change — a requirement of graph replay)."""
+    require_tensorrt_graph(spec)
     kv = spec.kv
     _, kvh, max_ctx, hd = kv.buffer_shape
 

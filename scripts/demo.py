@@ -57,7 +57,10 @@ def prepare(max_context: int) -> Path:
     else:
         print(f"[1/2] verifier checkpoint cached in {verifier}")
     engine = CACHE / "engine"
-    stamp = stamp_of(verifier / "config.json", DRAFT) + f"-{max_context}"
+    import specrt.export
+
+    # The exporter's own source is part of the stamp: a changed graph builder re-exports.
+    stamp = stamp_of(verifier / "config.json", DRAFT, Path(specrt.export.__file__).parent) + f"-{max_context}"
     stamp_file = CACHE / "engine.stamp"
     if (engine / "manifest.json").is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp:
         print(f"[2/2] engine directory up to date in {engine}")

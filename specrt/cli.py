@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MatMulNBits compute: 1 = fp32 (default; batch-invariant, so speculative output equals "
                    "target-only); 4 = int8 activations, faster but NOT lossless: a (k+1)-token pass can pick "
                    "other tokens than 1-token decoding")
+    e.add_argument("--attention", choices=("auto", "gqa", "concat"), default="auto",
+                   help="graph builder: gqa = ONNX Runtime GroupQueryAttention writing the KV cache in place (Llama, "
+                   "Mistral, Qwen2; no KV copies); concat = optimum's export (any architecture it supports; slices "
+                   "and concatenates the cache every step); auto (default) = gqa where the checkpoint allows")
 
     for name, helptext in (("generate", "generate text with speculative decoding"),
                            ("bench", "target-only vs speculative tokens/s, side by side")):
@@ -156,7 +160,7 @@ def _export(args) -> int:
     report = export_pair(args.target, args.draft, args.out, max_context=args.max_context, k_values=args.k,
                          force=args.force, verify=not args.no_verify, tolerance=args.tolerance or DEFAULT_TOLERANCE,
                          quant=args.quant, target_quant=args.target_quant, draft_quant=args.draft_quant,
-                         block_size=args.block_size, accuracy_level=args.accuracy_level)
+                         block_size=args.block_size, accuracy_level=args.accuracy_level, attention=args.attention)
     for role, diffs in report.max_abs_diff.items():
         shown = ", ".join(f"{k} {v:.1e}" for k, v in diffs.items() if not k.endswith("argmax_equal"))
         print(f"{role}: max |ONNX - PyTorch| logits: {shown}")

@@ -50,6 +50,11 @@ def engines(tmp_path_factory, checkpoints):
         export_pair(checkpoints["target"], draft, root / name, max_context=MAX_CONTEXT, tolerance=1e-4,
                     progress=False)
         out[name] = root / name
+    # The same pair through optimum's concat-style graph (the fallback for architectures without
+    # in-place attention), so the loop is tested on both kinds of cache update.
+    export_pair(checkpoints["target"], checkpoints["close"], root / "close_concat", max_context=MAX_CONTEXT,
+                tolerance=1e-4, progress=False, attention="concat")
+    out["close_concat"] = root / "close_concat"
     return out
 
 

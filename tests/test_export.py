@@ -13,16 +13,21 @@ from specrt.runtime.manifest import load_manifest
 from specrt.runtime.ort_backend import OrtModelStep
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gpt2", "phi3"])
-def test_family_exports_and_matches_transformers(tmp_path, tokenizer, family):
+@pytest.mark.parametrize("family,attention,update", [
+    ("llama", "gqa", "in-place"), ("qwen2", "gqa", "in-place"), ("mistral", "gqa", "in-place"),
+    ("llama", "concat", "write-new"), ("qwen2", "concat", "write-new"), ("mistral", "concat", "write-new"),
+    ("gpt2", "auto", "write-new"), ("phi3", "auto", "write-new"),
+])
+def test_family_exports_and_matches_transformers(tmp_path, tokenizer, family, attention, update):
     import transformers as T
 
     target = tiny.make_checkpoint(tmp_path / "t", family, seed=1, init_std=0.1, tokenizer=tokenizer)
     draft = tiny.make_checkpoint(tmp_path / "d", family, seed=2, layers=1, tokenizer=tokenizer)
     report = export_pair(target, draft, tmp_path / "engine", max_context=48, k_values=[2, 4], tolerance=1e-4,
-                         progress=False)
+                         progress=False, attention=attention)
     m = load_manifest(tmp_path / "engine")  # schema + hashes
     assert m.target.raw["model_type"] == family
+    assert m.target.kv.update == m.draft.kv.update == update
     for role in ("target", "draft"):
         diffs = report.max_abs_diff[role]
         assert set(diffs) >= {"prefill", "decode", "verify_k4"}
@@ -36,6 +41,33 @@ def test_family_exports_and_matches_transformers(tmp_path, tokenizer, family):
     with torch.no_grad():
         ref = hf(torch.tensor(ids[None])).logits[0].numpy()
     assert np.abs(got - ref).max() < 1e-4
+
+
+def test_gqa_refused_where_unsupported_with_the_fix(tmp_path, tokenizer):
+    target = tiny.make_checkpoint(tmp_path / "t", "gpt2", seed=1, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="--attention gqa is not available.*model_type 'gpt2'.*--attention concat"):
+        export_pair(target, target, tmp_path / "engine", max_context=32, progress=False, attention="gqa")
+    with pytest.raises(ValueError, match="attention must be one of auto, gqa, concat"):
+        export_pair(target, target, tmp_path / "engine", max_context=32, progress=False, attention="fused")
+    assert not (tmp_path / "engine").exists()
+
+
+def test_in_place_and_concat_graphs_write_the_same_cache(engines):
+    """Two independent graph builders (ours with GroupQueryAttention, optimum's concat export) of the
+    same checkpoint leave the same KV entries in the buffers and give the same logits -- including
+    after a rollback that rewrites positions already written."""
+    gqa, concat = (OrtModelStep(load_manifest(engines[name]).target) for name in ("close", "close_concat"))
+    assert gqa.spec.kv.in_place and not concat.spec.kv.in_place
+    ids = np.random.default_rng(7).integers(0, 300, size=30)
+    for start, stop, rollback in ((0, 12, 12), (12, 17, 14), (14, 19, 19), (19, 20, 20)):
+        a, b = gqa.step(ids[start:stop], start).copy(), concat.step(ids[start:stop], start).copy()
+        assert np.abs(a - b).max() < 1e-4
+        gqa.set_length(rollback)
+        concat.set_length(rollback)
+    for kind in ("keys", "values"):
+        for x, y in zip(getattr(gqa.cache, kind), getattr(concat.cache, kind)):
+            assert np.abs(x[:, :, :20] - y[:, :, :20]).max() < 1e-4
+    assert all(len(out[1]) == 0 for out in gqa._outputs.values())  # no per-step KV output buffers at all
 
 
 def test_manifest_describes_every_tensor(engines):

@@ -42,12 +42,21 @@ def test_context_buckets_and_graph_keys():
 
 
 def test_binding_plan_sizes(engines):
-    spec = load_manifest(engines["close"]).target
+    spec = load_manifest(engines["close_concat"]).target
     plan = {b.name: b for b in binding_plan(spec, 9)}
     assert plan["cache_key.0"].shape == (1, 2, 64, 16) and plan["cache_key.0"].nbytes == 2 * 64 * 16 * 4
     assert plan["logits"].shape == (1, 9, spec.vocab_size)
     assert plan["past_length"].on_host and not plan["input_ids"].on_host
     assert set(plan) == {t["name"] for t in spec.raw["inputs"] + spec.raw["outputs"]}
+
+
+def test_in_place_engine_is_refused_for_tensorrt_with_the_fix(engines):
+    from specrt.export.tensorrt_build import build_engines
+
+    with pytest.raises(EngineDirError, match="GroupQueryAttention.*--attention concat"):
+        build_engines(engines["close"])  # refused before TensorRT is even imported
+    with pytest.raises(EngineDirError, match="--attention concat"):
+        binding_plan(load_manifest(engines["close"]).target, 9)
 
 
 def test_engine_for_other_tensorrt_or_gpu_is_refused():
