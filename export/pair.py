@@ -50,12 +50,15 @@ def export_pair(target: str | Path, draft: str | Path, out: str | Path, *, max_c
                 k_values: Sequence[int] = DEFAULT_K, force: bool = False, verify: bool = True,
                 tolerance: float = DEFAULT_TOLERANCE, progress: bool = True, quant: str = "fp32",
                 target_quant: str | None = None, draft_quant: str | None = None, block_size: int = 32,
-                accuracy_level: int = 1, attention: str = "auto") -> ExportReport:
+                accuracy_level: int = 1, draft_accuracy_level: int = 4, attention: str = "auto") -> ExportReport:
     """Export ``target`` (the verification model) and ``draft`` into the engine directory ``out``.
 
     ``quant`` (fp32 | int8 | int4, overridable per model) applies ONNX Runtime's weight-only
     MatMulNBits quantizer after the fp32 graphs have been verified; the drift it causes is measured
-    and recorded in the manifest.  ``attention`` (auto | gqa | concat) picks the graph builder:
+    and recorded in the manifest.  ``accuracy_level`` is the target's MatMulNBits compute (1 = fp32,
+    batch-invariant: speculative output equals target-only); ``draft_accuracy_level`` defaults to 4
+    (int8 activations, fastest) because the draft's numerics never change the output, only the
+    acceptance.  ``attention`` (auto | gqa | concat) picks the graph builder:
     ``gqa`` writes the KV cache in place with ONNX Runtime's GroupQueryAttention (Llama, Mistral,
     Qwen2), ``concat`` is optimum's export; ``auto`` uses ``gqa`` wherever the checkpoint allows.
     """
@@ -136,7 +139,8 @@ def export_pair(target: str | Path, draft: str | Path, out: str | Path, *, max_c
             if quants[role] == "fp32":
                 continue
             bar.set_description(f"quantize {role} ({quants[role]})")
-            record = quantize_file(tmp / models[role]["file"], quants[role], block_size, accuracy_level)
+            level = accuracy_level if role == "target" else draft_accuracy_level
+            record = quantize_file(tmp / models[role]["file"], quants[role], block_size, level)
             models[role]["external_data"] = models[role]["file"] + ".data"
             if verify:  # drift from the checkpoint, measured and recorded (not a failure: it is the point)
                 hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()

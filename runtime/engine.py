@@ -4,6 +4,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,10 @@ class Stream:
         return self._chunks
 
 
+class LosslessnessWarning(UserWarning):
+    """The engine directory cannot guarantee speculative output == target-only output."""
+
+
 class Engine:
     """A draft + target pair loaded from an engine directory.
 
@@ -87,6 +92,13 @@ class Engine:
         busy-waiting between runs.
         """
         manifest = load_manifest(path, check_hashes=check_hashes)
+        quant = manifest.target.raw.get("quantization") or {}
+        if quant.get("batch_invariant") is False:
+            warnings.warn(
+                f"{path}: the target was quantized with MatMulNBits accuracy level {quant.get('accuracy_level')} "
+                "(int8 activations), which computes a (k+1)-token verification pass differently from 1-token "
+                "decoding: speculative output can differ from target-only output. Re-export with "
+                "`--accuracy-level 1` for lossless speculation.", LosslessnessWarning, stacklevel=2)
         k_max = max(manifest.k_values)
         target = OrtModelStep(manifest.target, provider, threads, max_step=k_max + 1, spin=spin)
         draft = OrtModelStep(manifest.draft, provider, draft_threads or 1, max_step=k_max + 1, spin=spin)

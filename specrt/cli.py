@@ -54,9 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--draft-quant", choices=("fp32", "int8", "int4"), default=None, help="override --quant for the draft")
     e.add_argument("--block-size", type=int, default=32, help="int4/int8 quantization block size (default 32)")
     e.add_argument("--accuracy-level", type=int, default=1, choices=(0, 1, 2, 3, 4),
-                   help="MatMulNBits compute: 1 = fp32 (default; batch-invariant, so speculative output equals "
-                   "target-only); 4 = int8 activations, faster but NOT lossless: a (k+1)-token pass can pick "
-                   "other tokens than 1-token decoding")
+                   help="the target's MatMulNBits compute: 1 = fp32 (default; batch-invariant, so speculative output "
+                   "equals target-only); 4 = int8 activations, ~3x faster on CPU but NOT lossless: a (k+1)-token "
+                   "pass can pick other tokens than 1-token decoding (the runtime warns)")
+    e.add_argument("--draft-accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
+                   help="the draft's MatMulNBits compute (default 4 = int8 activations: the draft's numerics change "
+                   "only the acceptance, never the output)")
     e.add_argument("--attention", choices=("auto", "gqa", "concat"), default="auto",
                    help="graph builder: gqa = ONNX Runtime GroupQueryAttention writing the KV cache in place (Llama, "
                    "Mistral, Qwen2; no KV copies); concat = optimum's export (any architecture it supports; slices "
@@ -160,7 +163,8 @@ def _export(args) -> int:
     report = export_pair(args.target, args.draft, args.out, max_context=args.max_context, k_values=args.k,
                          force=args.force, verify=not args.no_verify, tolerance=args.tolerance or DEFAULT_TOLERANCE,
                          quant=args.quant, target_quant=args.target_quant, draft_quant=args.draft_quant,
-                         block_size=args.block_size, accuracy_level=args.accuracy_level, attention=args.attention)
+                         block_size=args.block_size, accuracy_level=args.accuracy_level,
+                         draft_accuracy_level=args.draft_accuracy_level, attention=args.attention)
     for role, diffs in report.max_abs_diff.items():
         shown = ", ".join(f"{k} {v:.1e}" for k, v in diffs.items() if not k.endswith("argmax_equal"))
         print(f"{role}: max |ONNX - PyTorch| logits: {shown}")

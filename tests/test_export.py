@@ -154,6 +154,8 @@ def test_quantized_engine_is_lossless_against_itself(tmp_path, checkpoints):
     m = load_manifest(out)
     tq, dq = m.target.raw["quantization"], m.draft.raw["quantization"]
     assert (tq["bits"], dq["bits"]) == (4, 8) and tq["quantized_matmuls"] > 0 and tq["batch_invariant"]
+    # the draft defaults to int8 activations (its numerics change acceptance only), the target to fp32 compute
+    assert (tq["accuracy_level"], dq["accuracy_level"]) == (1, 4) and not dq["batch_invariant"]
     assert "prefill" in tq["drift_vs_pytorch"] and "target-int4" in report.max_abs_diff
     assert m.raw["files"]["target.onnx.data"]["bytes"] > 0
     engine = Engine.load(out)
@@ -161,3 +163,13 @@ def test_quantized_engine_is_lossless_against_itself(tmp_path, checkpoints):
         base = engine.generate(prompt, max_new_tokens=25, use_draft=False).token_ids
         for k in (1, 2, 4, 8):
             assert engine.generate(prompt, max_new_tokens=25, k=k).token_ids == base
+
+
+def test_non_batch_invariant_target_warns_on_load(tmp_path, checkpoints):
+    from specrt.runtime import Engine, LosslessnessWarning
+
+    out = tmp_path / "engine"
+    export_pair(checkpoints["target"], checkpoints["random"], out, max_context=32, quant="int4", accuracy_level=4,
+                progress=False, verify=False)
+    with pytest.warns(LosslessnessWarning, match="--accuracy-level 1"):
+        Engine.load(out)
