@@ -2,13 +2,13 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test install-export install-demo lint bench-demo bench-policies bench-kv bench-peers demo-int4
+.PHONY: demo test install-export install-demo lint bench-demo bench-policies bench-kv bench-peers peers-setup demo-int4
 
 install-export:
 	$(PIP) -e ".[export,test]"
 
 install-demo:
-	$(PIP) -e ".[export,demo,test]"
+	$(PIP) -e ".[export,demo,test,plot]"
 
 ## make demo: convert SmolLM2-135M-Instruct, export it with the committed draft, answer two prompts
 demo: install-demo
@@ -30,9 +30,23 @@ bench-policies:
 bench-kv:
 	$(PYTHON) benchmarks/kv_copy.py .cache/demo/engine --repeats 20
 
-## transformers generate() and assisted generation on the same checkpoints
-bench-peers:
-	$(PYTHON) benchmarks/peers.py .cache/demo/engine --target-hf .cache/demo/verifier-hf --draft-hf engines/demo/draft --k 4 --repeats 1 --prompts benchmarks/demo_prompts.json --out .cache/demo/peers.md
+## onnxruntime-genai peer in its own venv (its builder needs transformers 5), its fp32 + int4 builds
+## of the demo verifier, and our engine variants of the demo pair (after `make demo`)
+GENAI_VENV := .cache/genai-venv
+SPECRT := $(PYTHON) -m specrt.cli
+DEMO_PAIR := --target .cache/demo/verifier-hf --draft engines/demo/draft --max-context 1024 --force
+peers-setup:
+	test -x $(GENAI_VENV)/bin/python || $(PYTHON) -m venv $(GENAI_VENV)
+	$(GENAI_VENV)/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 onnxruntime-genai==0.18.0 "transformers>=5" onnx onnx_ir sentencepiece protobuf
+	for p in fp32 int4; do test -f .cache/genai/$$p/model.onnx || $(GENAI_VENV)/bin/python -m onnxruntime_genai.models.builder -i .cache/demo/verifier-hf -o .cache/genai/$$p -p $$p -e cpu -c .cache/genai/hfcache > .cache/genai/build_$$p.log 2>&1 || exit 1; done
+	test -f .cache/demo/engine-dq4/manifest.json || $(SPECRT) export $(DEMO_PAIR) --out .cache/demo/engine-dq4 --draft-quant int4
+	test -f .cache/demo/engine-int4/manifest.json || $(SPECRT) export $(DEMO_PAIR) --out .cache/demo/engine-int4 --quant int4
+	test -f .cache/demo/engine-int4-acc4/manifest.json || $(SPECRT) export $(DEMO_PAIR) --out .cache/demo/engine-int4-acc4 --quant int4 --accuracy-level 4
+
+## specrt (fp32; fp32 + int4 draft; int4; int4 at accuracy level 4) beside transformers generate(),
+## assisted generation and onnxruntime-genai fp32 / int4: one run, one report
+bench-peers: peers-setup
+	$(SPECRT) bench .cache/demo/engine --peers --k 2 --also-engine .cache/demo/engine-dq4 --also-engine .cache/demo/engine-int4 --also-engine .cache/demo/engine-int4-acc4 --hf-target .cache/demo/verifier-hf --hf-draft engines/demo/draft --genai-model .cache/genai/fp32 --genai-model .cache/genai/int4 --genai-python $(GENAI_VENV)/bin/python --repeats 2 --max-new-tokens 64 --prompts benchmarks/demo_prompts.json --report .cache/demo/peers.md
 
 ## int4 verifier + draft engine (ONNX Runtime MatMulNBits), then its bench
 demo-int4:

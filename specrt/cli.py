@@ -112,6 +112,25 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--relaxed", type=lambda t: [float(x) for x in t.split(",")], default=None,
                            metavar="TAUS", help="also measure LOSSY relaxed acceptance at these thresholds, e.g. 0.1,0.3")
             g.add_argument("--json-out", type=Path, default=None, help="also write the rows as JSON here")
+            peers = g.add_argument_group(
+                "peers", "--peers: specrt beside transformers generate()/assisted generation and onnxruntime-genai on "
+                "the same checkpoint and prompts, in one run (see README 'Peers')")
+            peers.add_argument("--peers", action="store_true",
+                               help="run the peer comparison (k = the first --k value, default 2) and write a report")
+            peers.add_argument("--also-engine", type=Path, action="append", default=[],
+                               help="another engine directory of the same pair (e.g. its int4 export); repeatable")
+            peers.add_argument("--hf-target", type=Path, default=None,
+                               help="HuggingFace checkpoint of the target, for the transformers rows (needs torch)")
+            peers.add_argument("--hf-draft", type=Path, default=None,
+                               help="HuggingFace checkpoint of the draft, for transformers' assisted generation")
+            peers.add_argument("--genai-model", type=Path, action="append", default=[],
+                               help="a model directory built by onnxruntime-genai's model builder; repeatable")
+            peers.add_argument("--genai-python", default=None,
+                               help="the Python that has onnxruntime-genai installed (default: this one)")
+            peers.add_argument("--temperatures", type=lambda t: [float(x) for x in t.split(",")], default=[0.0, 0.8],
+                               help="temperatures to measure (default 0,0.8)")
+            peers.add_argument("--report", type=Path, default=Path("peers.md"),
+                               help="markdown report (rows as .json and a .png chart beside it; default peers.md)")
 
     b = sub.add_parser("build", help="build TensorRT engines for an engine directory (GPU + TensorRT needed)",
                        description="Build TensorRT engines with one static profile per stage (draft decode, every "
@@ -223,10 +242,12 @@ def _bench(args) -> int:
     )
 
     engine = Engine.load(args.engine, threads=args.threads, draft_threads=args.draft_threads, spin=not args.no_spin)
-    ks = args.k or [k for k in engine.manifest.k_values if k > 1] or list(engine.manifest.k_values)
     prompts = json.loads(args.prompts.read_text()) if args.prompts else DEFAULT_PROMPTS
     if engine.manifest.chat_template is None:
         prompts = [p for p in prompts if "chat" not in p]
+    if args.peers:
+        return _bench_peers(args, engine, prompts)
+    ks = args.k or [k for k in engine.manifest.k_values if k > 1] or list(engine.manifest.k_values)
     k_mid = 4 if 4 in engine.manifest.k_values else ks[len(ks) // 2]
     configs = policy_configs(ks, k_mid) if args.policies else fixed_configs(ks)
     if args.relaxed:
@@ -235,6 +256,37 @@ def _bench(args) -> int:
     print(format_table(rows))
     if args.json_out:
         args.json_out.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def _bench_peers(args, engine, prompts) -> int:
+    from specrt import peers
+    from specrt.runtime import Engine
+
+    k = (args.k or [2])[0]
+    label = peers.engine_label(engine)
+    systems = peers.specrt_systems(engine, [k], args.max_new_tokens, label)
+    for path in args.also_engine:
+        other = Engine.load(path, threads=args.threads, draft_threads=args.draft_threads, spin=not args.no_spin)
+        systems += peers.specrt_systems(other, [k], args.max_new_tokens, peers.engine_label(other))
+    if args.hf_target:
+        systems += peers.transformers_systems(args.hf_target, args.hf_draft, k, args.max_new_tokens,
+                                              sorted(engine.manifest.eos_token_ids), args.threads or 2)
+    python = args.genai_python or peers.default_genai_python()
+    for model_dir in args.genai_model:
+        systems.append(peers.genai_system(python, model_dir, engine.manifest.target.vocab_size, args.max_new_tokens))
+    try:
+        rows = peers.run_peers(engine, systems, prompts, args.temperatures, args.repeats)
+    finally:
+        for s in systems:
+            s.close()
+    report = peers.format_report(rows, systems[0].name)
+    print(report)
+    args.report.write_text(report + "\n")
+    args.report.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    png = args.report.with_suffix(".png")
+    print(f"\nwrote {args.report}, {args.report.with_suffix('.json')}"
+          + (f", {png}" if peers.plot_report(rows, png) else " (no plot: matplotlib is not installed)"))
     return 0
 
 

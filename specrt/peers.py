@@ -1,0 +1,241 @@
+"""``specrt bench --peers``: specrt beside what a user would run instead -- same checkpoint, same
+prompts, same process, one run.
+
+Systems (a row each, per prompt and temperature):
+
+* ``specrt target-only`` / ``specrt k=K``: the engine directory, and every ``--also-engine`` (for
+  example the int4 export of the same pair), labelled by the directory's quantization;
+* ``transformers generate()`` and ``transformers assisted k=K`` (``assistant_model=`` the draft):
+  PyTorch fp32 on ``--hf-target`` / ``--hf-draft`` (needs torch: ``pip install specrt[export]``);
+* ``onnxruntime-genai <dir>``: plain decoding of a model built by onnxruntime-genai's model builder,
+  one per ``--genai-model``.  onnxruntime-genai has no speculative decoding; it is the speed an
+  ONNX Runtime user gets otherwise.  Its 0.18 builder needs transformers 5 while specrt's exporter
+  needs transformers < 4.58, so it runs in its own virtual environment: ``--genai-python`` is that
+  environment's Python, which runs ``specrt/genai_worker.py`` as a subprocess.
+
+Every system runs once per repeat, alternating, so machine noise hits all of them alike; the
+table reports medians.  Speed is new tokens / wall time including the prompt's prefill, for all
+systems.  The report is a markdown table, the rows as JSON, and a PNG bar chart.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from specrt.runtime import Engine
+from specrt.runtime.bench import prompt_ids
+
+# (prompt ids, temperature, seed) -> (new token ids, seconds, acceptance or None)
+RunFn = Callable[[list[int], float, int], tuple[list[int], float, "float | None"]]
+BASELINE = "specrt target-only"
+
+
+@dataclass
+class System:
+    name: str
+    run: RunFn
+    close: Callable[[], None] = field(default=lambda: None)
+    # the system whose greedy tokens this one must reproduce (None: the report's first system)
+    reference: str | None = None
+
+
+def engine_label(engine: Engine) -> str:
+    """'fp32', 'int4', 'int4 (draft int4)' ... from the manifest's quantization records."""
+    def bits(spec) -> str:
+        q = spec.raw.get("quantization")
+        if not q:
+            return spec.dtype.replace("float", "fp")
+        lossy = spec.role == "target" and q.get("batch_invariant") is False
+        return f"int{q['bits']}" + (f" acc{q.get('accuracy_level')}, not batch-invariant" if lossy else "")
+
+    target, draft = bits(engine.manifest.target), bits(engine.manifest.draft)
+    return target if target.startswith(draft) else f"{target}, draft {draft}"
+
+
+def specrt_systems(engine: Engine, ks: Sequence[int], max_new_tokens: int, label: str | None = None) -> list[System]:
+    suffix = f" [{label}]" if label else ""
+
+    def run(k: int | None) -> RunFn:
+        def go(ids: list[int], temperature: float, seed: int):
+            r = engine.generate(ids, max_new_tokens=max_new_tokens, k=k, use_draft=k is not None,
+                                temperature=temperature, seed=seed)
+            return r.token_ids, r.stats.total_s, (r.stats.acceptance_rate if k else None)
+        return go
+
+    base = f"{BASELINE}{suffix}"
+    # speculative rows are checked against their own engine's target-only decoding (losslessness)
+    return [System(base, run(None))] + [System(f"specrt k={k}{suffix}", run(k), reference=base) for k in ks]
+
+
+def transformers_systems(target_dir: Path, draft_dir: Path | None, k: int, max_new_tokens: int,
+                         eos_ids: Sequence[int], threads: int) -> list[System]:
+    """HuggingFace transformers' plain and assisted generation (PyTorch, fp32, CPU)."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32).eval() if draft_dir else None
+    eos = list(eos_ids)
+
+    def run(assisted: bool) -> RunFn:
+        def go(ids: list[int], temperature: float, seed: int):
+            torch.manual_seed(seed)
+            kw = {"max_new_tokens": max_new_tokens, "eos_token_id": eos, "pad_token_id": eos[0],
+                  "do_sample": temperature > 0, "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+            if temperature > 0:
+                kw.update(temperature=temperature, top_k=0, top_p=1.0)
+            else:
+                kw.update(temperature=None, top_k=None, top_p=None)
+            if assisted:
+                draft.generation_config.num_assistant_tokens = k
+                draft.generation_config.num_assistant_tokens_schedule = "constant"
+                kw["assistant_model"] = draft
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = target.generate(torch.tensor([ids]), **kw)
+            seconds = time.perf_counter() - start
+            return out[0, len(ids):].tolist(), seconds, None
+        return go
+
+    systems = [System("transformers generate()", run(False))]
+    if draft is not None:
+        systems.append(System(f"transformers assisted k={k}", run(True)))
+    return systems
+
+
+class GenaiWorker:
+    """onnxruntime-genai in its own Python, spoken to over JSON Lines (see ``genai_worker.py``)."""
+
+    def __init__(self, python: str, model_dir: Path, vocab_size: int):
+        worker = Path(__file__).with_name("genai_worker.py")
+        self.vocab_size = vocab_size
+        self.proc = subprocess.Popen([python, str(worker)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self._send({"model": str(Path(model_dir).resolve())})
+        ready = self._receive()
+        self.version = ready.get("genai_version", "?")
+
+    def _send(self, obj: dict) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(obj) + "\n")
+        self.proc.stdin.flush()
+
+    def _receive(self) -> dict:
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read()[-2000:]
+            raise RuntimeError(f"the onnxruntime-genai worker exited: {err.strip() or 'no message'}. Check that "
+                               "--genai-python is a Python with onnxruntime-genai installed and --genai-model a "
+                               "directory made by its model builder (see README, 'Peers').")
+        return json.loads(line)
+
+    def run(self, ids: list[int], temperature: float, seed: int, max_new_tokens: int):
+        self._send({"ids": ids, "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
+                    "vocab_size": self.vocab_size})
+        out = self._receive()
+        return out["ids"], out["seconds"], None
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()  # type: ignore[union-attr]
+            self.proc.wait(timeout=30)
+
+
+def genai_system(python: str, model_dir: Path, vocab_size: int, max_new_tokens: int) -> System:
+    worker = GenaiWorker(python, model_dir, vocab_size)
+    return System(f"onnxruntime-genai {Path(model_dir).name}",
+                  lambda ids, t, seed: worker.run(ids, t, seed, max_new_tokens), worker.close)
+
+
+def run_peers(engine: Engine, systems: list[System], prompts: Sequence[dict], temperatures: Sequence[float],
+              repeats: int, progress: bool = True) -> list[dict]:
+    """Alternate every system once per repeat; return one row per (prompt, temperature, system)."""
+    from tqdm.auto import tqdm
+
+    rows = []
+    total = len(prompts) * len(temperatures) * repeats * len(systems)
+    with tqdm(total=total, desc="peers", unit="run", disable=not progress) as bar:
+        for item in prompts:
+            ids = prompt_ids(engine, item)
+            for temperature in temperatures:
+                speeds: dict[str, list[float]] = {s.name: [] for s in systems}
+                accept: dict[str, list[float]] = {s.name: [] for s in systems}
+                outputs: dict[str, list[int]] = {}
+                for rep in range(repeats):
+                    for s in systems:
+                        bar.set_description(f"peers: {s.name[:28]}")
+                        new, seconds, acc = s.run(ids, temperature, 1000 + rep)
+                        speeds[s.name].append(len(new) / seconds if seconds > 0 else 0.0)
+                        if acc is not None:
+                            accept[s.name].append(acc)
+                        outputs.setdefault(s.name, new)
+                        bar.update(1)
+                base = statistics.median(speeds[systems[0].name])
+                for s in systems:
+                    tps = statistics.median(speeds[s.name])
+                    reference = s.reference or systems[0].name
+                    same = (outputs[s.name] == outputs[reference]) if temperature == 0 and s.name != reference else None
+                    rows.append({"prompt": item.get("name", "prompt"), "temperature": temperature, "system": s.name,
+                                 "tokens_per_s": round(tps, 2), "vs_target_only": round(tps / base, 3) if base else None,
+                                 "acceptance": round(statistics.median(accept[s.name]), 3) if accept[s.name] else None,
+                                 "new_tokens": len(outputs[s.name]), "same_greedy_tokens": same,
+                                 "reference": reference})
+    return rows
+
+
+def format_report(rows: list[dict], baseline: str) -> str:
+    lines = [f"| prompt | T | system | tok/s | vs {baseline} | acceptance | greedy tokens identical to |",
+             "|---|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        same = "-" if r["same_greedy_tokens"] is None else (
+            f"{'yes' if r['same_greedy_tokens'] else 'NO'}: {r['reference']}")
+        acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}"
+        lines.append(f"| {r['prompt']} | {r['temperature']:g} | {r['system']} | {r['tokens_per_s']:.1f} | "
+                     f"{r['vs_target_only']:.2f}x | {acc} | {same} |")
+    lines += ["", "Median over prompts:", "", "| T | system | tok/s | vs " + baseline + " |", "|---|---|---:|---:|"]
+    for t in sorted({r["temperature"] for r in rows}):
+        for name in dict.fromkeys(r["system"] for r in rows):
+            sel = [r for r in rows if r["temperature"] == t and r["system"] == name]
+            lines.append(f"| {t:g} | {name} | {statistics.median(r['tokens_per_s'] for r in sel):.1f} | "
+                         f"{statistics.median(r['vs_target_only'] for r in sel):.2f}x |")
+    return "\n".join(lines)
+
+
+def plot_report(rows: list[dict], path: Path) -> bool:
+    """Bar chart of median tok/s per system, greedy and sampled; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    names = list(dict.fromkeys(r["system"] for r in rows))
+    temps = sorted({r["temperature"] for r in rows})
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names)), 4.5))
+    width = 0.8 / len(temps)
+    for j, t in enumerate(temps):
+        med = [statistics.median([r["tokens_per_s"] for r in rows if r["system"] == n and r["temperature"] == t])
+               for n in names]
+        ax.bar([i + j * width for i in range(len(names))], med, width, label=f"T={t:g}")
+    ax.set_xticks([i + width * (len(temps) - 1) / 2 for i in range(len(names))])
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("tokens/s (median over prompts)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def default_genai_python() -> str:
+    return sys.executable
