@@ -26,9 +26,10 @@ bench-demo:
 bench-policies:
 	$(PYTHON) -m specrt.cli bench .cache/demo/engine --k 1,2,4 --repeats 1 --max-new-tokens 64 --policies --relaxed 0.05,0.2 --prompts benchmarks/demo_prompts_small.json --json-out .cache/demo/bench_policies.json
 
-## the in-graph KV copy at contexts 64 / 512 / 2048
+## the KV copy: in-place (GroupQueryAttention) graph vs the concat export of the same pair
 bench-kv:
-	$(PYTHON) benchmarks/kv_copy.py .cache/demo/engine --repeats 20
+	test -f .cache/demo/engine-concat/manifest.json || $(PYTHON) -m specrt.cli export --target .cache/demo/verifier-hf --draft engines/demo/draft --max-context 1024 --force --out .cache/demo/engine-concat --attention concat
+	$(PYTHON) benchmarks/kv_copy.py .cache/demo/engine .cache/demo/engine-concat --repeats 20 --json-out .cache/demo/kv_copy.json
 
 ## onnxruntime-genai peer in its own venv (its builder needs transformers 5), its fp32 + int4 builds
 ## of the demo verifier, and our engine variants of the demo pair (after `make demo`)

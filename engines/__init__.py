@@ -6,7 +6,8 @@ from functools import lru_cache
 from importlib import resources
 
 FORMAT_NAME = "specrt-engine"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: kv_cache.update ("write-new" | "in-place") is required; 1 meant "write-new"
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 
 
 @lru_cache(maxsize=1)

@@ -20,7 +20,7 @@ from specrt.engines import FORMAT_NAME, FORMAT_VERSION
 from specrt.export.compat import check_tokenizers, require_local_checkpoint
 from specrt.export.onnx_export import ATTENTION_CHOICES, export_model
 from specrt.export.quantize import QUANT_CHOICES, quantize_file
-from specrt.export.verify import compare
+from specrt.export.verify import HELD_OUT_TEXT, compare, text_drift
 from specrt.runtime.errors import SpecrtError
 from specrt.runtime.manifest import MANIFEST, load_manifest, model_spec, sha256_file, validate_manifest
 from tqdm.auto import tqdm
@@ -44,6 +44,7 @@ class ExportError(SpecrtError, RuntimeError):
 class ExportReport:
     out: Path
     max_abs_diff: dict[str, dict[str, float]] = field(default_factory=dict)
+    text_drift: dict[str, dict[str, float]] = field(default_factory=dict)  # quantized models on held-out text
 
 
 def export_pair(target: str | Path, draft: str | Path, out: str | Path, *, max_context: int | None = None,
@@ -146,6 +147,10 @@ def export_pair(target: str | Path, draft: str | Path, out: str | Path, *, max_c
                 hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
                 record["drift_vs_pytorch"] = compare(model_spec(tmp, role, manifest), hf, k=k_values[-1],
                                                      vocab_limit=len(t_tok))
+                text_ids = t_tok(HELD_OUT_TEXT)["input_ids"][: max_context]
+                record["drift_on_text"] = {k: round(v, 4) for k, v in
+                                           text_drift(model_spec(tmp, role, manifest), hf, text_ids).items()}
+                report.text_drift[role] = record["drift_on_text"]
                 del hf
                 report.max_abs_diff[f"{role}-{quants[role]}"] = record["drift_vs_pytorch"]
             models[role]["quantization"] = record

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-from specrt.engines import FORMAT_NAME, FORMAT_VERSION, manifest_schema
+from specrt.engines import FORMAT_NAME, SUPPORTED_FORMAT_VERSIONS, manifest_schema
 from specrt.runtime.errors import EngineDirError
 
 MANIFEST = "manifest.json"
@@ -80,16 +80,16 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def validate_manifest(data: Any) -> None:
-    """Raise EngineDirError if ``data`` does not follow the schema (format version 1)."""
+    """Raise EngineDirError if ``data`` does not follow the schema (format versions 1 and 2)."""
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise EngineDirError(
             f"not a specrt engine manifest (format={data.get('format') if isinstance(data, dict) else None!r}, "
             f"expected {FORMAT_NAME!r}). Point at a directory written by `specrt export`."
         )
-    if data.get("format_version") != FORMAT_VERSION:
+    if data.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
         raise EngineDirError(
             f"engine format version {data.get('format_version')!r} is not supported by this specrt "
-            f"(supports {FORMAT_VERSION}). {_REEXPORT}"
+            f"(supports {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}). {_REEXPORT}"
         )
     try:
         jsonschema.validate(data, manifest_schema())
@@ -104,6 +104,13 @@ def validate_manifest(data: Any) -> None:
             if len(kv[key]) != n:
                 raise EngineDirError(f"manifest.json: models/{role}/kv_cache/{key} has {len(kv[key])} names "
                                      f"for {n} layers. {_REEXPORT}")
+        # Version 2 states how the step updates the cache; version 1 predates in-place graphs.
+        if data["format_version"] >= 2 and "update" not in kv:
+            raise EngineDirError(f"manifest.json: models/{role}/kv_cache/update is required in format version 2 "
+                                 f"(\"write-new\" or \"in-place\"). {_REEXPORT}")
+        if data["format_version"] == 1 and kv.get("update", "write-new") != "write-new":
+            raise EngineDirError(f"manifest.json: models/{role}/kv_cache/update {kv['update']!r} needs format "
+                                 f"version 2. {_REEXPORT}")
         if kv["buffer_shape"][1:] != [m["num_kv_heads"], data["pair"]["max_context"], m["head_dim"]]:
             raise EngineDirError(f"manifest.json: models/{role}/kv_cache/buffer_shape {kv['buffer_shape']} disagrees "
                                  f"with num_kv_heads/max_context/head_dim. {_REEXPORT}")

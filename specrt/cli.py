@@ -187,6 +187,9 @@ def _export(args) -> int:
     for role, diffs in report.max_abs_diff.items():
         shown = ", ".join(f"{k} {v:.1e}" for k, v in diffs.items() if not k.endswith("argmax_equal"))
         print(f"{role}: max |ONNX - PyTorch| logits: {shown}")
+    for role, d in report.text_drift.items():
+        print(f"{role} quantized, on {d['tokens']} held-out tokens: top-1 agreement with fp32 "
+              f"{d['top1_agreement']:.1%}, perplexity {d['perplexity_quantized']:.2f} (fp32 {d['perplexity_fp32']:.2f})")
     print(f"wrote {report.out}")
     return 0
 
@@ -299,6 +302,11 @@ def _info(args) -> int:
         print(f"{spec.role:>6}: {raw['architecture']} ({raw['model_type']}), {raw.get('num_parameters', 0) / 1e6:.1f}M "
               f"params, {spec.num_layers} layers, {spec.num_kv_heads} KV heads x {spec.head_dim}, {spec.dtype}, "
               f"vocab {spec.vocab_size}")
+        q = raw.get("quantization")
+        quant = (f"int{q['bits']} MatMulNBits (block {q['block_size']}, accuracy level {q['accuracy_level']}"
+                 f"{'' if q.get('batch_invariant', True) else ', NOT batch-invariant'})") if q else "not quantized"
+        print(f"        attention {raw['kv_cache'].get('attention', 'concat')}, KV update "
+              f"{spec.kv.update}, {quant}")
     print(f"  pair: k {list(m.k_values)}, max context {m.max_context}, EOS {sorted(m.eos_token_ids)}")
     print("  manifest valid, all file hashes match")
     return 0

@@ -157,6 +157,9 @@ def test_quantized_engine_is_lossless_against_itself(tmp_path, checkpoints):
     # the draft defaults to int8 activations (its numerics change acceptance only), the target to fp32 compute
     assert (tq["accuracy_level"], dq["accuracy_level"]) == (1, 4) and not dq["batch_invariant"]
     assert "prefill" in tq["drift_vs_pytorch"] and "target-int4" in report.max_abs_diff
+    drift = tq["drift_on_text"]  # measured on held-out text against the fp32 checkpoint
+    assert drift["tokens"] > 40 and 0.0 <= drift["top1_agreement"] <= 1.0 and drift["perplexity_quantized"] > 1.0
+    assert report.text_drift["target"] == drift
     assert m.raw["files"]["target.onnx.data"]["bytes"] > 0
     engine = Engine.load(out)
     for prompt in ([5, 17, 33], [40, 41, 42, 43, 44]):

@@ -40,6 +40,8 @@ def test_good_manifest_validates(engines):
     (lambda d: d["files"].update({"../etc/passwd": {"sha256": "0" * 64, "bytes": 1}}), "files"),
     (lambda d: d["files"]["target.onnx"].update(sha256="f" * 64), "does not match its SHA-256"),
     (lambda d: d["files"]["target.onnx"].update(bytes=1), "has .* bytes, the manifest says 1"),
+    (lambda d: d["models"]["target"]["kv_cache"].pop("update"), "kv_cache/update is required in format version 2"),
+    (lambda d: d.update(format_version=1), "update 'in-place' needs format version 2"),
 ])
 def test_corrupt_manifests_are_rejected(engine_copy, mutate, match):
     edit(engine_copy, mutate)
@@ -70,3 +72,12 @@ def test_swapped_model_file_is_caught_by_names(engines, engine_copy):
     edit(engine_copy, lambda d: d["files"]["target.onnx"].update(sha256=sha256_file(f), bytes=f.stat().st_size))
     with pytest.raises(EngineDirError, match="target.onnx: tensor names do not match|ONNX Runtime cannot open"):
         Engine.load(engine_copy)
+
+
+def test_version_1_manifest_means_write_new(engines, tmp_path):
+    """Engine directories written before in-place graphs (format 1, no kv_cache.update) still load."""
+    copy = tmp_path / "v1"
+    shutil.copytree(engines["close_concat"], copy)
+    edit(copy, lambda d: (d.update(format_version=1), [d["models"][r]["kv_cache"].pop("update") for r in d["models"]]))
+    engine = Engine.load(copy)
+    assert not engine.target.spec.kv.in_place and engine.generate([5, 17, 33], max_new_tokens=5).stats.new_tokens == 5

@@ -4,8 +4,9 @@ from __future__ import annotations
 import sys
 
 import pytest
-from specrt import peers
 from specrt.runtime import Engine
+
+from specrt import peers
 
 
 @pytest.fixture(scope="module")
