@@ -3,8 +3,9 @@
 Two graph builders share that interface (see the manifest's ``kv_cache.update``):
 ``gqa`` (``gqa_graph``: our own graph with ONNX Runtime's GroupQueryAttention writing
 the cache in place; Llama, Mistral, Qwen2) and ``concat`` (optimum's export rewritten
-by ``static_cache``; every architecture optimum exports).  ``auto`` picks ``gqa``
-where the checkpoint supports it.
+by ``static_cache``; every architecture optimum exports; ``bucketed`` is the same graph with
+shapes fixed per context bucket, for CUDA-graph replay).  ``auto`` picks ``gqa`` where the
+checkpoint supports it.
 """
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from pathlib import Path
 
 import onnx
 from specrt.export import gqa_graph, static_cache
+from specrt.runtime.tensorrt_plan import context_buckets
 
 log = logging.getLogger(__name__)
 EXTERNAL_DATA_ABOVE = 100 * 2**20  # bytes; bigger graphs keep their weights in <file>.data
-ATTENTION_CHOICES = ("auto", "gqa", "concat")
+ATTENTION_CHOICES = ("auto", "gqa", "concat", "bucketed")
 
 _ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
                 onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32"}
@@ -85,12 +87,16 @@ def export_model(checkpoint: Path, role: str, out_dir: Path, workdir: Path, max_
         num_layers, kv_heads, head_dim = len(past), dims[1].dim_value, dims[3].dim_value
         if not kv_heads or not head_dim:
             raise RuntimeError(f"{checkpoint}: cannot read kv heads / head dim from the exported graph ({dims})")
-        model = static_cache.to_static_cache(raw, num_layers, kv_heads, head_dim, max_context)
+        model = static_cache.to_static_cache(raw, num_layers, kv_heads, head_dim, max_context,
+                                             bucketed=attention == "bucketed")
         # Only this graph goes through the onnx checker: the in-place one uses ORT contrib ops it does not
         # know (ONNX Runtime validates both on load, and export verifies both against PyTorch).
         onnx.checker.check_model(model)
         cache_dtype, n = _ONNX_DTYPES[past[0].type.tensor_type.elem_type], static_cache.names(num_layers)
         layout = {"update": "write-new", "attention": "concat"}
+        if attention == "bucketed":
+            layout = {"update": "write-new", "attention": "concat-bucketed",
+                      "bucket_length": static_cache.BUCKET_LENGTH, "context_buckets": context_buckets(max_context, smallest=max(16, min(64, max_context // 4)))}
     path = out_dir / f"{role}.onnx"
     external = None
     if model.ByteSize() > EXTERNAL_DATA_ABOVE:

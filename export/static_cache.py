@@ -15,7 +15,18 @@ and returns ``logits`` [1, n, vocab] and ``new_key.{i}`` / ``new_value.{i}``
 buffers at ``past_length``.  attention_mask and position_ids are derived in the
 graph from ``past_length`` (batch 1, no padding).  The original attention
 still concatenates inside the graph, so ONNX Runtime copies O(context) per
-step internally; a fused attention reading the buffer directly is future work.
+step internally (``gqa_graph`` is the in-place alternative for ONNX Runtime).
+
+``bucketed=True`` makes every shape independent of ``past_length``, which CUDA
+graphs need (a captured graph replays fixed shapes): one more input,
+
+    bucket_length int64 [1]    a context bucket >= past_length (``kv_cache.context_buckets``)
+
+and attention reads ``cache[:, :, :bucket_length]`` with the entries in
+``[past_length, bucket_length)`` masked out through ``attention_mask``.  Shapes
+then depend only on n and the bucket; ``past_length`` is plain data (positions
+and mask values), so a graph captured per (n, bucket) replays at any context
+in that bucket.
 """
 from __future__ import annotations
 
@@ -23,6 +34,7 @@ import onnx
 from onnx import TensorProto, helper
 
 INPUT_IDS, PAST_LENGTH, LOGITS = "input_ids", "past_length", "logits"
+BUCKET_LENGTH = "bucket_length"
 INT64_MAX = 2**63 - 1
 
 
@@ -42,7 +54,7 @@ def _const(graph_nodes: list, name: str, values: list[int]) -> str:
 
 
 def to_static_cache(model: onnx.ModelProto, num_layers: int, kv_heads: int, head_dim: int,
-                    max_context: int) -> onnx.ModelProto:
+                    max_context: int, bucketed: bool = False) -> onnx.ModelProto:
     g = model.graph
     inputs = {i.name: i for i in g.input}
     past_k = [f"past_key_values.{i}.key" for i in range(num_layers)]
@@ -62,25 +74,44 @@ def to_static_cache(model: onnx.ModelProto, num_layers: int, kv_heads: int, head
     pre.append(helper.make_node("Shape", [INPUT_IDS], ["specrt/ids_shape"]))
     pre.append(helper.make_node("Slice", ["specrt/ids_shape", "specrt/one", "specrt/two"], ["specrt/seq"]))
     pre.append(helper.make_node("Add", [PAST_LENGTH, "specrt/seq"], ["specrt/total"]))
+    pre.append(helper.make_node("Constant", [], ["specrt/delta"],
+                                value=helper.make_tensor("d", TensorProto.INT64, [], [1])))
+    pre.append(helper.make_node("Constant", [], ["specrt/zero_scalar"],
+                                value=helper.make_tensor("z", TensorProto.INT64, [], [0])))
+    # The cache prefix the attention reads: exactly past_length entries, or a whole bucket.
+    kept = BUCKET_LENGTH if bucketed else PAST_LENGTH
     if "attention_mask" in inputs:
-        pre.append(helper.make_node("Concat", ["specrt/one", "specrt/total"], ["specrt/mask_shape"], axis=0))
-        pre.append(helper.make_node("ConstantOfShape", ["specrt/mask_shape"], ["attention_mask"],
-                                    value=helper.make_tensor("one", TensorProto.INT64, [1], [1])))
+        if bucketed:
+            # mask over [0, bucket + n): 1 below past_length (valid cache), 0 in [past_length, bucket)
+            # (stale entries of the bucket), 1 from bucket on (the n new tokens)
+            pre.append(helper.make_node("Add", [BUCKET_LENGTH, "specrt/seq"], ["specrt/mask_len"]))
+            pre.append(helper.make_node("Squeeze", ["specrt/mask_len", "specrt/zero"], ["specrt/mask_len_s"]))
+            pre.append(helper.make_node("Range", ["specrt/zero_scalar", "specrt/mask_len_s", "specrt/delta"],
+                                        ["specrt/key_pos"]))
+            pre.append(helper.make_node("Less", ["specrt/key_pos", PAST_LENGTH], ["specrt/is_past"]))
+            pre.append(helper.make_node("Less", ["specrt/key_pos", BUCKET_LENGTH], ["specrt/in_bucket"]))
+            pre.append(helper.make_node("Not", ["specrt/in_bucket"], ["specrt/is_new"]))
+            pre.append(helper.make_node("Or", ["specrt/is_past", "specrt/is_new"], ["specrt/mask_bool"]))
+            pre.append(helper.make_node("Cast", ["specrt/mask_bool"], ["specrt/mask_1d"], to=TensorProto.INT64))
+            pre.append(helper.make_node("Unsqueeze", ["specrt/mask_1d", "specrt/zero"], ["attention_mask"]))
+        else:
+            pre.append(helper.make_node("Concat", ["specrt/one", "specrt/total"], ["specrt/mask_shape"], axis=0))
+            pre.append(helper.make_node("ConstantOfShape", ["specrt/mask_shape"], ["attention_mask"],
+                                        value=helper.make_tensor("one", TensorProto.INT64, [1], [1])))
     if "position_ids" in inputs:
-        pre.append(helper.make_node("Squeeze", [PAST_LENGTH, "specrt/zero"], ["specrt/start"]))
-        pre.append(helper.make_node("Squeeze", ["specrt/total", "specrt/zero"], ["specrt/stop"]))
-        pre.append(helper.make_node("Constant", [], ["specrt/delta"],
-                                    value=helper.make_tensor("d", TensorProto.INT64, [], [1])))
-        pre.append(helper.make_node("Range", ["specrt/start", "specrt/stop", "specrt/delta"], ["specrt/positions"]))
+        # past_length + [0, n): the shape depends on n only
+        pre.append(helper.make_node("Squeeze", ["specrt/seq", "specrt/zero"], ["specrt/seq_s"]))
+        pre.append(helper.make_node("Range", ["specrt/zero_scalar", "specrt/seq_s", "specrt/delta"], ["specrt/steps"]))
+        pre.append(helper.make_node("Add", ["specrt/steps", PAST_LENGTH], ["specrt/positions"]))
         pre.append(helper.make_node("Unsqueeze", ["specrt/positions", "specrt/zero"], ["position_ids"]))
-    # past_key_values.i.* = cache_*.i[:, :, :past_length, :]
+    # past_key_values.i.* = cache_*.i[:, :, :kept, :]
     for buf, past in zip(n["key_buffers"] + n["value_buffers"], past_k + past_v):
-        pre.append(helper.make_node("Slice", [buf, "specrt/zero", PAST_LENGTH, "specrt/axis2"], [past]))
-    # new_*.i = present.*.i[:, :, past_length:, :]
+        pre.append(helper.make_node("Slice", [buf, "specrt/zero", kept, "specrt/axis2"], [past]))
+    # new_*.i = present.*.i[:, :, kept:, :]
     post: list[onnx.NodeProto] = []
     present = [f"present.{i}.key" for i in range(num_layers)] + [f"present.{i}.value" for i in range(num_layers)]
     for new, pres in zip(n["new_keys"] + n["new_values"], present):
-        post.append(helper.make_node("Slice", [pres, PAST_LENGTH, "specrt/int64_max", "specrt/axis2"], [new]))
+        post.append(helper.make_node("Slice", [pres, kept, "specrt/int64_max", "specrt/axis2"], [new]))
 
     for name in ["attention_mask", "position_ids", *past_k, *past_v]:
         if name in inputs:
@@ -89,6 +120,8 @@ def to_static_cache(model: onnx.ModelProto, num_layers: int, kv_heads: int, head
     ids.type.tensor_type.shape.dim[0].ClearField("dim_param")
     ids.type.tensor_type.shape.dim[0].dim_value = 1
     g.input.append(helper.make_tensor_value_info(PAST_LENGTH, TensorProto.INT64, [1]))
+    if bucketed:
+        g.input.append(helper.make_tensor_value_info(BUCKET_LENGTH, TensorProto.INT64, [1]))
     for buf in n["key_buffers"] + n["value_buffers"]:
         g.input.append(helper.make_tensor_value_info(buf, cache_dtype, [1, kv_heads, max_context, head_dim]))
     nodes = list(g.node)

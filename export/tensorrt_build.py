@@ -2,7 +2,9 @@
 
 One optimization profile per stage (``runtime.tensorrt_plan.plan_profiles``): draft decode (1 and 2
 tokens), every verification width k + 1 with min = opt = max, and a dynamic prefill profile.
-``past_length`` is a shape tensor whose value range is [0, max_context - n].  A timing cache is
+``past_length`` is a shape tensor whose value range is [0, max_context - n]; for a bucketed export
+(``--attention bucketed``) ``bucket_length`` is the shape tensor, ranging over the context buckets,
+and ``past_length`` is data -- the form CUDA-graph replay needs.  A timing cache is
 reused across builds.  The engine file, the profile table, the TensorRT version and the GPU's
 compute capability are added to the manifest (hashes recomputed); the runtime refuses an engine
 built for another TensorRT version or GPU.  Written against the TensorRT 10 Python API; TensorRT
@@ -61,7 +63,11 @@ def build_engines(engine_dir: str | Path, fp16: bool = False, bf16: bool = False
         for p in profiles:
             prof = builder.create_optimization_profile()
             prof.set_shape(kv.input_ids, (1, p.n_min), (1, p.n_opt), (1, p.n_max))
-            prof.set_shape_input(kv.past_length, (0,), (max_ctx // 2,), (max_ctx - p.n_max,))
+            if kv.bucket_length:  # shapes follow the bucket; past_length is data
+                buckets = kv.context_buckets
+                prof.set_shape_input(kv.bucket_length, (buckets[0],), (buckets[len(buckets) // 2],), (buckets[-1],))
+            else:
+                prof.set_shape_input(kv.past_length, (0,), (max_ctx // 2,), (max_ctx - p.n_max,))
             for name in kv.key_buffers + kv.value_buffers:
                 prof.set_shape(name, kv.buffer_shape, kv.buffer_shape, kv.buffer_shape)
             config.add_optimization_profile(prof)

@@ -37,6 +37,9 @@ class KVSpec:
     # "write-new": outputs hold the n new entries, the caller copies them in at past_length.
     # "in-place": outputs are the buffers themselves (bind them to the same memory); the graph writes.
     update: str = "write-new"
+    # "concat-bucketed" graphs: the input that takes the context bucket, and the buckets
+    bucket_length: str | None = None
+    context_buckets: tuple[int, ...] = ()
 
     @property
     def in_place(self) -> bool:
@@ -111,6 +114,11 @@ def validate_manifest(data: Any) -> None:
         if data["format_version"] == 1 and kv.get("update", "write-new") != "write-new":
             raise EngineDirError(f"manifest.json: models/{role}/kv_cache/update {kv['update']!r} needs format "
                                  f"version 2. {_REEXPORT}")
+        if "bucket_length" in kv and (not kv.get("context_buckets")
+                                      or kv["context_buckets"][-1] != data["pair"]["max_context"]
+                                      or kv["context_buckets"] != sorted(kv["context_buckets"])):
+            raise EngineDirError(f"manifest.json: models/{role}/kv_cache/context_buckets must ascend to max_context "
+                                 f"{data['pair']['max_context']}. {_REEXPORT}")
         if kv["buffer_shape"][1:] != [m["num_kv_heads"], data["pair"]["max_context"], m["head_dim"]]:
             raise EngineDirError(f"manifest.json: models/{role}/kv_cache/buffer_shape {kv['buffer_shape']} disagrees "
                                  f"with num_kv_heads/max_context/head_dim. {_REEXPORT}")
@@ -167,7 +175,8 @@ def model_spec(root: Path, role: str, data: dict) -> ModelSpec:
             buffer_shape=tuple(kv["buffer_shape"]), input_ids=kv["input_ids"], past_length=kv["past_length"],
             logits=kv["logits"], key_buffers=tuple(kv["key_buffers"]), value_buffers=tuple(kv["value_buffers"]),
             new_keys=tuple(kv["new_keys"]), new_values=tuple(kv["new_values"]),
-            update=kv.get("update", "write-new"),
+            update=kv.get("update", "write-new"), bucket_length=kv.get("bucket_length"),
+            context_buckets=tuple(kv.get("context_buckets", ())),
         ),
         raw=m,
     )

@@ -82,12 +82,15 @@ class OrtModelStep:
             if self._in_place:
                 self.binding.bind_ortvalue_output((kv.new_keys + kv.new_values)[i], value)
         self._past = np.zeros(1, dtype=np.int64)
+        self._bucket = np.zeros(1, dtype=np.int64)  # concat-bucketed graphs only
         self._outputs: dict[int, tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list]] = {}
         self.calls = 0
 
     def _check_names(self) -> None:
         kv = self.spec.kv
         want_in = {kv.input_ids, kv.past_length, *kv.key_buffers, *kv.value_buffers}
+        if kv.bucket_length:
+            want_in.add(kv.bucket_length)
         want_out = {kv.logits, *kv.new_keys, *kv.new_values}
         have_in = {i.name for i in self.session.get_inputs()}
         have_out = {o.name for o in self.session.get_outputs()}
@@ -126,6 +129,9 @@ class OrtModelStep:
         self._past[0] = pos
         self.binding.bind_cpu_input(kv.input_ids, ids)
         self.binding.bind_cpu_input(kv.past_length, self._past)
+        if kv.bucket_length:
+            self._bucket[0] = next(b for b in kv.context_buckets if b >= pos)
+            self.binding.bind_cpu_input(kv.bucket_length, self._bucket)
         logits, new_k, new_v = self._bind_outputs(n)
         self.session.run_with_iobinding(self.binding)
         self.calls += 1

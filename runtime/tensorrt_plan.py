@@ -70,9 +70,19 @@ def context_bucket(length: int, max_context: int, smallest: int = 64) -> int:
     return next(b for b in context_buckets(max_context, smallest) if length <= b)
 
 
-def graph_key(role: str, profile: Profile, n: int, length: int, max_context: int) -> tuple:
+def bucket_for(length: int, buckets: tuple[int, ...]) -> int:
+    """The smallest of an engine's context buckets (``kv_cache.context_buckets``) holding ``length``."""
+    for b in buckets:
+        if length <= b:
+            return b
+    raise ValueError(f"context length {length} is beyond the largest bucket {buckets[-1] if buckets else None}")
+
+
+def graph_key(role: str, profile: Profile, n: int, length: int, max_context: int,
+              buckets: tuple[int, ...] = ()) -> tuple:
     """The CUDA-graph cache key: (model, stage, k, n, context bucket)."""
-    return role, profile.stage, profile.k, n, context_bucket(length, max_context)
+    bucket = bucket_for(length, buckets) if buckets else context_bucket(length, max_context)
+    return role, profile.stage, profile.k, n, bucket
 
 
 @dataclass(frozen=True)
@@ -108,7 +118,13 @@ def binding_plan(spec: ModelSpec, n_max: int) -> list[Binding]:
             size *= d
         return Binding(name, tuple(shape), dtype, size, is_input, on_host)
 
-    plan = [b(kv.input_ids, (1, n_max), "int64", True), b(kv.past_length, (1,), "int64", True, on_host=True)]
+    # past_length decides shapes in the concat graph (a host shape tensor); in the bucketed graph only
+    # bucket_length does, and past_length is plain device data -- which is what lets a captured CUDA
+    # graph replay at every context inside its bucket.
+    plan = [b(kv.input_ids, (1, n_max), "int64", True),
+            b(kv.past_length, (1,), "int64", True, on_host=not kv.bucket_length)]
+    if kv.bucket_length:
+        plan.append(b(kv.bucket_length, (1,), "int64", True, on_host=True))
     plan += [b(name, (1, kvh, max_ctx, hd), spec.dtype, True) for name in kv.key_buffers + kv.value_buffers]
     plan.append(b(kv.logits, (1, n_max, spec.vocab_size), "float32", False))
     plan += [b(name, (1, kvh, n_max, hd), spec.dtype, False) for name in kv.new_keys + kv.new_values]

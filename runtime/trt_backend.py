@@ -7,21 +7,37 @@ installed on the machines this was written on, and no GPU was lent, so none of t
 executed; its planning half (``tensorrt_plan``, ``cuda_graphs``) is CPU-tested.
 
 Design: device-resident KV buffers allocated once at ``buffer_shape`` (fixed addresses); per-width
-input/output buffers sized from the largest profile; ``past_length`` is a host shape tensor.  After
-a step, the n new KV entries are copied device-to-device into the buffers at ``pos``
-(cudaMemcpy2DAsync per layer: O(n)).  Only the logits come back to the host — the loop needs them
-to decide (an on-device argmax/acceptance kernel would shrink that to the accepted length: future
-work).  CUDA graphs (``cuda_graphs.GraphCache``) need shapes that do not change with the context;
-this engine's attention reads exactly ``past_length`` entries, so steps run eagerly until an export
-with bucketed, masked attention exists.
+input/output buffers sized from the largest profile.  After a step, the n new KV entries are copied
+device-to-device into the buffers at ``pos`` (cudaMemcpy2DAsync per layer: O(n)).  Only the logits
+come back to the host -- the loop needs them to decide (an on-device argmax/acceptance kernel would
+shrink that to the accepted length: future work).
+
+Two kinds of export (``kv_cache.attention``):
+
+* ``concat``: attention reads exactly ``past_length`` entries, a host shape tensor, so shapes change
+  every step and steps run eagerly (no graphs).
+* ``concat-bucketed``: shapes depend only on n and ``bucket_length`` (a host shape tensor, constant
+  per bucket); ``past_length`` is device data.  Each step's work -- token ids and ``past_length``
+  copied from pinned host memory, then ``execute_async_v3`` -- is captured once per (stage, k, n,
+  bucket) and replayed through ``cuda_graphs.GraphCache``: a replayed copy reads the pinned host
+  memory as it is at replay time, so one graph serves every context inside its bucket.  The KV
+  scatter (its destination moves with ``pos``) and the logits copy run after the replay.
 """
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
-from specrt.runtime.cuda_graphs import check
+from specrt.runtime.cuda_graphs import CudartOps, GraphCache, check
 from specrt.runtime.errors import EngineDirError
 from specrt.runtime.manifest import ModelSpec
-from specrt.runtime.tensorrt_plan import binding_plan, check_engine_compat, plan_profiles, select_profile
+from specrt.runtime.tensorrt_plan import binding_plan, check_engine_compat, graph_key, plan_profiles, select_profile
+
+
+def _pinned(cudart, count: int) -> np.ndarray:
+    """int64 host array in page-locked memory (what a captured H2D copy may read at replay)."""
+    ptr = check(cudart.cudaMallocHost(count * 8))
+    return np.ctypeslib.as_array((ctypes.c_int64 * count).from_address(int(ptr)))
 
 
 class TrtModelStep:
@@ -54,13 +70,22 @@ class TrtModelStep:
                 ptr = check(cudart.cudaMalloc(b.nbytes))
                 check(cudart.cudaMemset(ptr, 0, b.nbytes))
                 self.device_ptr[b.name] = ptr
-        self.host_past = np.zeros(1, dtype=np.int64)
         self.host_logits = np.empty((n_max, spec.vocab_size), dtype=np.float32)
         self._length = 0
         self._profile = -1
         for name, ptr in self.device_ptr.items():
             self.context.set_tensor_address(name, ptr)
-        self.context.set_tensor_address(spec.kv.past_length, self.host_past.ctypes.data)
+        self.bucketed = bool(spec.kv.bucket_length)
+        if self.bucketed:
+            self.host_ids = _pinned(cudart, n_max)
+            self.host_past = _pinned(cudart, 1)
+            self.host_bucket = np.zeros(1, dtype=np.int64)  # shape tensor: read by TensorRT at enqueue
+            self.context.set_tensor_address(spec.kv.bucket_length, self.host_bucket.ctypes.data)
+            self.graphs = GraphCache(CudartOps(), self.stream)
+        else:
+            self.host_ids = np.zeros(n_max, dtype=np.int64)
+            self.host_past = np.zeros(1, dtype=np.int64)  # shape tensor
+            self.context.set_tensor_address(spec.kv.past_length, self.host_past.ctypes.data)
 
     @property
     def max_context(self) -> int:
@@ -98,13 +123,26 @@ class TrtModelStep:
         if profile != self._profile:
             self.context.set_optimization_profile_async(profile, self.stream)
             self._profile = profile
-        ids = np.ascontiguousarray(token_ids, dtype=np.int64)
-        check(cudart.cudaMemcpyAsync(self.device_ptr[kv.input_ids], ids.ctypes.data, ids.nbytes,
-                                     cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
+        self.host_ids[:n] = token_ids
         self.host_past[0] = pos
         self.context.set_input_shape(kv.input_ids, (1, n))
-        if not self.context.execute_async_v3(self.stream):
-            raise RuntimeError(f"TensorRT execute_async_v3 failed for {self.spec.role} ({n} tokens at {pos})")
+        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+
+        def enqueue() -> None:
+            check(cudart.cudaMemcpyAsync(self.device_ptr[kv.input_ids], self.host_ids.ctypes.data, n * 8, h2d,
+                                         self.stream))
+            if self.bucketed:
+                check(cudart.cudaMemcpyAsync(self.device_ptr[kv.past_length], self.host_past.ctypes.data, 8, h2d,
+                                             self.stream))
+            if not self.context.execute_async_v3(self.stream):
+                raise RuntimeError(f"TensorRT execute_async_v3 failed for {self.spec.role} ({n} tokens at {pos})")
+
+        if self.bucketed:
+            key = graph_key(self.spec.role, self.profiles[profile], n, pos, self.max_context, kv.context_buckets)
+            self.host_bucket[0] = key[-1]
+            self.graphs.run(key, enqueue)
+        else:
+            enqueue()
         _, kvh, max_ctx, hd = kv.buffer_shape
         item = 4 if self.spec.dtype == "float32" else 2
         row = hd * item

@@ -60,10 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--draft-accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
                    help="the draft's MatMulNBits compute (default 4 = int8 activations: the draft's numerics change "
                    "only the acceptance, never the output)")
-    e.add_argument("--attention", choices=("auto", "gqa", "concat"), default="auto",
+    e.add_argument("--attention", choices=("auto", "gqa", "concat", "bucketed"), default="auto",
                    help="graph builder: gqa = ONNX Runtime GroupQueryAttention writing the KV cache in place (Llama, "
                    "Mistral, Qwen2; no KV copies); concat = optimum's export (any architecture it supports; slices "
-                   "and concatenates the cache every step); auto (default) = gqa where the checkpoint allows")
+                   "and concatenates the cache every step); bucketed = concat reading whole context buckets, masked, so "
+                   "shapes are fixed per bucket (for TensorRT + CUDA graphs); auto (default) = gqa where the "
+                   "checkpoint allows")
 
     for name, helptext in (("generate", "generate text with speculative decoding"),
                            ("bench", "target-only vs speculative tokens/s, side by side")):

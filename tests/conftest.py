@@ -55,6 +55,10 @@ def engines(tmp_path_factory, checkpoints):
     export_pair(checkpoints["target"], checkpoints["close"], root / "close_concat", max_context=MAX_CONTEXT,
                 tolerance=1e-4, progress=False, attention="concat")
     out["close_concat"] = root / "close_concat"
+    # ... and through the bucketed concat graph (shapes fixed per context bucket: 16, 32, 64)
+    export_pair(checkpoints["target"], checkpoints["close"], root / "close_bucketed", max_context=MAX_CONTEXT,
+                tolerance=1e-4, progress=False, attention="bucketed")
+    out["close_bucketed"] = root / "close_bucketed"
     return out
 
 

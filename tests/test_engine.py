@@ -53,7 +53,7 @@ def references(hf_target):
     return {tuple(p): hf_greedy(hf_target, p, 30) for p in PROMPTS}
 
 
-@pytest.mark.parametrize("draft", ["close", "random", "self", "adversarial", "close_concat"])
+@pytest.mark.parametrize("draft", ["close", "random", "self", "adversarial", "close_concat", "close_bucketed"])
 @pytest.mark.parametrize("k", [1, 2, 4, 8])
 def test_greedy_equals_transformers(loaded, references, draft, k):
     engine = loaded[draft]
@@ -68,7 +68,7 @@ def test_greedy_equals_transformers(loaded, references, draft, k):
             assert s.acceptance_rate == 1.0
         if draft == "adversarial":
             assert s.accepted == 0 and s.steps == 30
-    if draft in ("close", "close_concat"):
+    if draft in ("close", "close_concat", "close_bucketed"):
         assert r.stats.tokens_per_step > 1.4  # the perturbed copy really is a useful draft
 
 
@@ -87,7 +87,7 @@ def test_eos_cuts_inside_an_accepted_run(loaded, hf_target, draft):
 
 
 @pytest.mark.parametrize("k", [1, 4, 8])
-@pytest.mark.parametrize("name", ["close", "close_concat"])
+@pytest.mark.parametrize("name", ["close", "close_concat", "close_bucketed"])
 def test_runs_to_max_context(loaded, hf_target, k, name):
     engine = loaded[name]
     engine.manifest = dataclasses.replace(engine.manifest, eos_token_ids=frozenset())

@@ -17,6 +17,7 @@ from specrt.runtime.ort_backend import OrtModelStep
     ("llama", "gqa", "in-place"), ("qwen2", "gqa", "in-place"), ("mistral", "gqa", "in-place"),
     ("llama", "concat", "write-new"), ("qwen2", "concat", "write-new"), ("mistral", "concat", "write-new"),
     ("gpt2", "auto", "write-new"), ("phi3", "auto", "write-new"),
+    ("llama", "bucketed", "write-new"), ("gpt2", "bucketed", "write-new"),
 ])
 def test_family_exports_and_matches_transformers(tmp_path, tokenizer, family, attention, update):
     import transformers as T
@@ -28,6 +29,8 @@ def test_family_exports_and_matches_transformers(tmp_path, tokenizer, family, at
     m = load_manifest(tmp_path / "engine")  # schema + hashes
     assert m.target.raw["model_type"] == family
     assert m.target.kv.update == m.draft.kv.update == update
+    if attention == "bucketed":  # shapes fixed per bucket: [16, 32, 48] for a 48-token context
+        assert m.target.kv.context_buckets == (16, 32, 48) and m.target.kv.bucket_length == "bucket_length"
     for role in ("target", "draft"):
         diffs = report.max_abs_diff[role]
         assert set(diffs) >= {"prefill", "decode", "verify_k4"}

@@ -39,6 +39,23 @@ def test_context_buckets_and_graph_keys():
     assert graph_key("target", p, 5, 70, 2048) == ("target", "verify", 4, 5, 128)
     with pytest.raises(ValueError):
         context_bucket(3000, 2048)
+    # a bucketed export's own buckets (manifest kv_cache.context_buckets) decide the key
+    assert graph_key("target", p, 5, 17, 64, buckets=(16, 32, 64)) == ("target", "verify", 4, 5, 32)
+    assert graph_key("target", p, 5, 16, 64, buckets=(16, 32, 64))[-1] == 16
+    with pytest.raises(ValueError, match="beyond the largest bucket"):
+        graph_key("target", p, 5, 65, 64, buckets=(16, 32, 64))
+
+
+def test_bucketed_binding_plan_moves_past_length_to_the_device(engines):
+    """In the bucketed graph only bucket_length shapes tensors (host); past_length is device data,
+    so a CUDA graph captured for a bucket replays at every context inside it."""
+    spec = load_manifest(engines["close_bucketed"]).target
+    assert spec.kv.context_buckets == (16, 32, 64)
+    plan = {b.name: b for b in binding_plan(spec, 9)}
+    assert plan["bucket_length"].on_host and not plan["past_length"].on_host
+    assert set(plan) == {t["name"] for t in spec.raw["inputs"] + spec.raw["outputs"]}
+    concat = {b.name: b for b in binding_plan(load_manifest(engines["close_concat"]).target, 9)}
+    assert concat["past_length"].on_host and "bucket_length" not in concat
 
 
 def test_binding_plan_sizes(engines):
