@@ -271,9 +271,14 @@ def _bench_peers(args, engine, prompts) -> int:
     k = (args.k or [2])[0]
     label = peers.engine_label(engine)
     systems = peers.specrt_systems(engine, [k], args.max_new_tokens, label)
+    labels = {label}
     for path in args.also_engine:
         other = Engine.load(path, threads=args.threads, draft_threads=args.draft_threads, spin=not args.no_spin)
-        systems += peers.specrt_systems(other, [k], args.max_new_tokens, peers.engine_label(other))
+        other_label = peers.engine_label(other)
+        if other_label in labels:  # e.g. two fp32 exports with different graphs: tell them apart
+            other_label = f"{other_label} {path.name}"
+        labels.add(other_label)
+        systems += peers.specrt_systems(other, [k], args.max_new_tokens, other_label)
     if args.hf_target:
         systems += peers.transformers_systems(args.hf_target, args.hf_draft, k, args.max_new_tokens,
                                               sorted(engine.manifest.eos_token_ids), args.threads or 2)

@@ -101,8 +101,25 @@ def test_bench_policies_and_relaxed(engines, tmp_path):
             assert r["agreement_with_target"] == 1.0, r
 
 
+def test_bench_peers_report(engines, checkpoints, tmp_path):
+    """`specrt bench --peers` with another engine of the pair and transformers' rows: one report."""
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([{"name": "ids", "prompt_ids": [5, 17, 33]}]))
+    report = tmp_path / "peers.md"
+    p = specrt("bench", engines["close"], "--peers", "--k", "2", "--also-engine", engines["close_concat"],
+               "--hf-target", checkpoints["target"], "--hf-draft", checkpoints["close"], "--prompts", prompts,
+               "--repeats", "1", "--max-new-tokens", "8", "--temperatures", "0", "--report", report)
+    assert "Median over prompts" in p.stdout and report.is_file()
+    rows = {r["system"]: r for r in json.loads(report.with_suffix(".json").read_text())}
+    assert set(rows) == {"specrt target-only [fp32]", "specrt k=2 [fp32]", "transformers generate()",
+                         "transformers assisted k=2", "specrt target-only [fp32 close_concat]",
+                         "specrt k=2 [fp32 close_concat]"}  # same quantization: told apart by directory
+    assert all(r["same_greedy_tokens"] in (True, None) for r in rows.values())
+
+
 def test_info(engines):
-    assert "manifest valid" in specrt("info", engines["close"]).stdout
+    out = specrt("info", engines["close"]).stdout
+    assert "manifest valid" in out and "attention group-query-attention, KV update in-place" in out
 
 
 def test_export_cli_refuses_non_empty(tmp_path, checkpoints):
