@@ -161,6 +161,9 @@ def run_peers(engine: Engine, systems: list[System], prompts: Sequence[dict], te
     """Alternate every system once per repeat; return one row per (prompt, temperature, system)."""
     from tqdm.auto import tqdm
 
+    names = [s.name for s in systems]
+    if len(set(names)) != len(names):
+        raise ValueError(f"peer systems need distinct names, got {names}")
     rows = []
     total = len(prompts) * len(temperatures) * repeats * len(systems)
     with tqdm(total=total, desc="peers", unit="run", disable=not progress) as bar:
