@@ -20,7 +20,7 @@ from specrt.engines import FORMAT_NAME, FORMAT_VERSION
 from specrt.export.compat import check_tokenizers, require_local_checkpoint
 from specrt.export.onnx_export import ATTENTION_CHOICES, export_model
 from specrt.export.quantize import QUANT_CHOICES, quantize_file
-from specrt.export.verify import HELD_OUT_TEXT, compare, text_drift
+from specrt.export.verify import HELD_OUT_TEXT, compare, row_invariance, text_drift
 from specrt.runtime.errors import SpecrtError
 from specrt.runtime.manifest import MANIFEST, load_manifest, model_spec, sha256_file, validate_manifest
 from tqdm.auto import tqdm
@@ -154,6 +154,14 @@ def export_pair(target: str | Path, draft: str | Path, out: str | Path, *, max_c
                 del hf
                 report.max_abs_diff[f"{role}-{quants[role]}"] = record["drift_vs_pytorch"]
             models[role]["quantization"] = record
+        if verify:
+            # Measured, not assumed: whether a verification pass scores each row as 1-token decoding
+            # does (see verify.row_invariance); the runtime pads 1-token target steps when min_rows is 2.
+            inv = row_invariance(model_spec(tmp, "target", manifest), vocab_limit=len(t_tok))
+            models["target"]["batch_invariance"] = {k: (round(v, 8) if isinstance(v, float) else v)
+                                                   for k, v in inv.items()}
+            if models["target"].get("quantization"):
+                models["target"]["quantization"]["batch_invariant"] = inv["min_rows"] is not None
         # 4. write -----------------------------------------------------------------
         bar.update(1)
         bar.set_description("write tokenizer + manifest")

@@ -93,12 +93,14 @@ class Engine:
         """
         manifest = load_manifest(path, check_hashes=check_hashes)
         quant = manifest.target.raw.get("quantization") or {}
-        if quant.get("batch_invariant") is False:
+        measured = manifest.target.raw.get("batch_invariance")
+        if quant.get("batch_invariant") is False or (measured and measured.get("min_rows") is None):
             warnings.warn(
-                f"{path}: the target was quantized with MatMulNBits accuracy level {quant.get('accuracy_level')} "
-                "(int8 activations), which computes a (k+1)-token verification pass differently from 1-token "
-                "decoding: speculative output can differ from target-only output. Re-export with "
-                "`--accuracy-level 1` for lossless speculation.", LosslessnessWarning, stacklevel=2)
+                f"{path}: the target's (k+1)-token verification passes compute differently from 1-token "
+                f"decoding ({'measured at export' if measured else 'MatMulNBits accuracy level '}"
+                f"{'' if measured else quant.get('accuracy_level')}), so speculative output can differ from "
+                "target-only output. Re-export with `--accuracy-level 1` (and without --no-verify, which "
+                "skips the measurement) for lossless speculation.", LosslessnessWarning, stacklevel=2)
         k_max = max(manifest.k_values)
         target = OrtModelStep(manifest.target, provider, threads, max_step=k_max + 1, spin=spin)
         draft = OrtModelStep(manifest.draft, provider, draft_threads or 1, max_step=k_max + 1, spin=spin)
@@ -106,7 +108,8 @@ class Engine:
 
     @property
     def max_context(self) -> int:
-        return self.manifest.max_context
+        """Prompt + generated tokens: the manifest's, less one where 1-token steps are padded."""
+        return min(self.manifest.max_context, self.target.max_context, self.draft.max_context)
 
     def encode(self, text: str) -> list[int]:
         return self.codec.encode(text)

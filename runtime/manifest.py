@@ -58,6 +58,11 @@ class ModelSpec:
     kv: KVSpec
     raw: dict[str, Any]
 
+    @property
+    def min_rows(self) -> int:
+        """Rows every pass must have for row-invariant logits (measured at export; 2 = pad 1-token steps)."""
+        return (self.raw.get("batch_invariance") or {}).get("min_rows") or 1
+
 
 @dataclass(frozen=True)
 class Manifest:

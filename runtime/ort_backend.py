@@ -82,6 +82,12 @@ class OrtModelStep:
             if self._in_place:
                 self.binding.bind_ortvalue_output((kv.new_keys + kv.new_values)[i], value)
         self._past = np.zeros(1, dtype=np.int64)
+        # A model whose 1-token passes compute differently from multi-token passes (measured at export,
+        # manifest batch_invariance.min_rows = 2: MatMulNBits with int8 activations on this CPU) runs
+        # every 1-token step as a 2-token pass -- the token twice; the second row's KV lands at pos + 1,
+        # past the valid length, and is overwritten later -- so decoding and verification agree.
+        self._min_rows = spec.min_rows
+        self._padded = np.zeros(self._min_rows, dtype=np.int64)
         self._bucket = np.zeros(1, dtype=np.int64)  # concat-bucketed graphs only
         self._outputs: dict[int, tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list]] = {}
         self.calls = 0
@@ -104,7 +110,7 @@ class OrtModelStep:
     # -- protocol -----------------------------------------------------------------
     @property
     def max_context(self) -> int:
-        return self.cache.capacity
+        return self.cache.capacity - (self._min_rows - 1)  # room for a padded last step
 
     @property
     def vocab_size(self) -> int:
@@ -124,6 +130,19 @@ class OrtModelStep:
         if n < 1 or pos + n > self.cache.capacity:
             raise GenerationError(f"{self.spec.role}: {n} tokens at pos {pos} exceed the max context "
                                   f"{self.cache.capacity}; re-export with a larger --max-context")
+        if n < self._min_rows:
+            if pos + self._min_rows > self.cache.capacity:
+                raise GenerationError(f"{self.spec.role}: a padded step at pos {pos} needs {self._min_rows} free "
+                                      f"cache entries (max context {self.max_context})")
+            self._padded[:] = token_ids[-1]
+            self._padded[:n] = token_ids
+            logits = self._run(self._padded, pos)
+            self.cache.set_length(pos + n)
+            return logits[:n]
+        return self._run(token_ids, pos)
+
+    def _run(self, token_ids: np.ndarray, pos: int) -> np.ndarray:
+        n = len(token_ids)
         kv = self.spec.kv
         ids = np.asarray(token_ids, dtype=np.int64).reshape(1, n)  # O(n)
         self._past[0] = pos

@@ -50,8 +50,14 @@ def engine_label(engine: Engine) -> str:
         q = spec.raw.get("quantization")
         if not q:
             return spec.dtype.replace("float", "fp")
-        lossy = spec.role == "target" and q.get("batch_invariant") is False
-        return f"int{q['bits']}" + (f" acc{q.get('accuracy_level')}, not batch-invariant" if lossy else "")
+        label = f"int{q['bits']}"
+        if spec.role == "target" and q.get("accuracy_level", 1) > 1:
+            label += f" acc{q['accuracy_level']}"
+            if q.get("batch_invariant") is False:
+                label += ", not batch-invariant"
+            elif spec.min_rows > 1:
+                label += f", {spec.min_rows}-row steps"
+        return label
 
     target, draft = bits(engine.manifest.target), bits(engine.manifest.draft)
     return target if target.startswith(draft) else f"{target}, draft {draft}"

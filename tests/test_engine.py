@@ -165,3 +165,29 @@ def test_sampling_first_token_follows_target(loaded, hf_target):
     tv = 0.5 * np.abs(counts / n - p).sum()
     noise = 0.5 * np.sqrt(p * (1 - p) / n).sum() * 2.5  # a generous bound on sampling noise
     assert tv < max(noise, 0.05), (tv, noise)
+
+
+def test_padded_one_token_steps_keep_the_cache_right(engines, references, tmp_path):
+    """min_rows = 2 (a target whose 1-token passes compute differently): every 1-token target step
+    runs as a 2-token pass; the dummy row's KV lands past the valid length and must never leak."""
+    import json
+    import shutil
+
+    d = tmp_path / "padded"
+    shutil.copytree(engines["close"], d)
+    data = json.loads((d / "manifest.json").read_text())
+    data["models"]["target"]["batch_invariance"] = {"single_vs_multi": 0.5, "multi_vs_multi": 0.0, "min_rows": 2}
+    (d / "manifest.json").write_text(json.dumps(data))
+    engine = Engine.load(d)
+    engine.manifest = dataclasses.replace(engine.manifest, eos_token_ids=frozenset())
+    assert engine.target.max_context == engine.max_context == 63
+    widths = []
+    run = engine.target._run
+    engine.target._run = lambda ids, pos: (widths.append(len(ids)), run(ids, pos))[1]
+    for prompt in PROMPTS:
+        assert engine.generate(prompt, max_new_tokens=30, use_draft=False).token_ids == references[tuple(prompt)]
+        for k in (1, 4):
+            assert engine.generate(prompt, max_new_tokens=30, k=k).token_ids == references[tuple(prompt)]
+    assert min(widths) == 2  # no 1-row target pass ran
+    r = engine.generate(PROMPTS[3], max_new_tokens=500, k=4)  # up to the (one smaller) context limit
+    assert len(PROMPTS[3]) + len(r.token_ids) == 63 and r.stats.stop_reason == "max_context"

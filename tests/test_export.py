@@ -179,3 +179,32 @@ def test_non_batch_invariant_target_warns_on_load(tmp_path, checkpoints):
                 progress=False, verify=False)
     with pytest.warns(LosslessnessWarning, match="--accuracy-level 1"):
         Engine.load(out)
+
+
+def test_int8_activation_target_is_measured_and_made_lossless(tmp_path, checkpoints):
+    """MatMulNBits accuracy level 4 quantizes activations per pass; export measures whether a position's
+    logits depend on the pass it sits in.  Where only 1-token passes differ (min_rows 2, seen on this
+    CPU), the runtime pads 1-token target steps to 2 rows and speculation is lossless again."""
+    import warnings
+
+    from specrt.runtime import Engine, LosslessnessWarning
+
+    out = tmp_path / "engine"
+    export_pair(checkpoints["target"], checkpoints["close"], out, max_context=48, quant="int4", accuracy_level=4,
+                progress=False)
+    m = load_manifest(out)
+    inv = m.target.raw["batch_invariance"]
+    assert set(inv) == {"single_vs_multi", "multi_vs_multi", "min_rows"}
+    assert m.target.raw["quantization"]["batch_invariant"] == (inv["min_rows"] is not None)
+    if inv["min_rows"] is None:
+        with pytest.warns(LosslessnessWarning):
+            Engine.load(out)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LosslessnessWarning)
+        engine = Engine.load(out)
+    assert engine.max_context == 48 - (inv["min_rows"] - 1)
+    for prompt in ([5, 17, 33], [40, 41, 42, 43, 44], [7]):
+        base = engine.generate(prompt, max_new_tokens=30, use_draft=False).token_ids
+        for k in (1, 2, 4, 8):
+            assert engine.generate(prompt, max_new_tokens=30, k=k).token_ids == base, (prompt, k)
