@@ -20,7 +20,9 @@ from specrt.engines import FORMAT_NAME, FORMAT_VERSION
 from specrt.export.compat import check_tokenizers, require_local_checkpoint
 from specrt.export.onnx_export import ATTENTION_CHOICES, export_model
 from specrt.export.quantize import QUANT_CHOICES, quantize_file
-from specrt.export.verify import HELD_OUT_TEXT, compare, row_invariance, text_drift
+from specrt.export.verify import HELD_OUT_TEXT, compare, text_drift
+from specrt.runtime import invariance
+from specrt.runtime.ort_backend import OrtModelStep
 from specrt.runtime.errors import SpecrtError
 from specrt.runtime.manifest import MANIFEST, load_manifest, model_spec, sha256_file, validate_manifest
 from tqdm.auto import tqdm
@@ -51,15 +53,17 @@ def export_pair(target: str | Path, draft: str | Path, out: str | Path, *, max_c
                 k_values: Sequence[int] = DEFAULT_K, force: bool = False, verify: bool = True,
                 tolerance: float = DEFAULT_TOLERANCE, progress: bool = True, quant: str = "fp32",
                 target_quant: str | None = None, draft_quant: str | None = None, block_size: int = 32,
-                accuracy_level: int = 1, draft_accuracy_level: int = 4, attention: str = "auto") -> ExportReport:
+                accuracy_level: int = 4, draft_accuracy_level: int = 4, attention: str = "auto") -> ExportReport:
     """Export ``target`` (the verification model) and ``draft`` into the engine directory ``out``.
 
     ``quant`` (fp32 | int8 | int4, overridable per model) applies ONNX Runtime's weight-only
     MatMulNBits quantizer after the fp32 graphs have been verified; the drift it causes is measured
-    and recorded in the manifest.  ``accuracy_level`` is the target's MatMulNBits compute (1 = fp32,
-    batch-invariant: speculative output equals target-only); ``draft_accuracy_level`` defaults to 4
-    (int8 activations, fastest) because the draft's numerics never change the output, only the
-    acceptance.  ``attention`` (auto | gqa | concat) picks the graph builder:
+    and recorded in the manifest.  ``accuracy_level`` is the target's MatMulNBits compute: 4 (default,
+    int8 activations, fastest) scores a position in a 1-token pass differently from inside a
+    multi-token pass on the CPUs measured, so export measures that and the runtime pads 1-token target
+    steps to 2 rows (speculation stays lossless); 1 (fp32 compute) needs no padding but is ~3x slower
+    on CPU.  ``draft_accuracy_level`` defaults to 4: the draft's numerics change only the acceptance.
+    ``attention`` (auto | gqa | concat) picks the graph builder:
     ``gqa`` writes the KV cache in place with ONNX Runtime's GroupQueryAttention (Llama, Mistral,
     Qwen2), ``concat`` is optimum's export; ``auto`` uses ``gqa`` wherever the checkpoint allows.
     """
@@ -156,12 +160,11 @@ def export_pair(target: str | Path, draft: str | Path, out: str | Path, *, max_c
             models[role]["quantization"] = record
         if verify:
             # Measured, not assumed: whether a verification pass scores each row as 1-token decoding
-            # does (see verify.row_invariance); the runtime pads 1-token target steps when min_rows is 2.
-            inv = row_invariance(model_spec(tmp, "target", manifest), vocab_limit=len(t_tok))
-            models["target"]["batch_invariance"] = {k: (round(v, 8) if isinstance(v, float) else v)
-                                                   for k, v in inv.items()}
+            # does (runtime/invariance.py); the runtime pads 1-token target steps when min_rows is 2.
+            inv = invariance.measure(OrtModelStep(model_spec(tmp, "target", manifest)), vocab_limit=len(t_tok))
+            models["target"]["batch_invariance"] = inv.as_dict()
             if models["target"].get("quantization"):
-                models["target"]["quantization"]["batch_invariant"] = inv["min_rows"] is not None
+                models["target"]["quantization"]["batch_invariant"] = inv.min_rows is not None
         # 4. write -----------------------------------------------------------------
         bar.update(1)
         bar.set_description("write tokenizer + manifest")

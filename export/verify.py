@@ -68,35 +68,3 @@ def text_drift(spec: ModelSpec, hf_model, token_ids: list[int]) -> dict[str, flo
     return {"tokens": len(ids), "top1_agreement": float((ort_logits.argmax(-1) == ref.argmax(-1)).mean()),
             "perplexity_fp32": perplexity(ref), "perplexity_quantized": perplexity(ort_logits)}
 
-
-def row_invariance(spec: ModelSpec, prompt_len: int = 24, n: int = 5, seed: int = 1,
-                   vocab_limit: int | None = None, tolerance: float = 1e-3) -> dict:
-    """Does a position's logits depend on how many tokens share its pass?  Speculative output equals
-    target-only output only if a (k+1)-token verification computes each row as 1-token decoding does.
-
-    Measures, on this machine's kernels: ``single_vs_multi``, n one-token steps against one n-token
-    pass; ``multi_vs_multi``, the same positions as other rows of other multi-token passes (shifted
-    start, and 2-token passes keeping row 0).  ``min_rows`` is 1 when one-token steps already agree
-    (within ``tolerance``: fp32 rounding), 2 when only multi-token passes agree with each other -- the
-    runtime then runs every 1-token target step as a 2-token pass -- and None when neither holds."""
-    rng = np.random.default_rng(seed)
-    hi = min(vocab_limit or spec.vocab_size, spec.vocab_size)
-    ids = rng.integers(0, hi, size=prompt_len + n, dtype=np.int64)
-    p = prompt_len
-    step = OrtModelStep(spec, threads=None)
-    step.prefill(ids[:p])
-    multi = step.step(ids[p:p + n], p).copy()
-    step.set_length(p)
-    single = np.stack([step.step(ids[p + i:p + i + 1], p + i)[0].copy() for i in range(n)])
-    step.set_length(p)
-    step.step(ids[p:p + 2], p)
-    shifted = step.step(ids[p + 2:p + n], p + 2).copy()
-    step.set_length(p)
-    padded = []
-    for i in range(n):
-        padded.append(step.step(np.array([ids[p + i], ids[p + i]]), p + i)[0].copy())
-        step.set_length(p + i + 1)
-    single_vs_multi = float(np.abs(single - multi).max())
-    multi_vs_multi = max(float(np.abs(shifted - multi[2:]).max()), float(np.abs(np.stack(padded) - multi).max()))
-    min_rows = 1 if single_vs_multi <= tolerance else 2 if multi_vs_multi <= tolerance else None
-    return {"single_vs_multi": single_vs_multi, "multi_vs_multi": multi_vs_multi, "min_rows": min_rows}

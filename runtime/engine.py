@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import IO
 
 import numpy as np
+from specrt.runtime import invariance
 from specrt.runtime.errors import GenerationError
 from specrt.runtime.loop import StepResult, speculative, target_only
 from specrt.runtime.manifest import Manifest, load_manifest
@@ -79,32 +80,41 @@ class Engine:
                                manifest.eos_token_ids)
         self._lock = threading.Lock()
         self._generation = 0
+        self.row_invariance: invariance.RowInvariance | None = None  # measured at load (quantized targets)
 
     @classmethod
     def load(cls, path: str | Path, provider: str = "cpu", threads: int | None = None,
-             draft_threads: int | None = None, spin: bool = True, check_hashes: bool = True) -> Engine:
+             draft_threads: int | None = None, spin: bool = True, check_hashes: bool = True,
+             check_invariance: bool = True) -> Engine:
         """Validate the manifest (schema + SHA-256 of every file) and open both models.
 
         ``threads``: ONNX Runtime intra-op threads for the target (default: all cores, at most 8);
         ``draft_threads`` for the draft (default 1: a small model gains little from more threads, and
         measured on 2 cores, two alternating multi-threaded sessions slow each other down: a draft step
         took 6.7 ms alternating vs 3.7 ms single-threaded); ``spin=False`` stops idle threads from
-        busy-waiting between runs.
+        busy-waiting between runs.  ``check_invariance``: for a quantized target, measure on this
+        machine whether verification passes score rows as 1-token decoding does (a few target passes,
+        see ``runtime.invariance``) and pad 1-token steps where needed; otherwise the export machine's
+        measurement in the manifest is trusted.
         """
         manifest = load_manifest(path, check_hashes=check_hashes)
-        quant = manifest.target.raw.get("quantization") or {}
-        measured = manifest.target.raw.get("batch_invariance")
-        if quant.get("batch_invariant") is False or (measured and measured.get("min_rows") is None):
-            warnings.warn(
-                f"{path}: the target's (k+1)-token verification passes compute differently from 1-token "
-                f"decoding ({'measured at export' if measured else 'MatMulNBits accuracy level '}"
-                f"{'' if measured else quant.get('accuracy_level')}), so speculative output can differ from "
-                "target-only output. Re-export with `--accuracy-level 1` (and without --no-verify, which "
-                "skips the measurement) for lossless speculation.", LosslessnessWarning, stacklevel=2)
         k_max = max(manifest.k_values)
         target = OrtModelStep(manifest.target, provider, threads, max_step=k_max + 1, spin=spin)
         draft = OrtModelStep(manifest.draft, provider, draft_threads or 1, max_step=k_max + 1, spin=spin)
-        return cls(manifest, target, draft)
+        engine = cls(manifest, target, draft)
+        recorded = manifest.target.raw.get("batch_invariance")
+        min_rows = recorded["min_rows"] if recorded else 1
+        if check_invariance and manifest.target.raw.get("quantization"):
+            engine.row_invariance = invariance.measure(target, vocab_limit=manifest.target.vocab_size)
+            min_rows = engine.row_invariance.min_rows
+        target.min_rows = min_rows or 1
+        if min_rows is None:
+            warnings.warn(
+                f"{path}: the target's multi-token verification passes score positions differently from "
+                "1-token decoding on this machine (see runtime/invariance.py), so speculative output can "
+                "differ from target-only output. Re-export with `--accuracy-level 1` for lossless "
+                "speculation.", LosslessnessWarning, stacklevel=2)
+        return engine
 
     @property
     def max_context(self) -> int:

@@ -87,7 +87,7 @@ class OrtModelStep:
         # every 1-token step as a 2-token pass -- the token twice; the second row's KV lands at pos + 1,
         # past the valid length, and is overwritten later -- so decoding and verification agree.
         self._min_rows = spec.min_rows
-        self._padded = np.zeros(self._min_rows, dtype=np.int64)
+        self._padded = np.zeros(2, dtype=np.int64)
         self._bucket = np.zeros(1, dtype=np.int64)  # concat-bucketed graphs only
         self._outputs: dict[int, tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list]] = {}
         self.calls = 0
@@ -108,6 +108,17 @@ class OrtModelStep:
             )
 
     # -- protocol -----------------------------------------------------------------
+    @property
+    def min_rows(self) -> int:
+        """Rows every pass runs with: 2 pads 1-token steps (see ``runtime.invariance``)."""
+        return self._min_rows
+
+    @min_rows.setter
+    def min_rows(self, rows: int) -> None:
+        if rows not in (1, 2):
+            raise ValueError(f"min_rows must be 1 or 2, got {rows}")
+        self._min_rows = rows
+
     @property
     def max_context(self) -> int:
         return self.cache.capacity - (self._min_rows - 1)  # room for a padded last step
@@ -134,9 +145,10 @@ class OrtModelStep:
             if pos + self._min_rows > self.cache.capacity:
                 raise GenerationError(f"{self.spec.role}: a padded step at pos {pos} needs {self._min_rows} free "
                                       f"cache entries (max context {self.max_context})")
-            self._padded[:] = token_ids[-1]
-            self._padded[:n] = token_ids
-            logits = self._run(self._padded, pos)
+            padded = self._padded[:self._min_rows]
+            padded[:] = token_ids[-1]
+            padded[:n] = token_ids
+            logits = self._run(padded, pos)
             self.cache.set_length(pos + n)
             return logits[:n]
         return self._run(token_ids, pos)

@@ -53,10 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--target-quant", choices=("fp32", "int8", "int4"), default=None, help="override --quant for the target")
     e.add_argument("--draft-quant", choices=("fp32", "int8", "int4"), default=None, help="override --quant for the draft")
     e.add_argument("--block-size", type=int, default=32, help="int4/int8 quantization block size (default 32)")
-    e.add_argument("--accuracy-level", type=int, default=1, choices=(0, 1, 2, 3, 4),
-                   help="the target's MatMulNBits compute: 1 = fp32 (default; batch-invariant, so speculative output "
-                   "equals target-only); 4 = int8 activations, ~3x faster on CPU but NOT lossless: a (k+1)-token "
-                   "pass can pick other tokens than 1-token decoding (the runtime warns)")
+    e.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
+                   help="the target's MatMulNBits compute: 4 = int8 activations (default, ~3x faster on CPU; "
+                   "its 1-token passes differ from multi-token passes, which export and load measure, and "
+                   "1-token target steps are then run as 2-token passes so speculation stays lossless); "
+                   "1 = fp32 compute (no padding needed, slower)")
     e.add_argument("--draft-accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
                    help="the draft's MatMulNBits compute (default 4 = int8 activations: the draft's numerics change "
                    "only the acceptance, never the output)")
@@ -311,9 +312,13 @@ def _info(args) -> int:
               f"vocab {spec.vocab_size}")
         q = raw.get("quantization")
         quant = (f"int{q['bits']} MatMulNBits (block {q['block_size']}, accuracy level {q['accuracy_level']}"
-                 f"{'' if q.get('batch_invariant', True) else ', NOT batch-invariant'})") if q else "not quantized"
+                 f"{'' if q.get('batch_invariant', True) or spec.role == 'draft' else ', NOT batch-invariant'})"
+                 ) if q else "not quantized"
+        inv = raw.get("batch_invariance")
+        rows = "" if not inv else (f", 1-token steps padded to {inv['min_rows']} rows" if inv["min_rows"] == 2
+                                   else ", rows NOT invariant" if inv["min_rows"] is None else "")
         print(f"        attention {raw['kv_cache'].get('attention', 'concat')}, KV update "
-              f"{spec.kv.update}, {quant}")
+              f"{spec.kv.update}, {quant}{rows}")
     print(f"  pair: k {list(m.k_values)}, max context {m.max_context}, EOS {sorted(m.eos_token_ids)}")
     print("  manifest valid, all file hashes match")
     return 0
