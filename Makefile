@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test install-export install-demo lint bench-demo bench-policies bench-kv bench-peers peers-setup demo-int4
+.PHONY: demo test install-export install-demo lint bench-demo bench-policies bench-kv bench-peers bench-steps peers-setup demo-int4
 
 install-export:
 	$(PIP) -e ".[export,test]"
@@ -42,12 +42,16 @@ peers-setup:
 	for p in fp32 int4; do test -f .cache/genai/$$p/model.onnx || $(GENAI_VENV)/bin/python -m onnxruntime_genai.models.builder -i .cache/demo/verifier-hf -o .cache/genai/$$p -p $$p -e cpu -c .cache/genai/hfcache > .cache/genai/build_$$p.log 2>&1 || exit 1; done
 	test -f .cache/demo/engine-dq4/manifest.json || $(SPECRT) export $(DEMO_PAIR) --out .cache/demo/engine-dq4 --draft-quant int4
 	test -f .cache/demo/engine-int4/manifest.json || $(SPECRT) export $(DEMO_PAIR) --out .cache/demo/engine-int4 --quant int4
-	test -f .cache/demo/engine-int4-acc4/manifest.json || $(SPECRT) export $(DEMO_PAIR) --out .cache/demo/engine-int4-acc4 --quant int4 --accuracy-level 4
 
-## specrt (fp32; fp32 + int4 draft; int4; int4 at accuracy level 4) beside transformers generate(),
-## assisted generation and onnxruntime-genai fp32 / int4: one run, one report
+## specrt (fp32; fp32 + int4 draft; int4) beside transformers generate(), assisted generation and
+## onnxruntime-genai fp32 / int4: one run, one report
 bench-peers: peers-setup
-	$(SPECRT) bench .cache/demo/engine --peers --k 2 --also-engine .cache/demo/engine-dq4 --also-engine .cache/demo/engine-int4 --also-engine .cache/demo/engine-int4-acc4 --hf-target .cache/demo/verifier-hf --hf-draft engines/demo/draft --genai-model .cache/genai/fp32 --genai-model .cache/genai/int4 --genai-python $(GENAI_VENV)/bin/python --repeats 2 --max-new-tokens 64 --prompts benchmarks/demo_prompts.json --report .cache/demo/peers.md
+	$(SPECRT) bench .cache/demo/engine --peers --k 2 --also-engine .cache/demo/engine-dq4 --also-engine .cache/demo/engine-int4 --hf-target .cache/demo/verifier-hf --hf-draft engines/demo/draft --genai-model .cache/genai/fp32 --genai-model .cache/genai/int4 --genai-python $(GENAI_VENV)/bin/python --repeats 2 --max-new-tokens 64 --prompts benchmarks/demo_prompts.json --report .cache/demo/peers.md
+
+## per-pass cost (n = 1, 2, 3, 5) and row invariance: fp32, int4 (accuracy level 4), int4 at level 1
+bench-steps: peers-setup
+	test -f .cache/demo/engine-int4-acc1/manifest.json || $(SPECRT) export $(DEMO_PAIR) --out .cache/demo/engine-int4-acc1 --quant int4 --accuracy-level 1
+	$(PYTHON) benchmarks/step_cost.py .cache/demo/engine .cache/demo/engine-int4 .cache/demo/engine-int4-acc1
 
 ## int4 verifier + draft engine (ONNX Runtime MatMulNBits), then its bench
 demo-int4:
