@@ -38,7 +38,7 @@ def main() -> None:
             step = OrtModelStep(spec, threads=threads)
             as_run = step.min_rows
 
-            def timed(n: int) -> str:
+            def timed(n: int, step: OrtModelStep = step) -> str:
                 step.prefill(ids[: a.context])
                 samples = []
                 for _ in range(a.repeats):
