@@ -22,9 +22,9 @@ from specrt.export.onnx_export import ATTENTION_CHOICES, export_model
 from specrt.export.quantize import QUANT_CHOICES, quantize_file
 from specrt.export.verify import HELD_OUT_TEXT, compare, text_drift
 from specrt.runtime import invariance
-from specrt.runtime.ort_backend import OrtModelStep
 from specrt.runtime.errors import SpecrtError
 from specrt.runtime.manifest import MANIFEST, load_manifest, model_spec, sha256_file, validate_manifest
+from specrt.runtime.ort_backend import OrtModelStep
 from tqdm.auto import tqdm
 
 import specrt
