@@ -66,6 +66,7 @@ class Row:
     tokens_per_step: list[float] = field(default_factory=list)
     draft_s: list[float] = field(default_factory=list)
     verify_s: list[float] = field(default_factory=list)
+    prefill_s: list[float] = field(default_factory=list)
     other_s: list[float] = field(default_factory=list)
     new_tokens: list[int] = field(default_factory=list)
     agreement: list[float] = field(default_factory=list)  # with target-only greedy output
@@ -83,6 +84,7 @@ class Row:
             "tokens_per_step": round(med(self.tokens_per_step), 3),
             "ms_per_token": {"draft": round(1e3 * med(self.draft_s) / n, 2),
                              "verify": round(1e3 * med(self.verify_s) / n, 2),
+                             "prefill": round(1e3 * med(self.prefill_s) / n, 2),
                              "other": round(1e3 * med(self.other_s) / n, 2)},
             "agreement_with_target": round(min(self.agreement), 4) if self.agreement else None,
             "runs": len(self.tokens_per_s),
@@ -123,7 +125,8 @@ def bench(engine: Engine, prompts: Sequence[dict] = DEFAULT_PROMPTS, configs: Se
                     row.tokens_per_step.append(s.tokens_per_step)
                     row.draft_s.append(s.draft_s)
                     row.verify_s.append(s.verify_s)
-                    row.other_s.append(s.other_s + s.prefill_s)
+                    row.prefill_s.append(s.prefill_s)
+                    row.other_s.append(s.other_s)
                     row.new_tokens.append(s.new_tokens)
                     if c.temperature == 0:
                         row.agreement.append(_agreement(r.token_ids, reference))
@@ -137,7 +140,7 @@ def bench(engine: Engine, prompts: Sequence[dict] = DEFAULT_PROMPTS, configs: Se
 
 def format_table(rows: list[dict]) -> str:
     head = (f"{'prompt':<6} {'config':<30} {'tok/s':>7} {'speedup':>8} {'accept':>7} {'tok/pass':>8} "
-            f"{'draft ms/t':>10} {'verify ms/t':>11} {'other ms/t':>10} {'same as target':>14}")
+            f"{'draft ms/t':>10} {'verify ms/t':>11} {'prefill ms/t':>12} {'other ms/t':>10} {'same as target':>14}")
     lines = [head, "-" * len(head)]
     for r in rows:
         ms = r["ms_per_token"]
@@ -151,5 +154,5 @@ def format_table(rows: list[dict]) -> str:
         speed = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
         lines.append(f"{r['prompt']:<6} {r['config']:<30} {r['tokens_per_s']:>7.1f} {speed:>8} "
                      f"{r['acceptance_rate']:>7.2f} {r['tokens_per_step']:>8.2f} {ms['draft']:>10.2f} "
-                     f"{ms['verify']:>11.2f} {ms['other']:>10.2f} {same:>14}")
+                     f"{ms['verify']:>11.2f} {ms['prefill']:>12.2f} {ms['other']:>10.2f} {same:>14}")
     return "\n".join(lines)
