@@ -20,7 +20,7 @@ test: install-demo
 
 ## speed of the demo pair, side by side (after `make demo`)
 bench-demo:
-	$(PYTHON) -m specrt.cli bench .cache/demo/engine --k 2,4,8 --repeats 3 --max-new-tokens 96 --prompts benchmarks/demo_prompts.json --json-out .cache/demo/bench.json
+	$(PYTHON) -m specrt.cli bench .cache/demo/engine --k 1,2,4 --repeats 3 --max-new-tokens 96 --prompts benchmarks/demo_prompts.json --json-out .cache/demo/bench.json
 
 ## policies (greedy and T=0.8) and the LOSSY relaxed mode, side by side
 bench-policies:
