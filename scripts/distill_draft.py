@@ -342,6 +342,8 @@ def save(hf: Path, out: Path, model, state: dict, wall: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.half().save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(hf).save_pretrained(out)
+    # The GGUF conversion's slow-tokenizer file (98 MB): tokenizer.json is all anything here reads.
+    (out / "tokenizer.model").unlink(missing_ok=True)
     rec = {"seed": SEED, "seq_len": SEQ, "teacher_topk": TOPK, "steps": state["step"],
            "train_seconds": round(state["elapsed"], 1), "train_sequences": state["train_sequences"],
            "held_out_files": HELD_OUT, "held_out_top1_agreement": round(state["held_out_top1"], 4),
