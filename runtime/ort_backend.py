@@ -26,6 +26,7 @@ import onnxruntime as ort
 from specrt.runtime.errors import EngineDirError, GenerationError
 from specrt.runtime.kv_cache import KVCache
 from specrt.runtime.manifest import ModelSpec
+from specrt.runtime.tensorrt_plan import bucket_for
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 PREFILL_CHUNK = 128  # prompt tokens per prefill pass: bounds the [n, vocab] logits buffer
@@ -76,11 +77,12 @@ class OrtModelStep:
         # The cache buffers are bound once; ORT reads them in place at every run, and an in-place
         # graph also writes them: its present outputs are bound to the same OrtValues.
         self._in_place = kv.in_place
-        for i, buf in enumerate(self.cache.keys + self.cache.values):
+        for name, out_name, buf in zip(kv.key_buffers + kv.value_buffers, kv.new_keys + kv.new_values,
+                                       self.cache.keys + self.cache.values):
             value = ort.OrtValue.ortvalue_from_numpy(buf)
-            self.binding.bind_ortvalue_input((kv.key_buffers + kv.value_buffers)[i], value)
+            self.binding.bind_ortvalue_input(name, value)
             if self._in_place:
-                self.binding.bind_ortvalue_output((kv.new_keys + kv.new_values)[i], value)
+                self.binding.bind_ortvalue_output(out_name, value)
         self._past = np.zeros(1, dtype=np.int64)
         # A model whose 1-token passes compute differently from multi-token passes (measured at export,
         # manifest batch_invariance.min_rows = 2: MatMulNBits with int8 activations on this CPU) runs
@@ -161,7 +163,7 @@ class OrtModelStep:
         self.binding.bind_cpu_input(kv.input_ids, ids)
         self.binding.bind_cpu_input(kv.past_length, self._past)
         if kv.bucket_length:
-            self._bucket[0] = next(b for b in kv.context_buckets if b >= pos)
+            self._bucket[0] = bucket_for(pos, kv.context_buckets)
             self.binding.bind_cpu_input(kv.bucket_length, self._bucket)
         logits, new_k, new_v = self._bind_outputs(n)
         self.session.run_with_iobinding(self.binding)

@@ -283,7 +283,7 @@ def _bench_peers(args, engine, prompts) -> int:
     if args.hf_target:
         systems += peers.transformers_systems(args.hf_target, args.hf_draft, k, args.max_new_tokens,
                                               sorted(engine.manifest.eos_token_ids), args.threads or 2)
-    python = args.genai_python or peers.default_genai_python()
+    python = args.genai_python or sys.executable
     for model_dir in args.genai_model:
         systems.append(peers.genai_system(python, model_dir, engine.manifest.target.vocab_size, args.max_new_tokens))
     try:
