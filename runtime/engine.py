@@ -17,7 +17,7 @@ from specrt.runtime.loop import StepResult, speculative, target_only
 from specrt.runtime.manifest import Manifest, load_manifest
 from specrt.runtime.ort_backend import OrtModelStep
 from specrt.runtime.policy import make_policy
-from specrt.runtime.sampling import SamplingParams
+from specrt.runtime.request import Request, check_prompt
 from specrt.runtime.stats import Stats
 from specrt.runtime.text import Detokenizer, StopChecker, TextCodec
 from specrt.runtime.trace import TraceWriter
@@ -157,34 +157,26 @@ class Engine:
 
         ``trace``: a path or text file to append a JSON Lines trace to (see ``specrt.runtime.trace``).
         """
-        params = SamplingParams(temperature, top_k, top_p)
+        req = Request(max_new_tokens, k, stop, temperature, top_k, top_p, seed, use_draft, policy, tau,
+                      max_draft_per_token, acceptance, accept_tau).validate(self.manifest.k_values)
         prompt_ids = self._prompt_ids(prompt)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        use_draft = use_draft and k is not None
-        if use_draft and policy != "adaptive" and k not in self.manifest.k_values:
-            raise GenerationError(f"k={k} is not one of this engine's compiled k values {list(self.manifest.k_values)}; "
-                                  f"pick one of those or re-export with `specrt export ... --k {k}`")
-        if acceptance not in ("strict", "relaxed"):
-            raise GenerationError(f"acceptance must be 'strict' (lossless, default) or 'relaxed', got {acceptance!r}")
-        if acceptance == "relaxed":
-            if accept_tau is None or not 0.0 < accept_tau <= 1.0:
-                raise GenerationError(f"relaxed acceptance needs accept_tau in (0, 1], got {accept_tau!r}")
-            if not params.greedy:
-                raise GenerationError("relaxed acceptance is defined for greedy decoding only; use temperature=0")
-        control = make_policy(policy, k or 1, self.manifest.k_values, tau, max_draft_per_token) if use_draft else None
-        rng = np.random.default_rng(seed)
-        stats = Stats(policy=control.name if control else "target-only",
-                      acceptance="relaxed" if (use_draft and acceptance == "relaxed") else "strict",
-                      accept_tau=accept_tau if (use_draft and acceptance == "relaxed") else None)
-        checker = StopChecker(Detokenizer(self.codec, prompt_ids), self.manifest.eos_token_ids, stop, max_new_tokens)
+        params = req.sampling
+        use_draft = req.speculative
+        relaxed = use_draft and req.acceptance == "relaxed"
+        control = make_policy(req.policy, req.k or 1, self.manifest.k_values, req.tau,
+                              req.max_draft_per_token) if use_draft else None
+        rng = np.random.default_rng(req.seed)
+        stats = Stats(policy=control.name if control else "target-only", acceptance="relaxed" if relaxed else "strict",
+                      accept_tau=req.accept_tau if relaxed else None)
+        checker = StopChecker(Detokenizer(self.codec, prompt_ids), self.manifest.eos_token_ids, req.stop,
+                              req.max_new_tokens)
         result = Result("", checker.token_ids, list(prompt_ids), stats)
         ids = np.asarray(prompt_ids, dtype=np.int64)
         if use_draft:
-            steps = speculative(self.target, self.draft, ids, control, max_new_tokens, params, rng, stats,
+            steps = speculative(self.target, self.draft, ids, control, req.max_new_tokens, params, rng, stats,
                                 accept_tau=stats.accept_tau, trace=trace is not None)
         else:
-            steps = target_only(self.target, ids, max_new_tokens, params, rng, stats)
+            steps = target_only(self.target, ids, req.max_new_tokens, params, rng, stats)
         tracer = None
         if trace is not None:
             tracer = TraceWriter(trace)
@@ -195,21 +187,7 @@ class Engine:
         return Stream(self._run(steps, checker, stats, result, self._generation, tracer), result, checker)
 
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
-        if isinstance(prompt, str):
-            ids = self.codec.encode(prompt)
-        else:
-            ids = [int(t) for t in prompt]
-            bad = [t for t in ids if not 0 <= t < self.manifest.target.vocab_size]
-            if bad:
-                raise GenerationError(f"prompt token ids {bad[:5]} are outside the vocabulary "
-                                      f"[0, {self.manifest.target.vocab_size})")
-        if not ids:
-            raise GenerationError("the prompt is empty; give at least one token")
-        if len(ids) >= self.max_context:
-            raise GenerationError(f"the prompt has {len(ids)} tokens but this engine's max context is "
-                                  f"{self.max_context} (prompt + new tokens); shorten the prompt or re-export "
-                                  "with a larger `--max-context`")
-        return ids
+        return check_prompt(prompt, self.manifest.target.vocab_size, self.max_context, self.codec.encode)
 
     def _run(self, steps: Iterator[StepResult], checker: StopChecker, stats: Stats, result: Result,
              generation: int, tracer: TraceWriter | None = None) -> Iterator[Chunk]:

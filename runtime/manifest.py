@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 from specrt.engines import FORMAT_NAME, SUPPORTED_FORMAT_VERSIONS, manifest_schema
 from specrt.runtime.errors import EngineDirError
+from specrt.runtime.onnx_scan import OnnxScanError, external_locations
 
 MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 64 << 20
+PREFILL_ROWS = 128  # the backend's prefill chunk: its [rows, vocab] logits buffer is part of the memory plan
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _REEXPORT = "Re-export it with `specrt export --target T --draft D --out DIR --force`."
 
 
@@ -100,10 +107,31 @@ def validate_manifest(data: Any) -> None:
             f"(supports {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}). {_REEXPORT}"
         )
     try:
-        jsonschema.validate(data, manifest_schema())
-    except jsonschema.ValidationError as e:
-        where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
-        raise EngineDirError(f"manifest.json is invalid at {where}: {e.message}. {_REEXPORT}") from None
+        error = jsonschema.exceptions.best_match(_validator().iter_errors(data))
+    except RecursionError:
+        raise EngineDirError(f"manifest.json is nested too deeply to be a manifest. {_REEXPORT}") from None
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise EngineDirError(f"manifest.json is invalid at {where!r}: {error.message[:300]}. {_REEXPORT}")
+    pair = data["pair"]
+    if max(pair["k_values"]) + 2 > pair["max_context"]:
+        raise EngineDirError(f"manifest.json: max_context {pair['max_context']} leaves no room for k="
+                             f"{max(pair['k_values'])}. {_REEXPORT}")
+    vocab = data["models"]["target"]["vocab_size"]
+    special = [*pair["eos_token_ids"], *([pair["bos_token_id"]] if pair.get("bos_token_id") is not None else [])]
+    if any(t >= vocab for t in special):
+        raise EngineDirError(f"manifest.json: special token ids {special} must be below the target's vocab_size "
+                             f"{vocab}. {_REEXPORT}")
+    folded: dict[str, str] = {}
+    for name in data["files"]:
+        if name.casefold() in folded:
+            raise EngineDirError(f"manifest.json: files {folded[name.casefold()]!r} and {name!r} differ only in "
+                                 f"case. {_REEXPORT}")
+        folded[name.casefold()] = name
+    tok = data["tokenizer"]
+    for name in [tok["tokenizer_json"], *tok["files"]]:
+        if name not in data["files"]:
+            raise EngineDirError(f"manifest.json: tokenizer file {name!r} is not listed in files. {_REEXPORT}")
     for role in ("target", "draft"):
         m = data["models"][role]
         kv = m["kv_cache"]
@@ -129,6 +157,82 @@ def validate_manifest(data: Any) -> None:
                                  f"with num_kv_heads/max_context/head_dim. {_REEXPORT}")
         if m["file"] not in data["files"]:
             raise EngineDirError(f"manifest.json: models/{role}/file {m['file']!r} is not listed in files. {_REEXPORT}")
+        if m.get("external_data") and m["external_data"] not in data["files"]:
+            raise EngineDirError(f"manifest.json: models/{role}/external_data {m['external_data']!r} is not listed "
+                                 f"in files. {_REEXPORT}")
+        if kv["buffer_shape"][0] != 1:
+            raise EngineDirError(f"manifest.json: models/{role}/kv_cache/buffer_shape must have batch 1, got "
+                                 f"{kv['buffer_shape']}. {_REEXPORT}")
+
+
+@lru_cache(maxsize=1)
+def _validator() -> jsonschema.protocols.Validator:
+    """The manifest schema, where "integer" means a JSON integer: 2.0 or true is not a layer count."""
+    base = jsonschema.validators.validator_for(manifest_schema())
+    strict = base.TYPE_CHECKER.redefine(
+        "integer", lambda checker, x: isinstance(x, int) and not isinstance(x, bool)).redefine(
+        "number", lambda checker, x: isinstance(x, (int, float)) and not isinstance(x, bool))
+    return jsonschema.validators.extend(base, type_checker=strict)(manifest_schema())
+
+
+def read_json(path: Path, what: str = "manifest.json") -> Any:
+    """Strict JSON from an untrusted file: bounded size, no NaN/Infinity, no duplicated keys."""
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise EngineDirError(f"{what} is {size:,} bytes, more than any manifest ({MAX_MANIFEST_BYTES:,}). {_REEXPORT}")
+
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            dup = next(k for k in keys if keys.count(k) > 1)
+            raise EngineDirError(f"{what} has the key {dup!r} twice in one object. {_REEXPORT}")
+        return dict(pairs)
+
+    def no_constants(name):
+        raise EngineDirError(f"{what} contains {name}, which is not JSON. {_REEXPORT}")
+
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=no_duplicates,
+                          parse_constant=no_constants)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EngineDirError(f"{path} is not valid JSON ({e}). {_REEXPORT}") from None
+    except RecursionError:
+        raise EngineDirError(f"{what} is nested too deeply to be a manifest. {_REEXPORT}") from None
+
+
+def machine_memory() -> int:
+    """Bytes this process can hold: physical memory, or the cgroup limit when that is lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total
+
+
+def memory_plan(data: dict) -> dict[str, int]:
+    """Bytes loading this directory will take: weights (file sizes), KV caches, logits buffers."""
+    k_max = max(data["pair"]["k_values"])
+    plan = {"files": sum(meta["bytes"] for meta in data["files"].values())}
+    for role in ("target", "draft"):
+        m = data["models"][role]
+        _, kv_heads, ctx, head_dim = m["kv_cache"]["buffer_shape"]
+        plan[f"{role} KV cache"] = 2 * m["num_layers"] * kv_heads * ctx * head_dim * _DTYPE_BYTES.get(m["dtype"], 4)
+        rows = (k_max + 1) * (k_max + 2) // 2 + PREFILL_ROWS + 2 * k_max  # logits per width, prefill, q rows
+        plan[f"{role} logits buffers"] = rows * m["vocab_size"] * 8
+    return plan
+
+
+def check_memory(data: dict, available: int | None = None) -> None:
+    plan = memory_plan(data)
+    available = machine_memory() if available is None else available
+    if sum(plan.values()) > available:
+        parts = ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in plan.items())
+        raise EngineDirError(f"this engine directory needs {sum(plan.values()) / 2**30:.1f} GiB ({parts}) but this "
+                             f"machine has {available / 2**30:.1f} GiB; nothing was allocated. Export it with a "
+                             "smaller --max-context, or load it on a larger machine.")
 
 
 def load_manifest(root: str | Path, check_hashes: bool = True) -> Manifest:
@@ -139,21 +243,32 @@ def load_manifest(root: str | Path, check_hashes: bool = True) -> Manifest:
     if not path.is_file():
         raise EngineDirError(f"{str(root)!r} has no manifest.json, so it is not an engine directory "
                              f"(or its export did not finish). {_REEXPORT}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EngineDirError(f"{path} is not valid JSON ({e}). {_REEXPORT}") from None
+    data = read_json(path)
     validate_manifest(data)
+    check_memory(data)
+    real_root = root.resolve()
     for name, meta in data["files"].items():
         f = root / name
-        if not f.is_file():
-            raise EngineDirError(f"engine file {name!r} listed in the manifest is missing. {_REEXPORT}")
-        if f.stat().st_size != meta["bytes"]:
+        try:
+            st = os.lstat(f)
+        except FileNotFoundError:
+            raise EngineDirError(f"engine file {name!r} listed in the manifest is missing. {_REEXPORT}") from None
+        except OSError as e:
+            raise EngineDirError(f"engine file {name!r} cannot be read ({e.strerror}). {_REEXPORT}") from None
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
+            raise EngineDirError(f"engine file {name!r} is {'a symbolic link' if stat.S_ISLNK(st.st_mode) else 'not a regular file'}: "
+                                 f"an engine directory holds plain files only. {_REEXPORT}")
+        if not f.resolve().is_relative_to(real_root):
+            raise EngineDirError(f"engine file {name!r} lies outside the engine directory (through a linked "
+                                 f"folder). {_REEXPORT}")
+        if st.st_size != meta["bytes"]:
             raise EngineDirError(f"engine file {name!r} has {f.stat().st_size} bytes, the manifest says "
                                  f"{meta['bytes']}: the directory is corrupt or was modified. {_REEXPORT}")
         if check_hashes and sha256_file(f) != meta["sha256"]:
             raise EngineDirError(f"engine file {name!r} does not match its SHA-256 in the manifest: the directory "
                                  f"is corrupt or was modified. {_REEXPORT}")
+    for role in ("target", "draft"):
+        check_external_data(root, data["models"][role]["file"], data["files"])
     pair, tok = data["pair"], data["tokenizer"]
     return Manifest(
         root=root,
@@ -168,6 +283,19 @@ def load_manifest(root: str | Path, check_hashes: bool = True) -> Manifest:
         add_bos_token=tok.get("add_bos_token", False),
         raw=data,
     )
+
+
+def check_external_data(root: Path, name: str, files: dict) -> None:
+    """An ONNX file may read tensor bytes from other files: only from files the manifest lists."""
+    try:
+        locations = external_locations(root / name)
+    except (OnnxScanError, OSError, ValueError) as e:
+        raise EngineDirError(f"engine file {name!r} is not a readable ONNX model ({e}). {_REEXPORT}") from None
+    for loc in sorted(locations):
+        if loc not in files:
+            raise EngineDirError(f"engine file {name!r} reads external data from {loc!r}, which is not a file listed "
+                                 f"in the manifest (an engine directory may not read files outside itself). "
+                                 f"{_REEXPORT}")
 
 
 def model_spec(root: Path, role: str, data: dict) -> ModelSpec:

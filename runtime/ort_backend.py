@@ -105,9 +105,28 @@ class OrtModelStep:
         if want_in != have_in or not want_out <= have_out:
             raise EngineDirError(
                 f"{self.spec.path.name}: tensor names do not match the manifest (missing inputs "
-                f"{sorted(want_in - have_in)}, unexpected inputs {sorted(have_in - want_in)}, missing outputs "
-                f"{sorted(want_out - have_out)}). The directory mixes files from different exports; re-export it."
+                f"{sorted(want_in - have_in)[:8]}, unexpected inputs {sorted(have_in - want_in)[:8]}, missing outputs "
+                f"{sorted(want_out - have_out)[:8]}). The directory mixes files from different exports; re-export it."
             )
+        # The manifest sizes every buffer the runtime allocates: the graph must agree with it, dimension by
+        # dimension, before anything is allocated (a graph's symbolic dims are left to ONNX Runtime).
+        shapes = {i.name: (i.shape, i.type) for i in self.session.get_inputs()}
+        shapes.update({o.name: (o.shape, o.type) for o in self.session.get_outputs()})
+        want = {name: list(kv.buffer_shape) for name in (*kv.key_buffers, *kv.value_buffers)}
+        want[kv.logits] = [None, None, self.spec.vocab_size]
+        if kv.in_place:
+            want.update({name: list(kv.buffer_shape) for name in (*kv.new_keys, *kv.new_values)})
+        for name, dims in want.items():
+            have = shapes[name][0]
+            if len(have) != len(dims) or any(isinstance(h, int) and d is not None and h != d
+                                             for h, d in zip(have, dims)):
+                raise EngineDirError(f"{self.spec.path.name}: tensor {name!r} has shape {have} in the graph but the "
+                                     f"manifest says {dims}. The directory mixes files from different exports; "
+                                     "re-export it.")
+        for name in (kv.input_ids, kv.past_length):
+            if shapes[name][1] != "tensor(int64)":
+                raise EngineDirError(f"{self.spec.path.name}: input {name!r} is {shapes[name][1]}, expected "
+                                     "tensor(int64). Re-export the engine directory.")
 
     # -- protocol -----------------------------------------------------------------
     @property
@@ -166,7 +185,12 @@ class OrtModelStep:
             self._bucket[0] = bucket_for(pos, kv.context_buckets)
             self.binding.bind_cpu_input(kv.bucket_length, self._bucket)
         logits, new_k, new_v = self._bind_outputs(n)
-        self.session.run_with_iobinding(self.binding)
+        try:
+            self.session.run_with_iobinding(self.binding)
+        except Exception as e:  # noqa: BLE001 -- onnxruntime raises its own Fail/RuntimeException types
+            raise EngineDirError(f"{self.spec.role}: ONNX Runtime failed running {self.spec.path.name} on {n} tokens "
+                                 f"at position {pos}: {str(e)[:500]}. The graph does not fit its manifest; "
+                                 "re-export the engine directory.") from None
         self.calls += 1
         if self._in_place:
             self.cache.written(pos, n)

@@ -8,9 +8,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import jinja2
+from specrt.runtime.chat_template import ChatTemplate
 from specrt.runtime.errors import EngineDirError, GenerationError
+from specrt.runtime.request import check_text
 from tokenizers import Tokenizer
+
+MAX_MESSAGES = 4096
 
 
 class TextCodec:
@@ -23,28 +26,43 @@ class TextCodec:
         self.chat_template = chat_template
         self.bos_token_id = bos_token_id
         self.eos_token_ids = eos_token_ids
+        self._template: ChatTemplate | None = None  # compiled on first use
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        check_text("the text", text)
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render messages with the model's own chat template (the HF Jinja format)."""
+        """Render messages with the model's own chat template (the HF Jinja format), in the sandbox of
+        ``runtime.chat_template``: the template comes from the engine directory and is untrusted."""
         if not self.chat_template:
             raise GenerationError("this engine's tokenizer has no chat template; pass a plain prompt instead")
-
-        def raise_exception(msg: str):
-            raise GenerationError(f"chat template error: {msg}")
-
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.globals["raise_exception"] = raise_exception
+        check_messages(messages)
+        if self._template is None:
+            self._template = ChatTemplate(self.chat_template)
         tok = self.tokenizer
         bos = tok.id_to_token(self.bos_token_id) if self.bos_token_id is not None else ""
         eos = tok.id_to_token(min(self.eos_token_ids)) if self.eos_token_ids else ""
-        return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                          bos_token=bos, eos_token=eos)
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=bos or "", eos_token=eos or "")
+
+
+def check_messages(messages) -> None:
+    """A chat is a non-empty list of {"role": str, "content": str} (extra string keys allowed)."""
+    if not isinstance(messages, list) or not messages:
+        raise GenerationError(f"messages must be a non-empty list of {{'role', 'content'}} objects, "
+                              f"got {type(messages).__name__}")
+    if len(messages) > MAX_MESSAGES:
+        raise GenerationError(f"a chat may have at most {MAX_MESSAGES} messages, got {len(messages)}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise GenerationError(f"message {i} must be an object with string 'role' and 'content', got {m!r:.200}")
+        for key, value in m.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise GenerationError(f"message {i}: field {key!r:.50} must be a string")
 
 
 class Detokenizer:

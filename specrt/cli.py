@@ -172,6 +172,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # noqa: BLE001 -- a bug of ours: one line for the user, the traceback on request
+        print(f"specrt {args.command}: internal error: {type(e).__name__}: {e}. This is a bug in specrt; rerun "
+              "with -v for the traceback and please report it.", file=sys.stderr)
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        return 3
 
 
 def _export(args) -> int:
@@ -203,8 +211,10 @@ def _generate(args) -> int:
     engine = Engine.load(args.engine, threads=args.threads, draft_threads=args.draft_threads, spin=not args.no_spin)
     prompt = (args.prompt_ids if args.prompt_ids is not None else
               engine.chat_prompt([{"role": "user", "content": args.chat}]) if args.chat is not None else args.prompt)
-    if args.num_samples < 1:
-        raise GenerationError(f"--num-samples must be >= 1, got {args.num_samples}")
+    from specrt.runtime.request import MAX_SAMPLES
+
+    if not 1 <= args.num_samples <= MAX_SAMPLES:
+        raise GenerationError(f"--num-samples must be in [1, {MAX_SAMPLES}], got {args.num_samples}")
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
         if seed is None and args.num_samples > 1:
@@ -307,7 +317,8 @@ def _info(args) -> int:
     m = load_manifest(args.engine)
     for spec in (m.target, m.draft):
         raw = spec.raw
-        print(f"{spec.role:>6}: {raw['architecture']} ({raw['model_type']}), {raw.get('num_parameters', 0) / 1e6:.1f}M "
+        print(f"{spec.role:>6}: {_printable(raw['architecture'])} ({_printable(raw['model_type'])}), "
+              f"{raw.get('num_parameters', 0) / 1e6:.1f}M "
               f"params, {spec.num_layers} layers, {spec.num_kv_heads} KV heads x {spec.head_dim}, {spec.dtype}, "
               f"vocab {spec.vocab_size}")
         q = raw.get("quantization")
@@ -322,6 +333,11 @@ def _info(args) -> int:
     print(f"  pair: k {list(m.k_values)}, max context {m.max_context}, EOS {sorted(m.eos_token_ids)}")
     print("  manifest valid, all file hashes match")
     return 0
+
+
+def _printable(text: str) -> str:
+    """Untrusted text from a manifest, with control characters escaped (no terminal escape sequences)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def _build(args) -> int:
