@@ -25,7 +25,8 @@ from specrt.runtime.trt_backend import TrtModelStep
 def trt_engine(path: str) -> Engine:
     engine = Engine.load(path)
     m = load_manifest(path)
-    engine.target, engine.draft = TrtModelStep(m.target, m.k_values), TrtModelStep(m.draft, m.k_values)
+    engine.target = TrtModelStep(m.target, m.k_values)
+    engine.draft = TrtModelStep(m.draft, m.k_values) if m.draft is not None else None
     return engine
 
 

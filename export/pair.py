@@ -49,12 +49,15 @@ class ExportReport:
     text_drift: dict[str, dict[str, float]] = field(default_factory=dict)  # quantized models on held-out text
 
 
-def export_pair(target: str | Path, draft: str | Path, out: str | Path, *, max_context: int | None = None,
+def export_pair(target: str | Path, draft: str | Path | None, out: str | Path, *, max_context: int | None = None,
                 k_values: Sequence[int] = DEFAULT_K, force: bool = False, verify: bool = True,
                 tolerance: float = DEFAULT_TOLERANCE, progress: bool = True, quant: str = "fp32",
                 target_quant: str | None = None, draft_quant: str | None = None, block_size: int = 32,
                 accuracy_level: int = 4, draft_accuracy_level: int = 4, attention: str = "auto") -> ExportReport:
     """Export ``target`` (the verification model) and ``draft`` into the engine directory ``out``.
+
+    ``draft=None`` writes a target-only engine: it runs the context drafters (ngram, suffix) and
+    target-only decoding; the model and hybrid drafters need a draft.
 
     ``quant`` (fp32 | int8 | int4, overridable per model) applies ONNX Runtime's weight-only
     MatMulNBits quantizer after the fp32 graphs have been verified; the drift it causes is measured
@@ -83,20 +86,22 @@ def export_pair(target: str | Path, draft: str | Path, out: str | Path, *, max_c
     if attention not in ATTENTION_CHOICES:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
     target_dir = require_local_checkpoint(target, "target")
-    draft_dir = require_local_checkpoint(draft, "draft")
+    draft_dir = require_local_checkpoint(draft, "draft") if draft is not None else None
+    roles = {"target": target_dir, **({"draft": draft_dir} if draft_dir is not None else {})}
     bar = tqdm(total=4, desc="check", disable=not progress, unit="phase",
                bar_format="{desc:<28} {n_fmt}/{total_fmt} phases [{elapsed}]")
 
     # 1. check -------------------------------------------------------------------
     t_tok = AutoTokenizer.from_pretrained(target_dir)
-    d_tok = AutoTokenizer.from_pretrained(draft_dir)
-    check_tokenizers(t_tok, d_tok)
+    if draft_dir is not None:
+        check_tokenizers(t_tok, AutoTokenizer.from_pretrained(draft_dir))
     if not t_tok.is_fast:
         raise ExportError("the target's tokenizer has no tokenizer.json (not a 'fast' tokenizer); the runtime "
                           "needs one. Convert it with transformers (`AutoTokenizer.from_pretrained(...).save_pretrained`).")
-    t_cfg, d_cfg = AutoConfig.from_pretrained(target_dir), AutoConfig.from_pretrained(draft_dir)
+    configs = {role: AutoConfig.from_pretrained(ckpt) for role, ckpt in roles.items()}
+    t_cfg = configs["target"]
     limit = min(getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 1 << 30
-                for c in (t_cfg, d_cfg))
+                for c in configs.values())
     max_context = max_context or min(DEFAULT_MAX_CONTEXT, limit)
     if max_context > limit:
         raise ValueError(f"--max-context {max_context} exceeds the models' position limit {limit}")
@@ -111,11 +116,11 @@ def export_pair(target: str | Path, draft: str | Path, out: str | Path, *, max_c
     try:
         # 2. export --------------------------------------------------------------
         bar.update(1)
-        bar.set_description("export target + draft")
+        bar.set_description("export " + " + ".join(roles))
         models = {}
-        for role, ckpt, cfg in (("target", target_dir, t_cfg), ("draft", draft_dir, d_cfg)):
+        for role, ckpt in roles.items():
             log.info("exporting %s from %s", role, ckpt)
-            models[role] = export_model(ckpt, role, tmp, work, max_context, cfg, attention)
+            models[role] = export_model(ckpt, role, tmp, work, max_context, configs[role], attention)
         # 3. verify --------------------------------------------------------------
         bar.update(1)
         bar.set_description("verify vs PyTorch")
@@ -128,7 +133,7 @@ def export_pair(target: str | Path, draft: str | Path, out: str | Path, *, max_c
             "files": {},
         }
         if verify:
-            for role, ckpt in (("target", target_dir), ("draft", draft_dir)):
+            for role, ckpt in roles.items():
                 hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
                 diffs = compare(model_spec(tmp, role, manifest), hf, k=k_values[-1], vocab_limit=len(t_tok))
                 del hf
@@ -140,7 +145,7 @@ def export_pair(target: str | Path, draft: str | Path, out: str | Path, *, max_c
                                       f"{tolerance:g} ({diffs}). This is an exporter bug for this architecture; "
                                       "please report it (or pass --tolerance / --no-verify at your own risk).")
                 models[role]["verification"] = {k: round(v, 8) for k, v in diffs.items()}
-        for role, ckpt in (("target", target_dir), ("draft", draft_dir)):
+        for role, ckpt in roles.items():
             if quants[role] == "fp32":
                 continue
             bar.set_description(f"quantize {role} ({quants[role]})")

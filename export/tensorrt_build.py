@@ -25,7 +25,7 @@ def build_engines(engine_dir: str | Path, fp16: bool = False, bf16: bool = False
                   timing_cache: str | Path | None = None, workspace_gb: float = 4.0, force: bool = False) -> None:
     root = Path(engine_dir)
     m = load_manifest(root)
-    for spec in (m.target, m.draft):
+    for spec in (s for s in (m.target, m.draft) if s is not None):
         require_tensorrt_graph(spec)
     try:
         import tensorrt as trt
@@ -39,7 +39,7 @@ def build_engines(engine_dir: str | Path, fp16: bool = False, bf16: bool = False
     props = check(cudart.cudaGetDeviceProperties(0))
     logger = trt.Logger(trt.Logger.WARNING)
     cache_path = Path(timing_cache) if timing_cache else root / "tensorrt.timing_cache"
-    for spec in tqdm([m.target, m.draft], desc="TensorRT build", unit="model"):
+    for spec in tqdm([s for s in (m.target, m.draft) if s is not None], desc="TensorRT build", unit="model"):
         out = root / f"{spec.role}.plan"
         if out.exists() and not force:
             raise EngineDirError(f"{out} exists; pass --force to rebuild")

@@ -54,6 +54,31 @@ def rejection_verify(draft_ids: np.ndarray, draft_probs: np.ndarray, target_prob
     return k, sample(target_probs[k], rng)
 
 
+def point_rejection_verify(draft_ids: np.ndarray, target_probs: np.ndarray,
+                           rng: np.random.Generator) -> tuple[int, int]:
+    """Deterministic proposals (a context match: q is one-hot at each drafted token).
+
+    draft_ids [k], target_probs p [k+1, vocab] → (accepted, next token id).  The rejection rule with
+    q = one-hot(x): accept x with probability min(1, p(x) / 1) = p(x); on rejection the residual
+    norm(max(0, p - one-hot(x))) is p with x removed, renormalised; all k pass: the bonus from p[k].
+    """
+    k = len(draft_ids)
+    for i in range(k):
+        x = int(draft_ids[i])
+        p = target_probs[i]
+        px = float(p[x]) if x < p.shape[-1] else 0.0
+        if rng.random() < px:
+            continue
+        residual = p.copy()
+        if x < residual.shape[-1]:
+            residual[x] = 0.0
+        total = residual.sum()
+        if total <= 0.0:  # p was one-hot at x and x was still rejected: a measure-zero event
+            return i, sample(p, rng)
+        return i, sample(residual / total, rng)
+    return k, sample(target_probs[k], rng)
+
+
 def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
     """Inverse-CDF sample of one id from a probability vector [vocab]."""
     cdf = np.cumsum(probs, dtype=np.float64)

@@ -39,3 +39,8 @@ class ModelStep(Protocol):
     def prefill(self, token_ids: np.ndarray) -> np.ndarray:
         """Reset the cache and run the whole prompt; return logits of its last token [vocab]."""
         ...
+
+    def extend(self, token_ids: np.ndarray, pos: int) -> np.ndarray:
+        """Run token_ids at [pos, ...) in prefill-sized chunks (the prefill stage: on TensorRT the one
+        dynamic profile, so any length is planned for); return logits of the last token [vocab]."""
+        ...

@@ -1,6 +1,7 @@
 """``Engine``: an engine directory opened for generation."""
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
@@ -12,6 +13,7 @@ from typing import IO
 
 import numpy as np
 from specrt.runtime import invariance
+from specrt.runtime.drafters import DRAFTERS, NEEDS_DRAFT_MODEL, Drafter, DrafterOptions, SuffixCache, make_drafter
 from specrt.runtime.errors import GenerationError
 from specrt.runtime.loop import StepResult, speculative, target_only
 from specrt.runtime.manifest import Manifest, load_manifest
@@ -61,32 +63,51 @@ class Stream:
         return self._chunks
 
 
+# The default drafters, chosen by the Spec-Bench measurements in the README ("Drafters").
+DEFAULT_DRAFTER_WITH_MODEL = "model"
+DEFAULT_DRAFTER_WITHOUT_MODEL = "ngram"
+
+
 class LosslessnessWarning(UserWarning):
     """The engine directory cannot guarantee speculative output == target-only output."""
 
 
 class Engine:
-    """A draft + target pair loaded from an engine directory.
+    """A target model (and, optionally, a draft model) loaded from an engine directory.
 
-    >>> engine = Engine.load("engines/demo/engine")            # doctest: +SKIP
-    >>> engine.generate("def fib(n):", max_new_tokens=64, k=4).text  # doctest: +SKIP
+    >>> engine = Engine.load("engines/demo/engine")                      # doctest: +SKIP
+    >>> engine.generate("def fib(n):", max_new_tokens=64, k=4).text      # doctest: +SKIP
+    >>> engine.generate("Summarise: ...", drafter="ngram").stats         # doctest: +SKIP
     """
 
-    def __init__(self, manifest: Manifest, target: OrtModelStep, draft: OrtModelStep):
+    def __init__(self, manifest: Manifest, target: OrtModelStep, draft: OrtModelStep | None):
         self.manifest = manifest
         self.target = target
         self.draft = draft
         self.codec = TextCodec(manifest.tokenizer_json, manifest.chat_template, manifest.bos_token_id,
                                manifest.eos_token_ids)
+        self.drafter_options = DrafterOptions()
+        # Earlier generations' prompts and outputs, for the suffix drafter (bounded; oldest evicted).
+        self.suffix_cache = SuffixCache()
         self._lock = threading.Lock()
         self._generation = 0
         self.row_invariance: invariance.RowInvariance | None = None  # measured at load (quantized targets)
+
+    @property
+    def default_drafter(self) -> str:
+        """What runs when a request names no drafter: measured on Spec-Bench (README), per engine kind."""
+        return DEFAULT_DRAFTER_WITH_MODEL if self.draft is not None else DEFAULT_DRAFTER_WITHOUT_MODEL
+
+    @property
+    def drafters(self) -> tuple[str, ...]:
+        """The drafters this engine can run (those needing a draft model only when it has one)."""
+        return tuple(d for d in DRAFTERS if self.draft is not None or d not in NEEDS_DRAFT_MODEL)
 
     @classmethod
     def load(cls, path: str | Path, provider: str = "cpu", threads: int | None = None,
              draft_threads: int | None = None, spin: bool = True, check_hashes: bool = True,
              check_invariance: bool = True) -> Engine:
-        """Validate the manifest (schema + SHA-256 of every file) and open both models.
+        """Validate the manifest (schema + SHA-256 of every file) and open the models.
 
         ``threads``: ONNX Runtime intra-op threads for the target (default: all cores, at most 8);
         ``draft_threads`` for the draft (default 1: a small model gains little from more threads, and
@@ -100,7 +121,9 @@ class Engine:
         manifest = load_manifest(path, check_hashes=check_hashes)
         k_max = max(manifest.k_values)
         target = OrtModelStep(manifest.target, provider, threads, max_step=k_max + 1, spin=spin)
-        draft = OrtModelStep(manifest.draft, provider, draft_threads or 1, max_step=k_max + 1, spin=spin)
+        draft = None
+        if manifest.draft is not None:
+            draft = OrtModelStep(manifest.draft, provider, draft_threads or 1, max_step=k_max + 1, spin=spin)
         engine = cls(manifest, target, draft)
         recorded = manifest.target.raw.get("batch_invariance")
         min_rows = recorded["min_rows"] if recorded else 1
@@ -119,7 +142,8 @@ class Engine:
     @property
     def max_context(self) -> int:
         """Prompt + generated tokens: the manifest's, less one where 1-token steps are padded."""
-        return min(self.manifest.max_context, self.target.max_context, self.draft.max_context)
+        models = [self.target] + ([self.draft] if self.draft is not None else [])
+        return min(self.manifest.max_context, *(m.max_context for m in models))
 
     def encode(self, text: str) -> list[int]:
         return self.codec.encode(text)
@@ -132,65 +156,68 @@ class Engine:
         return self.codec.encode(self.codec.apply_chat_template(messages), add_special_tokens=False)
 
     # -- generation -----------------------------------------------------------------
-    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 128, k: int | None = 4,
-                 stop: Sequence[str] = (), temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int | None = None, use_draft: bool = True, policy: str = "fixed", tau: float | None = None,
-                 max_draft_per_token: float | None = None, acceptance: str = "strict",
-                 accept_tau: float | None = None, trace: str | Path | IO[str] | None = None) -> Result:
-        """Generate.  ``k=None`` or ``use_draft=False`` decodes with the target alone (the baseline).
-
-        ``policy``: fixed | confidence (``tau``) | adaptive | budget (``max_draft_per_token``), see
-        ``specrt.runtime.policy``.  ``acceptance="relaxed"`` with ``accept_tau`` is LOSSY (greedy only).
+    def generate(self, prompt: str | Sequence[int], request: Request | None = None, /, *,
+                 trace: str | Path | IO[str] | None = None, **params) -> Result:
+        """Generate.  ``params`` are the fields of ``runtime.request.Request`` (or pass a ``Request``):
+        ``max_new_tokens``, ``k`` (None, or ``use_draft=False``: the target alone, the baseline),
+        ``drafter`` (model | ngram | suffix | hybrid; default: the engine's), ``ngram_min``/``ngram_max``,
+        ``stop``, ``temperature``/``top_k``/``top_p``/``seed``, ``policy`` (fixed | confidence | adaptive |
+        budget, see ``runtime.policy``) with ``tau`` / ``max_draft_per_token``, and ``acceptance="relaxed"``
+        with ``accept_tau`` (LOSSY, greedy only).
         """
-        s = self.stream(prompt, max_new_tokens, k, stop, temperature, top_k, top_p, seed, use_draft, policy, tau,
-                        max_draft_per_token, acceptance, accept_tau, trace)
+        s = self.stream(prompt, request, trace=trace, **params)
         for _ in s:
             pass
         return s.result
 
-    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 128, k: int | None = 4,
-               stop: Sequence[str] = (), temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-               seed: int | None = None, use_draft: bool = True, policy: str = "fixed", tau: float | None = None,
-               max_draft_per_token: float | None = None, acceptance: str = "strict",
-               accept_tau: float | None = None, trace: str | Path | IO[str] | None = None) -> Stream:
+    def stream(self, prompt: str | Sequence[int], request: Request | None = None, /, *,
+               trace: str | Path | IO[str] | None = None, **params) -> Stream:
         """Like ``generate`` but yields text as soon as the target accepts it.
 
         ``trace``: a path or text file to append a JSON Lines trace to (see ``specrt.runtime.trace``).
         """
-        req = Request(max_new_tokens, k, stop, temperature, top_k, top_p, seed, use_draft, policy, tau,
-                      max_draft_per_token, acceptance, accept_tau).validate(self.manifest.k_values)
+        req = (request or Request()).with_params(params).validate(self.manifest.k_values)
         prompt_ids = self._prompt_ids(prompt)
-        params = req.sampling
+        params_ = req.sampling
         use_draft = req.speculative
         relaxed = use_draft and req.acceptance == "relaxed"
+        drafter = None
+        if use_draft:
+            options = self.drafter_options
+            if req.ngram_min is not None or req.ngram_max is not None:
+                options = dataclasses.replace(options, ngram_min=req.ngram_min or options.ngram_min,
+                                              ngram_max=req.ngram_max or options.ngram_max)
+            drafter = make_drafter(req.drafter or self.default_drafter, options, self.draft, self.suffix_cache,
+                                   max_k=max(self.manifest.k_values), want_top=trace is not None)
         control = make_policy(req.policy, req.k or 1, self.manifest.k_values, req.tau,
                               req.max_draft_per_token) if use_draft else None
         rng = np.random.default_rng(req.seed)
         stats = Stats(policy=control.name if control else "target-only", acceptance="relaxed" if relaxed else "strict",
-                      accept_tau=req.accept_tau if relaxed else None)
+                      accept_tau=req.accept_tau if relaxed else None, drafter=drafter.name if drafter else "")
         checker = StopChecker(Detokenizer(self.codec, prompt_ids), self.manifest.eos_token_ids, req.stop,
                               req.max_new_tokens)
         result = Result("", checker.token_ids, list(prompt_ids), stats)
         ids = np.asarray(prompt_ids, dtype=np.int64)
-        if use_draft:
-            steps = speculative(self.target, self.draft, ids, control, req.max_new_tokens, params, rng, stats,
-                                accept_tau=stats.accept_tau, trace=trace is not None)
+        if drafter is not None:
+            steps = speculative(self.target, drafter, ids, control, req.max_new_tokens, params_, rng, stats,
+                                accept_tau=stats.accept_tau)
         else:
-            steps = target_only(self.target, ids, req.max_new_tokens, params, rng, stats)
+            steps = target_only(self.target, ids, req.max_new_tokens, params_, rng, stats)
         tracer = None
         if trace is not None:
             tracer = TraceWriter(trace)
-            tracer.header(engine=str(self.manifest.root), policy=stats.policy, k=k if use_draft else 0,
-                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, acceptance=stats.acceptance,
-                          accept_tau=stats.accept_tau, prompt_tokens=len(prompt_ids), max_new_tokens=max_new_tokens)
+            tracer.header(engine=str(self.manifest.root), policy=stats.policy, drafter=stats.drafter,
+                          k=req.k if use_draft else 0, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                          seed=req.seed, acceptance=stats.acceptance, accept_tau=stats.accept_tau,
+                          prompt_tokens=len(prompt_ids), max_new_tokens=req.max_new_tokens)
         self._generation += 1
-        return Stream(self._run(steps, checker, stats, result, self._generation, tracer), result, checker)
+        return Stream(self._run(steps, checker, stats, result, self._generation, tracer, drafter), result, checker)
 
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         return check_prompt(prompt, self.manifest.target.vocab_size, self.max_context, self.codec.encode)
 
     def _run(self, steps: Iterator[StepResult], checker: StopChecker, stats: Stats, result: Result,
-             generation: int, tracer: TraceWriter | None = None) -> Iterator[Chunk]:
+             generation: int, tracer: TraceWriter | None = None, drafter: Drafter | None = None) -> Iterator[Chunk]:
         t0 = time.perf_counter()
         try:
             while True:
@@ -225,6 +252,8 @@ class Engine:
         finally:
             stats.total_s = time.perf_counter() - t0
             stats.stop_reason = checker.reason or "cancelled"
+            if drafter is not None:
+                drafter.end()
             tail = checker.take(final=True)
             result.text = checker.text
             if tracer:

@@ -75,7 +75,7 @@ class ModelSpec:
 class Manifest:
     root: Path
     target: ModelSpec
-    draft: ModelSpec
+    draft: ModelSpec | None  # None: a target-only engine (context drafters only)
     k_values: tuple[int, ...]
     max_context: int
     eos_token_ids: frozenset[int]
@@ -132,7 +132,7 @@ def validate_manifest(data: Any) -> None:
     for name in [tok["tokenizer_json"], *tok["files"]]:
         if name not in data["files"]:
             raise EngineDirError(f"manifest.json: tokenizer file {name!r} is not listed in files. {_REEXPORT}")
-    for role in ("target", "draft"):
+    for role in data["models"]:
         m = data["models"][role]
         kv = m["kv_cache"]
         n = m["num_layers"]
@@ -216,8 +216,7 @@ def memory_plan(data: dict) -> dict[str, int]:
     """Bytes loading this directory will take: weights (file sizes), KV caches, logits buffers."""
     k_max = max(data["pair"]["k_values"])
     plan = {"files": sum(meta["bytes"] for meta in data["files"].values())}
-    for role in ("target", "draft"):
-        m = data["models"][role]
+    for role, m in data["models"].items():
         _, kv_heads, ctx, head_dim = m["kv_cache"]["buffer_shape"]
         plan[f"{role} KV cache"] = 2 * m["num_layers"] * kv_heads * ctx * head_dim * _DTYPE_BYTES.get(m["dtype"], 4)
         rows = (k_max + 1) * (k_max + 2) // 2 + PREFILL_ROWS + 2 * k_max  # logits per width, prefill, q rows
@@ -267,13 +266,13 @@ def load_manifest(root: str | Path, check_hashes: bool = True) -> Manifest:
         if check_hashes and sha256_file(f) != meta["sha256"]:
             raise EngineDirError(f"engine file {name!r} does not match its SHA-256 in the manifest: the directory "
                                  f"is corrupt or was modified. {_REEXPORT}")
-    for role in ("target", "draft"):
-        check_external_data(root, data["models"][role]["file"], data["files"])
+    for m in data["models"].values():
+        check_external_data(root, m["file"], data["files"])
     pair, tok = data["pair"], data["tokenizer"]
     return Manifest(
         root=root,
         target=model_spec(root, "target", data),
-        draft=model_spec(root, "draft", data),
+        draft=model_spec(root, "draft", data) if "draft" in data["models"] else None,
         k_values=tuple(sorted(pair["k_values"])),
         max_context=pair["max_context"],
         eos_token_ids=frozenset(pair["eos_token_ids"]),

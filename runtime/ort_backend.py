@@ -200,10 +200,13 @@ class OrtModelStep:
 
     def prefill(self, token_ids: np.ndarray) -> np.ndarray:
         self.cache.set_length(0)
+        return self.extend(token_ids, 0)
+
+    def extend(self, token_ids: np.ndarray, pos: int) -> np.ndarray:
         logits = None
         for start in range(0, len(token_ids), PREFILL_CHUNK):
-            logits = self.step(token_ids[start:start + PREFILL_CHUNK], start)
-        assert logits is not None, "prefill needs at least one token"
+            logits = self.step(token_ids[start:start + PREFILL_CHUNK], pos + start)
+        assert logits is not None, "extend needs at least one token"
         return logits[-1]
 
     # -- buffers --------------------------------------------------------------------

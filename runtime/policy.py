@@ -10,7 +10,7 @@ get them — so every policy is exactly as lossless as the acceptance rule.
 |---|---|---|
 | ``fixed``      | a draft whose acceptance you know; benchmarks | nothing; wrong k wastes draft work or verifier passes |
 | ``confidence`` | drafts whose confidence tracks acceptance (distilled drafts do) | one softmax of the draft's logits per drafted token |
-| ``adaptive``   | unknown or changing text (chat vs code, boilerplate vs novel) | a few floating-point updates per step; a little exploration |
+| ``adaptive``   | unknown or changing text (chat vs code, boilerplate vs novel); any drafter | a few floating-point updates per step; k = 0 (no drafting) when drafting does not pay, with a probe every 16 steps |
 | ``budget``     | deployments that pay per drafted token | fewer tokens per verifier pass when the cap binds |
 """
 from __future__ import annotations
@@ -105,43 +105,58 @@ def expected_tokens(alpha: float, k: int) -> float:
 
 @dataclass
 class Adaptive(Policy):
-    """Pick k from ``k_values`` maximising expected tokens per second, from running estimates.
+    """Pick k from ``{0} ∪ k_values`` maximising expected tokens per second, from running estimates.
 
     alpha: acceptance probability, estimated from (accepted, rejected) counts with exponential
     forgetting (decay per step), so it follows the text when it changes character.
-    Costs are measured on this machine: seconds per draft token, and seconds per verifier pass
-    for each k tried (a linear fit ``t0 + slope * k`` fills in the k not tried yet).  The score
-    E(alpha, k) / (k * draft_token_s + verify_s(k)) is the speedup formula of the notes with
-    c = draft_token_s / t0 and v_k = verify_s(k) / t0.
+    Costs are measured on this machine: seconds per drafted token, and seconds per target pass for
+    each number of proposed tokens seen (0 included: a plain target step; a linear fit ``t0 + slope
+    * k`` fills in the rest).  The score E(alpha, k) / (k * draft_token_s + verify_s(k)) is the
+    speedup formula of the notes; k = 0 scores 1 / verify_s(0).  So when drafting does not pay --
+    a draft that is rarely right, rows that are not free -- it stops drafting, and probes with the
+    smallest k every ``probe_every`` steps to notice when the text changes.
     """
 
     k_values: Sequence[int]
     decay: float = 0.9
     alpha: float = 0.6  # prior until the first observations
+    probe_every: int = 16
     name = "adaptive"
     _acc: float = 0.0
     _rej: float = 0.0
     _draft_s: float | None = None
     _verify_s: dict[int, float] = field(default_factory=dict)
-    _last_k: int = 0
+    _idle: int = 0
 
     @property
     def max_k(self) -> int:
         return max(self.k_values)
 
     def next_k(self, limit: int) -> int:
-        candidates = [k for k in sorted(self.k_values) if k <= limit] or [min(limit, min(self.k_values))]
+        ks = [k for k in sorted(set(self.k_values)) if k <= limit] or ([limit] if limit > 0 else [])
+        if not ks:
+            return 0
         if not self._verify_s:  # nothing measured yet: start in the middle
-            self._last_k = candidates[len(candidates) // 2]
-            return self._last_k
+            return ks[len(ks) // 2]
         t0, slope = self._verify_fit()
         draft = self._draft_s if self._draft_s is not None else 0.1 * t0
-        best = max(candidates, key=lambda k: expected_tokens(self.alpha, k)
-                   / (k * draft + self._verify_s.get(k, t0 + slope * k)))
-        self._last_k = best
+
+        def score(k: int) -> float:
+            return expected_tokens(self.alpha, k) / (k * draft + self._verify_s.get(k, t0 + slope * k))
+
+        best = max([0, *ks], key=score)
+        if best == 0:
+            self._idle += 1
+            if self._idle >= self.probe_every:  # look again now and then: the text may have changed
+                self._idle = 0
+                return ks[0]
+        else:
+            self._idle = 0
         return best
 
     def observe(self, proposed: int, accepted: int, draft_s: float, verify_s: float) -> None:
+        old = self._verify_s.get(proposed)
+        self._verify_s[proposed] = verify_s if old is None else 0.8 * old + 0.2 * verify_s
         if proposed == 0:
             return
         rejected = 1 if accepted < proposed else 0
@@ -152,8 +167,6 @@ class Adaptive(Policy):
             self.alpha = (self._acc + 1.0) / (self._acc + self._rej + 2.0)
         per_token = draft_s / proposed
         self._draft_s = per_token if self._draft_s is None else 0.8 * self._draft_s + 0.2 * per_token
-        old = self._verify_s.get(proposed)
-        self._verify_s[proposed] = verify_s if old is None else 0.8 * old + 0.2 * verify_s
 
     def _verify_fit(self) -> tuple[float, float]:
         ks = sorted(self._verify_s)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
+from specrt.runtime.drafters import DRAFTERS
 from specrt.runtime.errors import GenerationError
 from specrt.runtime.policy import POLICIES
 from specrt.runtime.sampling import SamplingParams
@@ -70,6 +71,17 @@ class Request:
     max_draft_per_token: float | None = None
     acceptance: str = "strict"  # "relaxed" = LOSSY (greedy only)
     accept_tau: float | None = None
+    drafter: str | None = None  # model | ngram | suffix | hybrid; None = the engine's default
+    ngram_min: int | None = None  # context drafters' n-gram sizes; None = the engine's
+    ngram_max: int | None = None
+
+    def with_params(self, params: dict) -> Request:
+        """This request with some fields replaced; an unknown name is a GenerationError listing the known ones."""
+        unknown = sorted(set(params) - {f.name for f in fields(self)})
+        if unknown:
+            raise GenerationError(f"unknown generation parameter(s) {', '.join(map(repr, unknown))}; known: "
+                                  f"{', '.join(f.name for f in fields(self))}")
+        return replace(self, **params) if params else self
 
     @property
     def speculative(self) -> bool:
@@ -95,6 +107,8 @@ class Request:
             raise GenerationError(f"use_draft must be true or false, got {self.use_draft!r:.50}")
         if self.policy not in POLICIES:
             raise GenerationError(f"unknown policy {self.policy!r:.50}; choose one of {', '.join(POLICIES)}")
+        if self.drafter is not None and self.drafter not in DRAFTERS:
+            raise GenerationError(f"unknown drafter {self.drafter!r:.50}; choose one of {', '.join(DRAFTERS)}")
         if self.acceptance not in ("strict", "relaxed"):
             raise GenerationError(f"acceptance must be 'strict' (lossless, default) or 'relaxed', "
                                   f"got {self.acceptance!r:.50}")
@@ -109,7 +123,11 @@ class Request:
             _float("max_draft_per_token", self.max_draft_per_token, 0.0, float(MAX_K)),
             accept_tau=None if self.accept_tau is None else _float("accept_tau", self.accept_tau, 0.0, 1.0,
                                                                      lo_open=True),
+            ngram_min=None if self.ngram_min is None else _int("ngram_min", self.ngram_min, 1, 16),
+            ngram_max=None if self.ngram_max is None else _int("ngram_max", self.ngram_max, 1, 16),
         )
+        if out.ngram_min is not None and out.ngram_max is not None and out.ngram_min > out.ngram_max:
+            raise GenerationError(f"ngram_min ({out.ngram_min}) must not exceed ngram_max ({out.ngram_max})")
         out.sampling  # noqa: B018 -- SamplingParams checks its own ranges
         if out.speculative and out.policy != "adaptive" and out.k not in k_values:
             raise GenerationError(f"k={out.k} is not one of this engine's compiled k values {list(k_values)}; "

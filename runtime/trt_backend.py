@@ -106,10 +106,13 @@ class TrtModelStep:
 
     def prefill(self, token_ids: np.ndarray) -> np.ndarray:
         self._length = 0
+        return self.extend(token_ids, 0)
+
+    def extend(self, token_ids: np.ndarray, pos: int) -> np.ndarray:
         logits = None
         chunk = max(p.n_max for p in self.profiles if p.stage == "prefill")
         for start in range(0, len(token_ids), chunk):
-            logits = self._run(token_ids[start:start + chunk], start, prefill=True)
+            logits = self._run(token_ids[start:start + chunk], pos + start, prefill=True)
         return logits[-1]
 
     def step(self, token_ids: np.ndarray, pos: int) -> np.ndarray:

@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "static KV cache, verify the ONNX logits against PyTorch, and write a self-describing engine "
                        "directory (manifest.json + ONNX files + tokenizer).")
     e.add_argument("--target", required=True, help="local checkpoint directory of the target (verification) model")
-    e.add_argument("--draft", required=True, help="local checkpoint directory of the draft model (same tokenizer)")
+    e.add_argument("--draft", default=None,
+                   help="local checkpoint directory of the draft model (same tokenizer); without it the engine is "
+                   "target-only and drafts from the context (--drafter ngram | suffix)")
     e.add_argument("--out", required=True, type=Path, help="engine directory to write")
     e.add_argument("--max-context", type=int, default=None,
                    help="prompt + generated tokens the KV caches hold (default: min(2048, model limit))")
@@ -315,7 +317,7 @@ def _info(args) -> int:
     from specrt.runtime.manifest import load_manifest
 
     m = load_manifest(args.engine)
-    for spec in (m.target, m.draft):
+    for spec in (s for s in (m.target, m.draft) if s is not None):
         raw = spec.raw
         print(f"{spec.role:>6}: {_printable(raw['architecture'])} ({_printable(raw['model_type'])}), "
               f"{raw.get('num_parameters', 0) / 1e6:.1f}M "
@@ -330,6 +332,8 @@ def _info(args) -> int:
                                    else ", rows NOT invariant" if inv["min_rows"] is None else "")
         print(f"        attention {raw['kv_cache'].get('attention', 'concat')}, KV update "
               f"{spec.kv.update}, {quant}{rows}")
+    if m.draft is None:
+        print("   draft: none (target-only engine: drafts from the context, --drafter ngram | suffix)")
     print(f"  pair: k {list(m.k_values)}, max context {m.max_context}, EOS {sorted(m.eos_token_ids)}")
     print("  manifest valid, all file hashes match")
     return 0

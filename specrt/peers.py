@@ -58,7 +58,10 @@ def engine_label(engine: Engine) -> str:
                 label += f", {spec.min_rows}-row steps"
         return label
 
-    target, draft = bits(engine.manifest.target), bits(engine.manifest.draft)
+    target = bits(engine.manifest.target)
+    if engine.manifest.draft is None:
+        return f"{target}, no draft"
+    draft = bits(engine.manifest.draft)
     return target if target.startswith(draft) else f"{target}, draft {draft}"
 
 

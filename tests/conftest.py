@@ -59,6 +59,10 @@ def engines(tmp_path_factory, checkpoints):
     export_pair(checkpoints["target"], checkpoints["close"], root / "close_bucketed", max_context=MAX_CONTEXT,
                 tolerance=1e-4, progress=False, attention="bucketed")
     out["close_bucketed"] = root / "close_bucketed"
+    # ... and without a draft: a target-only engine, drafting from the context
+    export_pair(checkpoints["target"], None, root / "target_only", max_context=MAX_CONTEXT, tolerance=1e-4,
+                progress=False)
+    out["target_only"] = root / "target_only"
     return out
 
 

@@ -31,6 +31,9 @@ class AdversarialDraft:
     def prefill(self, token_ids):
         return np.roll(self.inner.prefill(token_ids), 1)
 
+    def extend(self, token_ids, pos):
+        return np.roll(self.inner.extend(token_ids, pos), 1)
+
 
 def hf_greedy(model, prompt, max_new_tokens, eos=None):
     with torch.no_grad():
@@ -70,6 +73,34 @@ def test_greedy_equals_transformers(loaded, references, draft, k):
             assert s.accepted == 0 and s.steps == 30
     if draft in ("close", "close_concat", "close_bucketed"):
         assert r.stats.tokens_per_step > 1.4  # the perturbed copy really is a useful draft
+
+
+@pytest.mark.parametrize("engine_name", ["close", "close_concat", "close_bucketed", "target_only"])
+@pytest.mark.parametrize("drafter", ["model", "ngram", "suffix", "hybrid"])
+@pytest.mark.parametrize("policy", ["fixed", "adaptive"])
+def test_every_drafter_greedy_equals_transformers(loaded, references, engine_name, drafter, policy):
+    """Context drafters (and the hybrid) on every graph kind, and on an engine without a draft model."""
+    engine = loaded[engine_name]
+    engine.manifest = dataclasses.replace(engine.manifest, eos_token_ids=frozenset())
+    if engine.draft is None and drafter in ("model", "hybrid"):
+        with pytest.raises(GenerationError, match="needs a draft model"):
+            engine.generate(PROMPTS[0], max_new_tokens=5, drafter=drafter)
+        return
+    proposed = 0
+    for k in (2, 8):
+        for prompt in PROMPTS:
+            r = engine.generate(prompt, max_new_tokens=30, k=k, drafter=drafter, policy=policy)
+            assert r.token_ids == references[tuple(prompt)], (engine_name, drafter, k, prompt)
+            assert r.stats.drafter == drafter and r.stats.new_tokens == r.stats.accepted + r.stats.recovered + \
+                r.stats.bonus
+            proposed += r.stats.proposed
+    assert proposed > 0, "the drafter never proposed anything: the test would prove nothing"
+
+
+def test_target_only_engine_defaults_to_ngram(loaded):
+    engine = loaded["target_only"]
+    assert engine.draft is None and engine.default_drafter == "ngram" and engine.drafters == ("ngram", "suffix")
+    assert engine.generate([5, 5, 5, 5], max_new_tokens=4).stats.drafter == "ngram"
 
 
 @pytest.mark.parametrize("draft", ["close", "random"])

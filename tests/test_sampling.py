@@ -15,6 +15,9 @@ import numpy as np
 import pytest
 from specrt.runtime import loop
 from specrt.runtime.acceptance import sample
+from specrt.runtime.drafters import ModelDrafter, NgramDrafter, Proposal
+from specrt.runtime.drafters import model as model_drafter
+from specrt.runtime.drafters.base import Drafter
 from specrt.runtime.errors import GenerationError
 from specrt.runtime.policy import Fixed
 from specrt.runtime.sampling import SamplingParams, warp
@@ -59,21 +62,46 @@ class MarkovStep:
         self.length = 0
         return self.step(token_ids, 0)[-1]
 
+    def extend(self, token_ids, pos):
+        return self.step(token_ids, pos)[-1]
+
 
 def exact_joint(params: SamplingParams, first_context: int = 0) -> np.ndarray:
     p = warp(np.log(P), params)  # [V, V]: row = previous token
     return p[first_context][:, None] * p
 
 
-def joint_counts(params: SamplingParams, k: int, seed: int = 0, speculative: bool = True) -> np.ndarray:
+class FixedDrafter(Drafter):
+    """A deterministic drafter (q one-hot) that always proposes the same tokens: 2, 3, 2, 3 ..."""
+
+    def begin(self, prompt_ids):
+        pass
+
+    def propose(self, k, sampling, rng, keep_drafting=None):
+        return Proposal(np.array([2, 3] * k, dtype=np.int64)[:k])
+
+    def commit(self, accepted_ids, next_id, features=None):
+        pass
+
+
+# The Markov target's next token depends only on the last one, so any prompt ending in 0 gives the same
+# joint distribution; this one gives the n-gram drafter earlier matches to propose from.
+PROMPTS = {"model": [0], "ngram": [0, 1, 2, 3, 1, 0, 3, 3, 2, 0], "fixed": [0]}
+
+
+def joint_counts(params: SamplingParams, k: int, seed: int = 0, speculative: bool = True,
+                 drafter: str = "model") -> np.ndarray:
     rng = np.random.default_rng(seed)
     counts = np.zeros((V, V))
     target, draft = MarkovStep(P), MarkovStep(Q)
+    prompt = np.array(PROMPTS[drafter])
     for _ in range(N):
+        d = {"model": lambda: ModelDrafter(draft), "ngram": lambda: NgramDrafter(1, 3),
+             "fixed": FixedDrafter}[drafter]()
         if speculative:
-            steps = loop.speculative(target, draft, np.array([0]), Fixed(k), 2, params, rng, Stats())
+            steps = loop.speculative(target, d, prompt, Fixed(k), 2, params, rng, Stats())
         else:
-            steps = loop.target_only(target, np.array([0]), 2, params, rng, Stats())
+            steps = loop.target_only(target, prompt, 2, params, rng, Stats())
         ids = [t for s in steps for t in s.token_ids][:2]
         counts[ids[0], ids[1]] += 1
     return counts
@@ -95,9 +123,10 @@ def _cells(params):
 
 @pytest.mark.parametrize("params", PARAMS, ids=["t0.7", "topk3", "t1.3-topp0.8"])
 @pytest.mark.parametrize("k", [1, 3])
-def test_speculative_sampling_matches_target(params, k):
+@pytest.mark.parametrize("drafter", ["model", "ngram", "fixed"])
+def test_speculative_sampling_matches_target(params, k, drafter):
     mask, p = _cells(params)
-    counts = joint_counts(params, k)
+    counts = joint_counts(params, k, drafter=drafter)
     assert counts[~mask].sum() == 0, "a token outside top-k/top-p was emitted"
     assert chi2(counts[mask], p[mask]) < chi2_critical(int(mask.sum()) - 1, 1e-3)
 
@@ -122,21 +151,38 @@ def _ignore_q(draft_ids, q, p, rng):
     return len(draft_ids), sample(p[len(draft_ids)], rng)
 
 
+def _point_no_residual(draft_ids, p, rng):
+    for i, x in enumerate(draft_ids):
+        if not rng.random() < p[i, x]:
+            return i, sample(p[i], rng)  # BUG: resamples from p instead of p with x removed
+    return len(draft_ids), sample(p[len(draft_ids)], rng)
+
+
+def _point_always_accept(draft_ids, p, rng):
+    return len(draft_ids), sample(p[len(draft_ids)], rng)  # BUG: a context match is taken on trust
+
+
 def _untempered_draft(logits, params, rng, probs_out):
     probs_out[:] = warp(logits, params)  # q reported to the acceptor is tempered ...
     return sample(warp(logits, SamplingParams(1.0)), rng)  # BUG: ... but the token is drawn at temperature 1
 
 
-@pytest.mark.parametrize("bug", ["residual removed", "q ignored", "draft temperature not applied"])
+@pytest.mark.parametrize("bug", ["residual removed", "q ignored", "draft temperature not applied",
+                                 "point: residual removed", "point: always accepted"])
 def test_broken_acceptors_are_caught(monkeypatch, bug):
+    drafter = "model"
     if bug == "residual removed":
         monkeypatch.setattr(loop, "rejection_verify", _no_residual)
     elif bug == "q ignored":
         monkeypatch.setattr(loop, "rejection_verify", _ignore_q)
+    elif bug == "draft temperature not applied":
+        monkeypatch.setattr(model_drafter, "draft_sample", _untempered_draft)
     else:
-        monkeypatch.setattr(loop, "_draft_sample", _untempered_draft)
+        monkeypatch.setattr(loop, "point_rejection_verify",
+                            _point_no_residual if bug == "point: residual removed" else _point_always_accept)
+        drafter = "fixed"
     params = SamplingParams(0.4)  # a low temperature makes tempered and untempered q far apart
-    stat = chi2(joint_counts(params, 2), exact_joint(params))
+    stat = chi2(joint_counts(params, 2, drafter=drafter), exact_joint(params))
     assert stat > CRITICAL, f"{bug}: chi2 {stat:.1f} did not exceed {CRITICAL:.1f}"
 
 
@@ -145,7 +191,7 @@ def test_seed_reproducible():
     runs = []
     for _ in range(2):
         rng = np.random.default_rng(123)
-        steps = loop.speculative(MarkovStep(P), MarkovStep(Q), np.array([0]), Fixed(3), 10, params, rng, Stats())
+        steps = loop.speculative(MarkovStep(P), ModelDrafter(MarkovStep(Q)), np.array([0]), Fixed(3), 10, params, rng, Stats())
         runs.append([t for s in steps for t in s.token_ids])
     assert runs[0] == runs[1]
 

@@ -1,0 +1,43 @@
+"""``hybrid``: a context match when there is one, the draft model otherwise.
+
+Context matching is nearly free and, when it hits, usually right for several tokens; the draft model
+costs a forward pass per token and is right less often but everywhere.  Both follow every commit
+(the model's cache catches up on the tokens it did not propose, through its prefill stage).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from specrt.runtime.drafters.base import Drafter, KeepDrafting, Proposal
+from specrt.runtime.sampling import SamplingParams
+
+
+class HybridDrafter(Drafter):
+    name = "hybrid"
+
+    def __init__(self, context: Drafter, model: Drafter):
+        self.context, self.model = context, model
+        self.max_context = model.max_context
+        self.last_source = ""  # "context" | "model" | "" (nothing proposed): for traces and tests
+
+    def begin(self, prompt_ids: np.ndarray) -> None:
+        self.context.begin(prompt_ids)
+        self.model.begin(prompt_ids)
+
+    def propose(self, k: int, sampling: SamplingParams, rng: np.random.Generator,
+                keep_drafting: KeepDrafting | None = None) -> Proposal:
+        proposal = self.context.propose(k, sampling, rng, keep_drafting)
+        self.last_source = "context"
+        if not len(proposal):
+            proposal = self.model.propose(k, sampling, rng, keep_drafting)
+            self.last_source = "model" if len(proposal) else ""
+        return proposal
+
+    def commit(self, accepted_ids: Sequence[int], next_id: int, features: np.ndarray | None = None) -> None:
+        self.context.commit(accepted_ids, next_id, features)
+        self.model.commit(accepted_ids, next_id, features)
+
+    def end(self) -> None:
+        self.context.end()
+        self.model.end()

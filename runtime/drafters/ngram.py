@@ -1,0 +1,75 @@
+"""``ngram``: prompt lookup.  The longest suffix of the context that occurred earlier proposes what followed it.
+
+For n from ``ngram_max`` down to ``ngram_min``, the last n tokens of the context are looked up among
+the earlier n-grams of the prompt and the generated text; the first hit proposes the (up to k) tokens
+that followed it.  Nothing found: an empty proposal, which costs a few dictionary lookups.
+
+The index maps each n-gram to where its continuation starts, and is updated as tokens are committed
+(n-grams ending at the token before each new one gain a continuation): no step rescans the context.
+``match="latest"`` keeps the most recent occurrence of an n-gram, ``"earliest"`` the first one
+(vLLM's choice); ``benchmarks/drafter_replay.py`` measured which one pays (README).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from specrt.runtime.drafters.base import Drafter, KeepDrafting, Proposal, empty
+from specrt.runtime.errors import GenerationError
+from specrt.runtime.sampling import SamplingParams
+
+MATCHES = ("latest", "earliest")
+
+
+class NgramDrafter(Drafter):
+    name = "ngram"
+
+    def __init__(self, ngram_min: int = 2, ngram_max: int = 4, match: str = "latest"):
+        if not (isinstance(ngram_min, int) and isinstance(ngram_max, int) and 1 <= ngram_min <= ngram_max <= 16):
+            raise GenerationError(f"n-gram sizes must satisfy 1 <= ngram_min <= ngram_max <= 16, got "
+                                  f"{ngram_min!r}, {ngram_max!r}")
+        if match not in MATCHES:
+            raise GenerationError(f"match must be one of {', '.join(MATCHES)}, got {match!r}")
+        self.ngram_min, self.ngram_max, self.match = ngram_min, ngram_max, match
+        self.tokens: list[int] = []
+        self._index: dict[tuple[int, ...], int] = {}  # n-gram -> start of the tokens that followed it
+
+    def begin(self, prompt_ids: np.ndarray) -> None:
+        self.tokens = [int(t) for t in prompt_ids]
+        self._index = {}
+        for i in range(1, len(self.tokens)):
+            self._register(i)
+
+    def _register(self, i: int) -> None:
+        """Token i exists now: every n-gram ending at token i - 1 has a continuation starting at i."""
+        t = self.tokens
+        for n in range(self.ngram_min, min(self.ngram_max, i) + 1):
+            key = tuple(t[i - n:i])
+            if self.match == "latest":
+                self._index[key] = i
+            else:
+                self._index.setdefault(key, i)
+
+    def lookup(self, k: int) -> tuple[int, list[int]]:
+        """(matched n, up to k continuation tokens) for the longest matching suffix; (0, []) when none."""
+        t = self.tokens
+        for n in range(min(self.ngram_max, len(t)), self.ngram_min - 1, -1):
+            start = self._index.get(tuple(t[len(t) - n:]))
+            if start is not None:
+                return n, t[start:start + k]
+        return 0, []
+
+    def propose(self, k: int, sampling: SamplingParams, rng: np.random.Generator,
+                keep_drafting: KeepDrafting | None = None) -> Proposal:
+        if k < 1:
+            return empty()
+        _, ids = self.lookup(k)
+        return Proposal(np.array(ids, dtype=np.int64)) if ids else empty()
+
+    def commit(self, accepted_ids: Sequence[int], next_id: int, features: np.ndarray | None = None) -> None:
+        for token in (*accepted_ids, next_id):
+            self.tokens.append(int(token))
+            self._register(len(self.tokens) - 1)
+
+    def end(self) -> None:
+        self.tokens, self._index = [], {}

@@ -1,0 +1,138 @@
+"""``suffix``: drafting from continuation counts over this generation and the earlier ones on this engine.
+
+``SuffixCache`` (one per engine, shared by its generations) counts, for every context of
+``ngram_min``..``ngram_max`` tokens seen in the prompts and outputs it holds, which token followed it
+and how often.  A proposal walks forward from the current context: at each position the longest
+known context picks its most frequent continuation, with empirical probability count / total; the
+walk stops when the product of those probabilities falls below ``min_confidence``, or when the
+match is short and the walk long (at most ``1 + length_factor * n`` tokens after an n-token match).
+So the number of tokens proposed follows the match length and how often the continuation was seen
+(SuffixDecoding, arXiv 2411.04975, does the same with suffix trees).  It pays on repeated work --
+the same template, the same code base, agent loops -- and also copies spans of the current prompt,
+whose n-grams are usually seen once (probability 1).
+
+The cache is bounded: ``budget_tokens`` tokens of whole sequences, the oldest evicted first (their
+counts removed).  Updates cost O(ngram_max) per committed token; a proposal O(ngram_max) lookups per
+drafted token -- nothing proportional to the context or the cache.
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Sequence
+
+import numpy as np
+from specrt.runtime.drafters.base import Drafter, KeepDrafting, Proposal, empty
+from specrt.runtime.errors import GenerationError
+from specrt.runtime.sampling import SamplingParams
+
+
+class SuffixCache:
+    """Continuation counts over a bounded set of token sequences (thread-safe)."""
+
+    def __init__(self, budget_tokens: int = 200_000, ngram_min: int = 1, ngram_max: int = 6):
+        if not 1 <= ngram_min <= ngram_max <= 16:
+            raise GenerationError(f"suffix n-gram sizes must satisfy 1 <= min <= max <= 16, got {ngram_min}, "
+                                  f"{ngram_max}")
+        if budget_tokens < 1:
+            raise GenerationError(f"the suffix cache budget must be >= 1 token, got {budget_tokens}")
+        self.budget_tokens, self.ngram_min, self.ngram_max = budget_tokens, ngram_min, ngram_max
+        # context -> {next token: count}, and context -> [total count, best token, its count]
+        self._counts: dict[tuple[int, ...], dict[int, int]] = {}
+        self._best: dict[tuple[int, ...], list[int]] = {}
+        self._sequences: deque[list[int]] = deque()
+        self.tokens = 0
+        self.lock = threading.Lock()
+
+    def count(self, seq: Sequence[int], i: int, delta: int) -> None:
+        """Token seq[i] follows each context ending at seq[i - 1]: add (delta=+1) or remove (-1) that."""
+        token = seq[i]
+        for n in range(self.ngram_min, min(self.ngram_max, i) + 1):
+            key = tuple(seq[i - n:i])
+            conts = self._counts.get(key)
+            if conts is None:
+                if delta < 0:
+                    continue
+                conts = self._counts[key] = {}
+                self._best[key] = [0, token, 0]
+            c = conts.get(token, 0) + delta
+            best = self._best[key]
+            best[0] += delta
+            if c > 0:
+                conts[token] = c
+            else:
+                conts.pop(token, None)
+            if not conts:
+                del self._counts[key], self._best[key]
+            elif delta > 0 and c > best[2]:
+                best[1], best[2] = token, c
+            elif delta < 0 and token == best[1]:  # the best one lost a count: look again among the few
+                best[1], best[2] = max(conts.items(), key=lambda kv: kv[1])
+
+    def best(self, key: tuple[int, ...]) -> tuple[int, int, int] | None:
+        """(most frequent continuation, its count, total count) of a context, or None."""
+        b = self._best.get(key)
+        return (b[1], b[2], b[0]) if b else None
+
+    def keep(self, seq: list[int]) -> None:
+        """Remember a finished sequence (its counts are already in); evict the oldest past the budget."""
+        self._sequences.append(seq)
+        self.tokens += len(seq)
+        while self.tokens > self.budget_tokens and len(self._sequences) > 1:
+            old = self._sequences.popleft()
+            self.tokens -= len(old)
+            for i in range(1, len(old)):
+                self.count(old, i, -1)
+
+
+class SuffixDrafter(Drafter):
+    name = "suffix"
+
+    def __init__(self, cache: SuffixCache, min_confidence: float = 0.3, length_factor: float = 2.0):
+        if not 0.0 <= min_confidence <= 1.0:
+            raise GenerationError(f"min_confidence must be in [0, 1], got {min_confidence!r}")
+        self.cache, self.min_confidence, self.length_factor = cache, min_confidence, length_factor
+        self.tokens: list[int] = []
+
+    def begin(self, prompt_ids: np.ndarray) -> None:
+        self.tokens = [int(t) for t in prompt_ids]
+        with self.cache.lock:
+            for i in range(1, len(self.tokens)):
+                self.cache.count(self.tokens, i, +1)
+
+    def propose(self, k: int, sampling: SamplingParams, rng: np.random.Generator,
+                keep_drafting: KeepDrafting | None = None) -> Proposal:
+        if k < 1:
+            return empty()
+        cache, ctx, out = self.cache, self.tokens, []
+        confidence, limit = 1.0, k
+        with cache.lock:
+            while len(out) < limit:
+                hit, n = None, 0
+                tail = ctx[-cache.ngram_max:] + out
+                for n in range(min(cache.ngram_max, len(tail)), cache.ngram_min - 1, -1):
+                    hit = cache.best(tuple(tail[len(tail) - n:]))
+                    if hit is not None:
+                        break
+                if hit is None:
+                    break
+                token, count, total = hit
+                confidence *= count / total
+                if confidence < self.min_confidence:
+                    break
+                if not out:  # the first match sets how far this proposal may reach
+                    limit = min(k, 1 + int(self.length_factor * n))
+                out.append(token)
+        return Proposal(np.array(out, dtype=np.int64)) if out else empty()
+
+    def commit(self, accepted_ids: Sequence[int], next_id: int, features: np.ndarray | None = None) -> None:
+        with self.cache.lock:
+            for token in (*accepted_ids, next_id):
+                self.tokens.append(int(token))
+                self.cache.count(self.tokens, len(self.tokens) - 1, +1)
+
+    def end(self) -> None:
+        if self.tokens:
+            with self.cache.lock:
+                self.cache.keep(self.tokens)
+        self.tokens = []

@@ -1,0 +1,24 @@
+"""runtime/drafters/hybrid.py: a context match first, the draft model otherwise; both follow every commit."""
+from __future__ import annotations
+
+import numpy as np
+from fakes import FakeStep
+from specrt.runtime.drafters import HybridDrafter, ModelDrafter, NgramDrafter
+from specrt.runtime.sampling import SamplingParams
+
+GREEDY, RNG = SamplingParams(), np.random.default_rng(0)
+
+
+def test_context_match_first_model_otherwise():
+    target = FakeStep(salt=1)
+    draft = FakeStep(salt=0, agree_with=target)
+    h = HybridDrafter(NgramDrafter(2, 3), ModelDrafter(draft))
+    h.begin(np.array([1, 2, 3, 4, 1, 2]))
+    p = h.propose(2, GREEDY, RNG)
+    assert h.last_source == "context" and p.token_ids.tolist() == [3, 4]
+    h.commit([3, 4], 9)  # context ... 1, 2, 3, 4, 9: no earlier (4, 9) or (3, 4, 9)
+    draft.widths.clear()
+    p = h.propose(2, GREEDY, RNG)
+    assert h.last_source == "model" and len(p) == 2
+    # the model caught up on the 3 tokens it did not draft (prefill stage), then stepped 1 token at a time
+    assert draft.extends[-1][0] == 3 and [n for n, _ in draft.widths] == [1, 1]
