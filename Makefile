@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test install-export install-demo lint bench-demo bench-policies bench-kv bench-peers bench-steps peers-setup demo-int4
+.PHONY: demo test install-export install-demo lint bench-demo bench-policies bench-kv bench-peers bench-steps peers-setup demo-int4 bench-spec
 
 install-export:
 	$(PIP) -e ".[export,test]"
@@ -28,20 +28,27 @@ bench-policies:
 
 ## the KV copy: in-place (GroupQueryAttention) graph vs the concat export of the same pair
 bench-kv:
-	test -f .cache/demo/engine-concat/manifest.json || $(PYTHON) -m specrt.cli export --target .cache/demo/verifier-hf --draft engines/demo/draft --max-context 1024 --force --out .cache/demo/engine-concat --attention concat
+	test -f .cache/demo/engine-concat/manifest.json || $(PYTHON) -m specrt.cli export --target .cache/demo/verifier-hf --draft engines/demo/draft --max-context 2048 --force --out .cache/demo/engine-concat --attention concat
 	$(PYTHON) benchmarks/kv_copy.py .cache/demo/engine .cache/demo/engine-concat --repeats 20 --json-out .cache/demo/kv_copy.json
 
 ## onnxruntime-genai peer in its own venv (its builder needs transformers 5), its fp32 + int4 builds
 ## of the demo verifier, and our engine variants of the demo pair (after `make demo`)
 GENAI_VENV := .cache/genai-venv
 SPECRT := $(PYTHON) -m specrt.cli
-DEMO_PAIR := --target .cache/demo/verifier-hf --draft engines/demo/draft --max-context 1024 --force
+DEMO_PAIR := --target .cache/demo/verifier-hf --draft engines/demo/draft --max-context 2048 --force
+OPENVINO_VENV := .cache/openvino-venv
+SPEC_BENCH ?= ../shared/benchmarks/spec_bench/dev.jsonl
 peers-setup:
+	mkdir -p .cache/genai .cache/openvino
 	test -x $(GENAI_VENV)/bin/python || $(PYTHON) -m venv $(GENAI_VENV)
 	$(GENAI_VENV)/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 onnxruntime-genai==0.18.0 "transformers>=5" onnx onnx_ir sentencepiece protobuf
 	for p in fp32 int4; do test -f .cache/genai/$$p/model.onnx || $(GENAI_VENV)/bin/python -m onnxruntime_genai.models.builder -i .cache/demo/verifier-hf -o .cache/genai/$$p -p $$p -e cpu -c .cache/genai/hfcache > .cache/genai/build_$$p.log 2>&1 || exit 1; done
 	test -f .cache/demo/engine-dq4/manifest.json || $(SPECRT) export $(DEMO_PAIR) --out .cache/demo/engine-dq4 --draft-quant int4
 	test -f .cache/demo/engine-int4/manifest.json || $(SPECRT) export $(DEMO_PAIR) --out .cache/demo/engine-int4 --quant int4
+	test -x $(OPENVINO_VENV)/bin/python || $(PYTHON) -m venv $(OPENVINO_VENV)
+	$(OPENVINO_VENV)/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 openvino-genai==2026.4.1.0 "optimum-intel[openvino]"
+	$(OPENVINO_VENV)/bin/python -m pip uninstall --quiet --yes torchvision 2>/dev/null || true  # built for another torch: breaks optimum-cli
+	$(OPENVINO_VENV)/bin/python scripts/openvino_convert.py .cache/demo/verifier-hf engines/demo/draft .cache/openvino > .cache/openvino/convert.log 2>&1 || (tail -20 .cache/openvino/convert.log; exit 1)
 
 ## specrt (fp32; fp32 + int4 draft; int4) beside transformers generate(), assisted generation and
 ## onnxruntime-genai fp32 / int4: one run, one report
@@ -53,9 +60,14 @@ bench-steps: peers-setup
 	test -f .cache/demo/engine-int4-acc1/manifest.json || $(SPECRT) export $(DEMO_PAIR) --out .cache/demo/engine-int4-acc1 --quant int4 --accuracy-level 1
 	$(PYTHON) benchmarks/step_cost.py .cache/demo/engine .cache/demo/engine-int4 .cache/demo/engine-int4-acc1
 
+## Spec-Bench (48 questions, 6 categories): every drafter on the fp32 and int4 demo engines beside
+## onnxruntime-genai int4 and OpenVINO GenAI int4 (plain, prompt lookup, draft model), one run
+bench-spec: peers-setup
+	$(SPECRT) bench .cache/demo/engine --spec-bench $(SPEC_BENCH) --also-engine .cache/demo/engine-int4 --k 4 --policy adaptive --genai-model .cache/genai/int4 --genai-python $(GENAI_VENV)/bin/python --openvino-model .cache/openvino/int4 --openvino-draft .cache/openvino/draft --openvino-python $(OPENVINO_VENV)/bin/python --repeats 1 --max-new-tokens 128 --report .cache/demo/spec_bench.md
+
 ## int4 verifier + draft engine (ONNX Runtime MatMulNBits), then its bench
 demo-int4:
-	$(PYTHON) -m specrt.cli export --target .cache/demo/verifier-hf --draft engines/demo/draft --out .cache/demo/engine-int4 --max-context 1024 --quant int4 --force
+	$(PYTHON) -m specrt.cli export --target .cache/demo/verifier-hf --draft engines/demo/draft --out .cache/demo/engine-int4 --max-context 2048 --quant int4 --force
 	$(PYTHON) -m specrt.cli bench .cache/demo/engine-int4 --k 1,2,4 --repeats 2 --max-new-tokens 64 --prompts benchmarks/demo_prompts.json --json-out .cache/demo/bench_int4.json
 
 lint:

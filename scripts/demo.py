@@ -112,7 +112,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=96)
-    ap.add_argument("--max-context", type=int, default=1024)
+    ap.add_argument("--max-context", type=int, default=2048)
     ap.add_argument("--no-check", action="store_true", help="skip the comparison with transformers")
     a = ap.parse_args()
     t0 = time.time()

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from specrt import __version__
+from specrt.runtime.drafters import DRAFTERS
 from specrt.runtime.policy import POLICIES
 
 EPILOG = """examples:
@@ -86,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
             src.add_argument("--chat", help="a user message, rendered with the model's chat template")
             g.add_argument("--k", type=int, default=4, help="draft tokens per verification step (default 4)")
             g.add_argument("--no-draft", action="store_true", help="decode with the target alone (the baseline)")
+            g.add_argument("--drafter", choices=DRAFTERS, default=None,
+                           help="what proposes tokens: model (the engine's draft model), ngram (prompt lookup: what "
+                           "followed the last n-gram earlier in the context), suffix (continuations seen in this and "
+                           "earlier generations), hybrid (a context match, else the model). Default: the engine's "
+                           "(`specrt info` shows it)")
+            g.add_argument("--ngram-min", type=int, default=None, help="shortest context match, ngram/hybrid (default 2)")
+            g.add_argument("--ngram-max", type=int, default=None, help="longest context match, ngram/hybrid (default 4)")
             g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
             g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
             g.add_argument("--top-k", type=int, default=0)
@@ -134,8 +142,26 @@ def build_parser() -> argparse.ArgumentParser:
                                help="the Python that has onnxruntime-genai installed (default: this one)")
             peers.add_argument("--temperatures", type=lambda t: [float(x) for x in t.split(",")], default=[0.0, 0.8],
                                help="temperatures to measure (default 0,0.8)")
-            peers.add_argument("--report", type=Path, default=Path("peers.md"),
-                               help="markdown report (rows as .json and a .png chart beside it; default peers.md)")
+            peers.add_argument("--openvino-model", type=Path, action="append", default=[],
+                               help="an OpenVINO IR folder (optimum-cli export openvino) of the target: OpenVINO GenAI "
+                               "plain decoding and its prompt lookup; repeatable")
+            peers.add_argument("--openvino-draft", type=Path, default=None,
+                               help="an OpenVINO IR folder of the draft: adds OpenVINO GenAI's draft-model speculation")
+            peers.add_argument("--openvino-python", default=None,
+                               help="the Python that has openvino-genai installed (default: this one)")
+            peers.add_argument("--report", type=Path, default=None,
+                               help="markdown report (rows as .json and a .png chart beside it; default peers.md, "
+                               "or spec_bench.md with --spec-bench)")
+            sb = g.add_argument_group(
+                "spec-bench", "--spec-bench FILE: Spec-Bench questions through the chat template, per category, every "
+                "system (specrt drafters on this engine and --also-engine, and the peers above) side by side in one run")
+            sb.add_argument("--spec-bench", type=Path, default=None, metavar="FILE",
+                            help="Spec-Bench question.jsonl (e.g. ../shared/benchmarks/spec_bench/dev.jsonl)")
+            sb.add_argument("--drafters", type=lambda t: [x for x in t.split(",") if x], default=None,
+                            help="drafters to run, comma-separated (default: all the engine can run)")
+            sb.add_argument("--policy", choices=POLICIES, default="fixed",
+                            help="the policy of every speculative row (default fixed)")
+            sb.add_argument("--limit", type=int, default=None, help="only the first N questions")
 
     b = sub.add_parser("build", help="build TensorRT engines for an engine directory (GPU + TensorRT needed)",
                        description="Build TensorRT engines with one static profile per stage (draft decode, every "
@@ -223,7 +249,8 @@ def _generate(args) -> int:
             seed = i  # independent, and reproducible
         stream = engine.stream(prompt, max_new_tokens=args.max_new_tokens, k=args.k, stop=args.stop,
                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
-                               use_draft=not args.no_draft, policy=args.policy, tau=args.tau,
+                               use_draft=not args.no_draft, policy=args.policy, tau=args.tau, drafter=args.drafter,
+                               ngram_min=args.ngram_min, ngram_max=args.ngram_max,
                                max_draft_per_token=args.max_draft_per_token, acceptance=args.acceptance,
                                accept_tau=args.accept_tau, trace=args.trace)
         if not args.json and args.num_samples > 1:
@@ -237,7 +264,7 @@ def _generate(args) -> int:
             d = r.as_dict()
             keys = ("new_tokens", "steps", "proposed", "accepted", "acceptance_rate", "tokens_per_step", "draft_s",
                     "verify_s", "total_s", "tokens_per_s", "prefill_s", "other_s", "recovered", "bonus",
-                    "stop_reason", "policy", "acceptance", "accept_tau", "lossless")
+                    "stop_reason", "policy", "drafter", "acceptance", "accept_tau", "lossless")
             d["stats"] = {k: d["stats"][k] for k in keys}
             print(json.dumps(d), flush=True)
         else:
@@ -263,6 +290,8 @@ def _bench(args) -> int:
     prompts = json.loads(args.prompts.read_text()) if args.prompts else DEFAULT_PROMPTS
     if engine.manifest.chat_template is None:
         prompts = [p for p in prompts if "chat" not in p]
+    if args.spec_bench:
+        return _bench_spec(args, engine)
     if args.peers:
         return _bench_peers(args, engine, prompts)
     ks = args.k or [k for k in engine.manifest.k_values if k > 1] or list(engine.manifest.k_values)
@@ -274,6 +303,51 @@ def _bench(args) -> int:
     print(format_table(rows))
     if args.json_out:
         args.json_out.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def _bench_spec(args, engine) -> int:
+    from specrt import peers, spec_bench
+    from specrt.runtime import Engine, GenerationError
+
+    questions = spec_bench.load_questions(args.spec_bench)[: args.limit]
+    if engine.manifest.chat_template is None:
+        raise GenerationError("Spec-Bench goes through the chat template and this engine has none")
+    ks = args.k or [4]
+    engines = [(engine, peers.engine_label(engine))]
+    for path in args.also_engine:
+        other = Engine.load(path, threads=args.threads, draft_threads=args.draft_threads, spin=not args.no_spin)
+        label = peers.engine_label(other)
+        engines.append((other, label if label not in {lb for _, lb in engines} else f"{label} {path.name}"))
+    systems = []
+    for e, label in engines:
+        drafters = [d for d in (args.drafters or e.drafters) if d in e.drafters]
+        systems += peers.specrt_systems(e, ks, args.max_new_tokens, label, drafters=drafters, policy=args.policy)
+    if args.hf_target:
+        systems += peers.transformers_systems(args.hf_target, args.hf_draft, ks[0], args.max_new_tokens,
+                                              sorted(engine.manifest.eos_token_ids), args.threads or 2)
+    for model_dir in args.genai_model:
+        systems.append(peers.genai_system(args.genai_python or sys.executable, model_dir,
+                                          engine.manifest.target.vocab_size, args.max_new_tokens))
+    for model_dir in args.openvino_model:
+        systems += peers.openvino_systems(args.openvino_python or sys.executable, model_dir, args.max_new_tokens,
+                                          args.openvino_draft)
+    report = args.report or Path("spec_bench.md")
+    try:
+        prompts = spec_bench.build_prompts(engine, questions, args.max_new_tokens)
+        rows = spec_bench.run_spec_bench(systems, prompts, args.repeats)
+    finally:
+        for s in systems:
+            s.close()
+    text = spec_bench.format_report(rows)
+    header = (f"Spec-Bench: {len(questions)} questions ({len(prompts)} turns) from {args.spec_bench}, greedy, "
+              f"{args.max_new_tokens} new tokens at most, {args.repeats} repeat(s), policy {args.policy}.\n\n")
+    print(header + text)
+    report.write_text(header + text + "\n")
+    report.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    png = report.with_suffix(".png")
+    print(f"\nwrote {report}, {report.with_suffix('.json')}"
+          + (f", {png}" if spec_bench.plot_report(rows, png) else " (no plot: matplotlib is not installed)"))
     return 0
 
 
@@ -298,6 +372,9 @@ def _bench_peers(args, engine, prompts) -> int:
     python = args.genai_python or sys.executable
     for model_dir in args.genai_model:
         systems.append(peers.genai_system(python, model_dir, engine.manifest.target.vocab_size, args.max_new_tokens))
+    for model_dir in args.openvino_model:
+        systems += peers.openvino_systems(args.openvino_python or sys.executable, model_dir, args.max_new_tokens,
+                                          args.openvino_draft)
     try:
         rows = peers.run_peers(engine, systems, prompts, args.temperatures, args.repeats)
     finally:
@@ -305,10 +382,11 @@ def _bench_peers(args, engine, prompts) -> int:
             s.close()
     report = peers.format_report(rows, systems[0].name)
     print(report)
-    args.report.write_text(report + "\n")
-    args.report.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    png = args.report.with_suffix(".png")
-    print(f"\nwrote {args.report}, {args.report.with_suffix('.json')}"
+    path = args.report or Path("peers.md")
+    path.write_text(report + "\n")
+    path.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    png = path.with_suffix(".png")
+    print(f"\nwrote {path}, {path.with_suffix('.json')}"
           + (f", {png}" if peers.plot_report(rows, png) else " (no plot: matplotlib is not installed)"))
     return 0
 
@@ -334,6 +412,9 @@ def _info(args) -> int:
               f"{spec.kv.update}, {quant}{rows}")
     if m.draft is None:
         print("   draft: none (target-only engine: drafts from the context, --drafter ngram | suffix)")
+    from specrt.runtime.engine import DEFAULT_DRAFTER_WITH_MODEL, DEFAULT_DRAFTER_WITHOUT_MODEL
+
+    print(f"  drafters: default {DEFAULT_DRAFTER_WITH_MODEL if m.draft else DEFAULT_DRAFTER_WITHOUT_MODEL}")
     print(f"  pair: k {list(m.k_values)}, max context {m.max_context}, EOS {sorted(m.eos_token_ids)}")
     print("  manifest valid, all file hashes match")
     return 0

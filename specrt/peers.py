@@ -29,9 +29,25 @@ from pathlib import Path
 from specrt.runtime import Engine
 from specrt.runtime.bench import prompt_ids
 
-# (prompt ids, temperature, seed) -> (new token ids, seconds, acceptance or None)
-RunFn = Callable[[list[int], float, int], tuple[list[int], float, "float | None"]]
 BASELINE = "specrt target-only"
+
+
+@dataclass
+class Run:
+    """One generation by one system: its new token ids and wall time, and speculation counters if it has them."""
+
+    token_ids: list[int]
+    seconds: float
+    steps: int | None = None  # target passes
+    proposed: int | None = None
+    accepted: int | None = None
+
+    @property
+    def acceptance(self) -> float | None:
+        return None if not self.proposed else self.accepted / self.proposed
+
+
+RunFn = Callable[[list[int], float, int], Run]  # (prompt ids, temperature, seed) -> Run
 
 
 @dataclass
@@ -41,6 +57,7 @@ class System:
     close: Callable[[], None] = field(default=lambda: None)
     # the system whose greedy tokens this one must reproduce (None: the report's first system)
     reference: str | None = None
+    reset: Callable[[], None] = field(default=lambda: None)  # before each repeat (e.g. a suffix cache)
 
 
 def engine_label(engine: Engine) -> str:
@@ -65,19 +82,33 @@ def engine_label(engine: Engine) -> str:
     return target if target.startswith(draft) else f"{target}, draft {draft}"
 
 
-def specrt_systems(engine: Engine, ks: Sequence[int], max_new_tokens: int, label: str | None = None) -> list[System]:
+def specrt_run(engine: Engine, max_new_tokens: int, **params) -> RunFn:
+    """A RunFn for one specrt configuration (``params``: Request fields, e.g. k, drafter, policy)."""
+    def go(ids: list[int], temperature: float, seed: int) -> Run:
+        r = engine.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, **params)
+        s = r.stats
+        return Run(r.token_ids, s.total_s, s.steps, s.proposed, s.accepted)
+    return go
+
+
+def specrt_systems(engine: Engine, ks: Sequence[int], max_new_tokens: int, label: str | None = None,
+                   drafters: Sequence[str] = ("model",), policy: str = "fixed") -> list[System]:
+    """Target-only and one speculative system per (drafter, k) on one engine directory."""
     suffix = f" [{label}]" if label else ""
-
-    def run(k: int | None) -> RunFn:
-        def go(ids: list[int], temperature: float, seed: int):
-            r = engine.generate(ids, max_new_tokens=max_new_tokens, k=k, use_draft=k is not None,
-                                temperature=temperature, seed=seed)
-            return r.token_ids, r.stats.total_s, (r.stats.acceptance_rate if k else None)
-        return go
-
     base = f"{BASELINE}{suffix}"
-    # speculative rows are checked against their own engine's target-only decoding (losslessness)
-    return [System(base, run(None))] + [System(f"specrt k={k}{suffix}", run(k), reference=base) for k in ks]
+    systems = [System(base, specrt_run(engine, max_new_tokens, k=None))]
+    for drafter in drafters:
+        for k in ks:
+            name = f"specrt {drafter} k={k}" + (f" {policy}" if policy != "fixed" else "") + suffix
+            if drafter == "model" and len(drafters) == 1:
+                name = f"specrt k={k}{suffix}"
+            # speculative rows are checked against their own engine's target-only decoding (losslessness)
+            # the suffix drafter learns from earlier generations: emptied before every repeat, so a
+            # repeat never drafts from its own earlier answer to the same prompt
+            reset = engine.suffix_cache.clear if drafter == "suffix" else (lambda: None)
+            systems.append(System(name, specrt_run(engine, max_new_tokens, k=k, drafter=drafter, policy=policy),
+                                  reference=base, reset=reset))
+    return systems
 
 
 def transformers_systems(target_dir: Path, draft_dir: Path | None, k: int, max_new_tokens: int,
@@ -110,7 +141,7 @@ def transformers_systems(target_dir: Path, draft_dir: Path | None, k: int, max_n
             with torch.no_grad():
                 out = target.generate(torch.tensor([ids]), **kw)
             seconds = time.perf_counter() - start
-            return out[0, len(ids):].tolist(), seconds, None
+            return Run(out[0, len(ids):].tolist(), seconds)
         return go
 
     systems = [System("transformers generate()", run(False))]
@@ -119,17 +150,19 @@ def transformers_systems(target_dir: Path, draft_dir: Path | None, k: int, max_n
     return systems
 
 
-class GenaiWorker:
-    """onnxruntime-genai in its own Python, spoken to over JSON Lines (see ``genai_worker.py``)."""
+class Worker:
+    """A peer in its own Python (its own virtual environment), spoken to over JSON Lines: ``genai_worker.py``
+    (onnxruntime-genai) or ``openvino_worker.py`` (OpenVINO GenAI).  The first line sets it up; each
+    request ``{"ids", "max_new_tokens", "temperature", "seed"}`` gets ``{"ids": new ids, "seconds"}``."""
 
-    def __init__(self, python: str, model_dir: Path, vocab_size: int):
-        worker = Path(__file__).with_name("genai_worker.py")
-        self.vocab_size = vocab_size
+    def __init__(self, python: str, script: str, setup: dict, what: str, hint: str):
+        worker = Path(__file__).with_name(script)
+        self.what, self.hint = what, hint
         self.proc = subprocess.Popen([python, str(worker)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
-        self._send({"model": str(Path(model_dir).resolve())})
+        self._send(setup)
         ready = self._receive()
-        self.version = ready.get("genai_version", "?")
+        self.version = ready.get("genai_version") or ready.get("version", "?")
 
     def _send(self, obj: dict) -> None:
         assert self.proc.stdin is not None
@@ -141,16 +174,13 @@ class GenaiWorker:
         line = self.proc.stdout.readline()
         if not line:
             err = self.proc.stderr.read()[-2000:]
-            raise RuntimeError(f"the onnxruntime-genai worker exited: {err.strip() or 'no message'}. Check that "
-                               "--genai-python is a Python with onnxruntime-genai installed and --genai-model a "
-                               "directory made by its model builder (see README, 'Peers').")
+            raise RuntimeError(f"the {self.what} worker exited: {err.strip() or 'no message'}. {self.hint}")
         return json.loads(line)
 
-    def run(self, ids: list[int], temperature: float, seed: int, max_new_tokens: int):
-        self._send({"ids": ids, "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
-                    "vocab_size": self.vocab_size})
+    def run(self, ids: list[int], temperature: float, seed: int, max_new_tokens: int, **extra) -> Run:
+        self._send({"ids": ids, "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, **extra})
         out = self._receive()
-        return out["ids"], out["seconds"], None
+        return Run(out["ids"], out["seconds"])
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -159,9 +189,41 @@ class GenaiWorker:
 
 
 def genai_system(python: str, model_dir: Path, vocab_size: int, max_new_tokens: int) -> System:
-    worker = GenaiWorker(python, model_dir, vocab_size)
+    worker = Worker(python, "genai_worker.py", {"model": str(Path(model_dir).resolve())}, "onnxruntime-genai",
+                    "Check that --genai-python is a Python with onnxruntime-genai installed and --genai-model a "
+                    "directory made by its model builder (see README, 'Peers').")
     return System(f"onnxruntime-genai {Path(model_dir).name}",
-                  lambda ids, t, seed: worker.run(ids, t, seed, max_new_tokens), worker.close)
+                  lambda ids, t, seed: worker.run(ids, t, seed, max_new_tokens, vocab_size=vocab_size), worker.close)
+
+
+OPENVINO_MODES = ("plain", "prompt_lookup", "draft")
+
+
+def openvino_systems(python: str, model_dir: Path, max_new_tokens: int, draft_dir: Path | None = None,
+                     modes: Sequence[str] = OPENVINO_MODES, k: int = 4, draft_k: int = 2,
+                     max_ngram_size: int = 3) -> list[System]:
+    """OpenVINO GenAI on an IR folder made by optimum-intel: plain decoding, its prompt lookup (k, n-gram
+    size) and its draft-model speculation (``draft_dir``, draft_k).  Speculative rows are checked against
+    OpenVINO's own plain decoding."""
+    hint = ("Check that --openvino-python is a Python with openvino-genai installed and --openvino-model an IR "
+            "folder made by `optimum-cli export openvino` (see README, 'Peers').")
+    name = f"OpenVINO GenAI {Path(model_dir).name}"
+    systems = []
+    for mode in modes:
+        if mode == "draft" and draft_dir is None:
+            continue
+        setup = {"model": str(Path(model_dir).resolve()), "mode": mode, "num_assistant_tokens":
+                 draft_k if mode == "draft" else k, "max_ngram_size": max_ngram_size,
+                 "draft": str(Path(draft_dir).resolve()) if draft_dir else None}
+        worker = Worker(python, "openvino_worker.py", setup, "OpenVINO GenAI", hint)
+        label = {"plain": name, "prompt_lookup": f"{name} + prompt lookup k={k} n={max_ngram_size}",
+                 "draft": f"{name} + draft k={draft_k}"}[mode]
+
+        def go(ids, t, seed, worker=worker):
+            return worker.run(ids, t, seed, max_new_tokens)
+        systems.append(System(label, go, worker.close, reference=name if mode != "plain" and "plain" in modes
+                              else None))
+    return systems
 
 
 def run_peers(engine: Engine, systems: list[System], prompts: Sequence[dict], temperatures: Sequence[float],
@@ -184,11 +246,11 @@ def run_peers(engine: Engine, systems: list[System], prompts: Sequence[dict], te
                 for rep in range(repeats):
                     for s in systems:
                         bar.set_description(f"peers: {s.name[:28]}")
-                        new, seconds, acc = s.run(ids, temperature, 1000 + rep)
-                        speeds[s.name].append(len(new) / seconds if seconds > 0 else 0.0)
-                        if acc is not None:
-                            accept[s.name].append(acc)
-                        outputs.setdefault(s.name, new)
+                        run = s.run(ids, temperature, 1000 + rep)
+                        speeds[s.name].append(len(run.token_ids) / run.seconds if run.seconds > 0 else 0.0)
+                        if run.acceptance is not None:
+                            accept[s.name].append(run.acceptance)
+                        outputs.setdefault(s.name, run.token_ids)
                         bar.update(1)
                 base = statistics.median(speeds[systems[0].name])
                 for s in systems:

@@ -127,3 +127,18 @@ def test_export_cli_refuses_non_empty(tmp_path, checkpoints):
     p = specrt("export", "--target", checkpoints["target"], "--draft", checkpoints["random"], "--out", tmp_path,
                check=False)
     assert p.returncode == 2 and "--force" in p.stderr
+
+
+@pytest.mark.parametrize("drafter", ["model", "ngram", "suffix", "hybrid"])
+def test_generate_with_each_drafter_equals_no_draft(engines, drafter):
+    args = ["generate", engines["close"], "--prompt-ids", "5,5,17,5,5,17,5", "--max-new-tokens", "16", "--json"]
+    spec = json.loads(specrt(*args, "--drafter", drafter, "--ngram-min", "1", "--ngram-max", "3").stdout)
+    base = json.loads(specrt(*args, "--no-draft").stdout)
+    assert spec["token_ids"] == base["token_ids"] and spec["stats"]["drafter"] == drafter
+
+
+def test_target_only_engine_cli(engines):
+    info = specrt("info", engines["target_only"]).stdout
+    assert "draft: none" in info and "default ngram" in info
+    p = specrt("generate", engines["target_only"], "--prompt-ids", "5,17", "--drafter", "model", check=False)
+    assert p.returncode == 2 and "needs a draft model" in p.stderr and "Traceback" not in p.stderr

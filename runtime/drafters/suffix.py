@@ -74,6 +74,10 @@ class SuffixCache:
         b = self._best.get(key)
         return (b[1], b[2], b[0]) if b else None
 
+    def clear(self) -> None:
+        with self.lock:
+            self._counts, self._best, self._sequences, self.tokens = {}, {}, deque(), 0
+
     def keep(self, seq: list[int]) -> None:
         """Remember a finished sequence (its counts are already in); evict the oldest past the budget."""
         self._sequences.append(seq)

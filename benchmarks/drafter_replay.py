@@ -1,0 +1,144 @@
+#!/usr/bin/env python
+"""Replay context drafters over the target's own greedy outputs on Spec-Bench: tokens per pass, per category.
+
+Greedy verification accepts a drafted token exactly when it equals the target's next greedy token, so
+a context drafter (no model of its own) can be scored without running it live: generate every turn's
+target-only output once (cached in ``--cache``), then walk each output as the loop would -- propose
+up to k, accept the longest prefix that matches, commit -- for every configuration.  Prints, per
+category: tokens per target pass and the mean rows per pass, and a predicted speedup from the engine's
+measured pass cost by rows (``t(rows)``, measured here at the median context of the prompts).  Also the
+drafting cost (propose + commit, microseconds) at 64 and 2,000 tokens of context.
+
+    python benchmarks/drafter_replay.py .cache/demo/engine ../shared/benchmarks/spec_bench/dev.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from specrt.runtime import Engine
+from specrt.runtime.drafters import NgramDrafter, SuffixCache, SuffixDrafter
+from specrt.runtime.sampling import SamplingParams
+
+from specrt.spec_bench import CATEGORIES, build_prompts, load_questions
+
+GREEDY, RNG = SamplingParams(), np.random.default_rng(0)
+
+
+def outputs(engine: Engine, questions, max_new_tokens: int, cache: Path) -> list[dict]:
+    if cache.is_file():
+        data = json.loads(cache.read_text())
+        if data["max_new_tokens"] == max_new_tokens and data["engine"] == str(engine.manifest.root):
+            return data["turns"]
+    turns = []
+    for p in build_prompts(engine, questions, max_new_tokens):
+        r = engine.generate(p.ids, max_new_tokens=max_new_tokens, use_draft=False)
+        turns.append({"category": p.category, "prompt": p.ids, "output": r.token_ids})
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"engine": str(engine.manifest.root), "max_new_tokens": max_new_tokens,
+                                 "turns": turns}))
+    return turns
+
+
+def replay(drafter, prompt: list[int], output: list[int], k: int) -> tuple[int, list[int]]:
+    """(target passes, rows of each pass) of greedy speculation over a known output."""
+    drafter.begin(np.array(prompt))
+    j, rows = 0, []
+    while j < len(output):
+        ids = drafter.propose(min(k, len(output) - j - 1), GREEDY, RNG).token_ids
+        a = 0
+        while a < len(ids) and ids[a] == output[j + a]:
+            a += 1
+        drafter.commit(output[j:j + a], output[j + a])
+        rows.append(len(ids) + 1)
+        j += a + 1
+    drafter.end()
+    return len(rows), rows
+
+
+def pass_costs(engine: Engine, context: int, max_rows: int = 17, repeats: int = 5) -> dict[int, float]:
+    """Median seconds of a target pass by rows, at this context."""
+    ids = np.arange(10, 10 + context) % 1000
+    engine.target.prefill(ids)
+    out = {}
+    for n in range(1, max_rows + 1):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            engine.target.step(ids[:n], context)
+            times.append(time.perf_counter() - t0)
+            engine.target.set_length(context)
+        out[n] = statistics.median(times)
+    return out
+
+
+def drafting_cost(make, context: int, k: int = 8, steps: int = 200) -> float:
+    """Microseconds per propose + commit at a context of this many tokens (text with few repeats)."""
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(0, 40000, context)
+    d = make()
+    d.begin(prompt)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        d.propose(k, GREEDY, RNG)
+        d.commit([], int(rng.integers(0, 40000)))
+    return 1e6 * (time.perf_counter() - t0) / steps
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("engine", type=Path)
+    ap.add_argument("questions", type=Path)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--cache", type=Path, default=Path(".cache/replay/spec_bench_outputs.json"))
+    ap.add_argument("--k", type=lambda t: [int(x) for x in t.split(",")], default=[2, 4, 8, 16])
+    args = ap.parse_args()
+    engine = Engine.load(args.engine)
+    turns = outputs(engine, load_questions(args.questions), args.max_new_tokens, args.cache)
+    context = int(statistics.median(len(t["prompt"]) for t in turns))
+    cost = pass_costs(engine, context, max_rows=max(args.k) + 1)
+    print(f"target pass cost by rows at context {context} (ms): "
+          + ", ".join(f"{n}: {1e3 * c:.1f}" for n, c in cost.items()))
+    configs = {}
+    for n_min, n_max in ((1, 3), (2, 3), (2, 4), (3, 5), (1, 5)):
+        for match in ("latest", "earliest"):
+            configs[f"ngram {n_min}-{n_max} {match}"] = (lambda a=n_min, b=n_max, m=match: NgramDrafter(a, b, m))
+    for conf in (0.1, 0.3, 0.5):
+        for factor in (1.0, 2.0, 4.0):
+            configs[f"suffix conf {conf} x{factor:g}"] = ("suffix", conf, factor)
+    cats = [c for c in CATEGORIES if any(t["category"] == c for t in turns)]
+    print(f"\n{'configuration':<32} {'k':>3} " + " ".join(f"{c[:11]:>11}" for c in cats) +
+          f" {'overall':>9} {'rows/pass':>9} {'predicted':>9}")
+    for name, make in configs.items():
+        for k in args.k:
+            if isinstance(make, tuple):
+                cache = SuffixCache()
+                factory = (lambda cache=cache, c=make[1], f=make[2]: SuffixDrafter(cache, c, f))
+            else:
+                factory = make
+            per_cat = {c: [0, 0] for c in cats}
+            all_rows = []
+            for t in turns:  # in benchmark order: the suffix cache holds the earlier questions
+                steps, rows = replay(factory(), t["prompt"], t["output"], k)
+                per_cat[t["category"]][0] += len(t["output"])
+                per_cat[t["category"]][1] += steps
+                all_rows += rows
+            tokens = sum(v[0] for v in per_cat.values())
+            steps = sum(v[1] for v in per_cat.values())
+            predicted = tokens * cost[1] / sum(cost[min(r, max(cost))] for r in all_rows)
+            print(f"{name:<32} {k:>3} " + " ".join(f"{v[0] / v[1]:>11.2f}" for v in per_cat.values()) +
+                  f" {tokens / steps:>9.2f} {statistics.mean(all_rows):>9.2f} {predicted:>8.2f}x")
+    print("\ndrafting cost per step (propose + commit), microseconds:")
+    for name, make in (("ngram 2-4", lambda: NgramDrafter(2, 4)), ("suffix", lambda: SuffixDrafter(SuffixCache()))):
+        print(f"  {name:<10} context 64: {drafting_cost(make, 64):.1f} us   context 2000: "
+              f"{drafting_cost(make, 2000):.1f} us   (a 1-row target pass: {1e6 * cost[1]:.0f} us)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""``specrt bench --spec-bench FILE``: Spec-Bench questions, every system side by side in one run.
+
+Spec-Bench (Xia et al., ACL Findings 2024) is the benchmark speculative-decoding methods report
+against: six categories -- multi-turn conversation (MT-bench), translation, summarisation, QA,
+maths reasoning, RAG -- each with its own share of text a drafter can copy or predict.  Here:
+
+* every question goes through the engine's chat template; a two-turn question's second turn is
+  sent after the model's own first answer (target-only greedy, so every system sees the same
+  prompt ids), and both turns are measured;
+* every system (specrt configurations of one or more engine directories, and peers: transformers,
+  onnxruntime-genai, OpenVINO GenAI) runs every prompt once per repeat, alternating, so machine
+  noise hits all of them alike; greedy;
+* per category and overall: tokens/s (new tokens / wall time including prefill, summed over the
+  category), speedup over the system's reference (a specrt row: its own engine's target-only; a
+  peer: the first system), acceptance and tokens per target pass (specrt), and whether every greedy
+  output is identical to the reference's (it must be, for specrt rows).
+
+The suffix drafter learns from earlier generations on its engine: each such system gets a cache of
+its own, emptied before every repeat, so it never sees another system's (identical) answer to the
+same question -- only the earlier questions of the same repeat, as in real use.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from specrt.peers import Run, System
+from specrt.runtime import Engine
+from specrt.runtime.errors import GenerationError
+
+MT_BENCH = {"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"}
+CATEGORIES = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
+TITLES = {"mt_bench": "MT-bench", "translation": "translation", "summarization": "summarization", "qa": "QA",
+          "math_reasoning": "math", "rag": "RAG"}
+
+
+def load_questions(path: Path) -> list[dict]:
+    """Spec-Bench's question.jsonl format: question_id, category, turns (1 or 2 user messages)."""
+    questions = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            q = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise GenerationError(f"{path}:{n}: not JSON ({e})") from None
+        if not isinstance(q, dict) or not isinstance(q.get("turns"), list) or not q["turns"] or \
+                not all(isinstance(t, str) for t in q["turns"]) or not isinstance(q.get("category"), str):
+            raise GenerationError(f"{path}:{n}: a Spec-Bench question needs 'category' and 'turns' (a list of strings)")
+        questions.append(q)
+    if not questions:
+        raise GenerationError(f"{path} holds no questions")
+    return questions
+
+
+def category(q: dict) -> str:
+    return "mt_bench" if q["category"] in MT_BENCH else q["category"]
+
+
+@dataclass
+class Prompt:
+    question_id: object
+    category: str
+    turn: int
+    ids: list[int]
+
+
+def build_prompts(engine: Engine, questions: Sequence[dict], max_new_tokens: int, progress: bool = True) -> list[Prompt]:
+    """Chat-template prompt ids for every turn; a second turn follows target-only greedy's first answer."""
+    from tqdm.auto import tqdm
+
+    out = []
+    for q in tqdm(questions, desc="spec-bench prompts", unit="question", disable=not progress):
+        messages: list[dict] = []
+        for turn, text in enumerate(q["turns"]):
+            messages.append({"role": "user", "content": text})
+            ids = engine.chat_prompt(messages)
+            out.append(Prompt(q.get("question_id"), category(q), turn + 1, ids))
+            if turn + 1 < len(q["turns"]):
+                answer = engine.generate(ids, max_new_tokens=max_new_tokens, use_draft=False)
+                messages.append({"role": "assistant", "content": answer.text})
+    return out
+
+
+@dataclass
+class Tally:
+    tokens: int = 0
+    seconds: float = 0.0
+    steps: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    runs: int = 0
+    identical: list[bool] = field(default_factory=list)
+
+    def add(self, run: Run) -> None:
+        self.tokens += len(run.token_ids)
+        self.seconds += run.seconds
+        self.runs += 1
+        if run.steps is not None:
+            self.steps += run.steps
+            self.proposed += run.proposed or 0
+            self.accepted += run.accepted or 0
+
+    def merged(self, other: Tally) -> Tally:
+        return Tally(self.tokens + other.tokens, self.seconds + other.seconds, self.steps + other.steps,
+                     self.proposed + other.proposed, self.accepted + other.accepted, self.runs + other.runs,
+                     self.identical + other.identical)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def run_spec_bench(systems: Sequence[System], prompts: Sequence[Prompt], repeats: int = 1,
+                   progress: bool = True) -> list[dict]:
+    """One row per system: per-category and overall tallies, speedups and identity with the reference."""
+    from tqdm.auto import tqdm
+
+    names = [s.name for s in systems]
+    if len(set(names)) != len(names):
+        raise ValueError(f"systems need distinct names, got {names}")
+    tallies = {s.name: {c: Tally() for c in CATEGORIES} for s in systems}
+    outputs: dict[str, list[list[int]]] = {s.name: [] for s in systems}
+    with tqdm(total=repeats * len(prompts) * len(systems), desc="spec-bench", unit="run", disable=not progress) as bar:
+        for rep in range(repeats):
+            for s in systems:
+                s.reset()
+            for p in prompts:
+                for s in systems:
+                    bar.set_description(f"spec-bench: {s.name[:32]}")
+                    run = s.run(p.ids, 0.0, 1000 + rep)
+                    tallies[s.name].setdefault(p.category, Tally()).add(run)
+                    if rep == 0:
+                        outputs[s.name].append(run.token_ids)
+                    bar.update(1)
+    rows = []
+    first = systems[0].name
+    for s in systems:
+        # identity is checked against an explicit reference (a speculative row's own target-only decoding);
+        # a row without one is only timed against the first system
+        reference = s.reference or first
+        per_cat = {c: t for c, t in tallies[s.name].items() if t.runs}
+        for i, p in enumerate(prompts):
+            if s.reference is not None:
+                per_cat[p.category].identical.append(outputs[s.name][i] == outputs[reference][i])
+        overall = Tally()
+        for t in per_cat.values():
+            overall = overall.merged(t)
+        row = {"system": s.name, "reference": reference, "categories": {}, "overall": None}
+        for cat, t in [*per_cat.items(), ("overall", overall)]:
+            ref = tallies[reference].get(cat) if cat != "overall" else None
+            ref_tps = ref.tokens_per_s if ref is not None else None
+            if cat == "overall":
+                ref_all = Tally()
+                for t2 in tallies[reference].values():
+                    ref_all = ref_all.merged(t2)
+                ref_tps = ref_all.tokens_per_s
+            entry = {"tokens_per_s": round(t.tokens_per_s, 2),
+                     "speedup": round(t.tokens_per_s / ref_tps, 3) if ref_tps else None,
+                     "acceptance": round(t.accepted / t.proposed, 3) if t.proposed else None,
+                     "tokens_per_pass": round(t.tokens / t.steps, 3) if t.steps else None,
+                     "identical": (all(t.identical) if t.identical else None), "tokens": t.tokens,
+                     "seconds": round(t.seconds, 3), "runs": t.runs}
+            if cat == "overall":
+                row["overall"] = entry
+            else:
+                row["categories"][cat] = entry
+        rows.append(row)
+    return rows
+
+
+def format_report(rows: list[dict]) -> str:
+    cats = [c for c in CATEGORIES if any(c in r["categories"] for r in rows)]
+    head = "| system | " + " | ".join(TITLES[c] for c in cats) + " | overall | tok/s | acceptance | tokens/pass | " \
+        "greedy output identical to |"
+    lines = ["Speedup of each row over its reference: a speculative row over its own plain decoding (specrt: the "
+             "same engine's target-only; OpenVINO: its plain pipeline), every other row over the first row; greedy.",
+             "", head, "|---|" + "---:|" * (len(cats) + 4) + "---|"]
+    for r in rows:
+        cells = []
+        for c in cats:
+            e = r["categories"].get(c)
+            cells.append("-" if e is None or e["speedup"] is None else f"{e['speedup']:.2f}x")
+        o = r["overall"]
+        same = "-" if o["identical"] is None else ("yes" if o["identical"] else "**NO**") + f" ({r['reference']})"
+        acc = "-" if o["acceptance"] is None else f"{o['acceptance']:.2f}"
+        tpp = "-" if o["tokens_per_pass"] is None else f"{o['tokens_per_pass']:.2f}"
+        lines.append(f"| {r['system']} | " + " | ".join(cells) + f" | {o['speedup']:.2f}x | {o['tokens_per_s']:.1f} | "
+                     f"{acc} | {tpp} | {same} |")
+    lines += ["", "Tokens/s per category:", "", "| system | " + " | ".join(TITLES[c] for c in cats) + " | overall |",
+              "|---|" + "---:|" * (len(cats) + 1)]
+    for r in rows:
+        cells = [f"{r['categories'][c]['tokens_per_s']:.1f}" if c in r["categories"] else "-" for c in cats]
+        lines.append(f"| {r['system']} | " + " | ".join(cells) + f" | {r['overall']['tokens_per_s']:.1f} |")
+    lines += ["", "Tokens per target pass (acceptance) per category, speculative specrt rows:", "",
+              "| system | " + " | ".join(TITLES[c] for c in cats) + " |", "|---|" + "---:|" * len(cats)]
+    for r in rows:
+        if r["overall"]["acceptance"] is None:  # target-only rows and peers
+            continue
+        cells = []
+        for c in cats:
+            e = r["categories"].get(c)
+            cells.append("-" if not e or e["tokens_per_pass"] is None else
+                         f"{e['tokens_per_pass']:.2f} ({e['acceptance'] if e['acceptance'] is not None else 0:.2f})")
+        lines.append(f"| {r['system']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_report(rows: list[dict], path: Path) -> bool:
+    """Grouped bars: tokens/s per category for every system; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    cats = [c for c in CATEGORIES if any(c in r["categories"] for r in rows)] + ["overall"]
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.3 * len(cats) + 0.25 * len(rows)), 5.0))
+    width = 0.85 / len(rows)
+    for j, r in enumerate(rows):
+        vals = [r["overall"]["tokens_per_s"] if c == "overall" else
+                r["categories"][c]["tokens_per_s"] if c in r["categories"] else 0.0 for c in cats]
+        ax.bar([i + j * width for i in range(len(cats))], vals, width, label=r["system"])
+    ax.set_xticks([i + width * (len(rows) - 1) / 2 for i in range(len(cats))])
+    ax.set_xticklabels([TITLES.get(c, c) for c in cats])
+    ax.set_ylabel("tokens/s (greedy)")
+    ax.set_title("Spec-Bench, side by side in one run")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,101 @@
+"""specrt.spec_bench: Spec-Bench questions per category, every system side by side, identity checked."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from specrt.runtime import Engine, GenerationError
+
+from specrt import peers, spec_bench
+
+# short: the tiny test engines hold 64 tokens (byte-level tokenizer, chat template around every turn)
+QUESTIONS = [
+    {"question_id": 81, "category": "writing", "turns": ["def add", "print"]},
+    {"question_id": 161, "category": "translation", "turns": ["Hallo Welt"]},
+    {"question_id": 481, "category": "rag", "turns": ["a + b. add?"]},
+]
+
+
+@pytest.fixture(scope="module")
+def engine(engines):
+    return Engine.load(engines["close"])
+
+
+def test_prompts_follow_the_chat_template_and_the_first_answer(engine):
+    prompts = spec_bench.build_prompts(engine, QUESTIONS, max_new_tokens=6, progress=False)
+    assert [(p.category, p.turn) for p in prompts] == [("mt_bench", 1), ("mt_bench", 2), ("translation", 1), ("rag", 1)]
+    first = engine.generate(prompts[0].ids, max_new_tokens=6, use_draft=False).text
+    assert prompts[1].ids == engine.chat_prompt([{"role": "user", "content": "def add"},
+                                                 {"role": "assistant", "content": first},
+                                                 {"role": "user", "content": "print"}])
+
+
+def test_every_drafter_identical_to_target_only_per_category(engine, tmp_path):
+    prompts = spec_bench.build_prompts(engine, QUESTIONS, max_new_tokens=10, progress=False)
+    systems = peers.specrt_systems(engine, [4], 10, "fp32", drafters=engine.drafters)
+    rows = spec_bench.run_spec_bench(systems, prompts, repeats=2, progress=False)
+    by = {r["system"]: r for r in rows}
+    assert set(by) == {"specrt target-only [fp32]", *(f"specrt {d} k=4 [fp32]" for d in engine.drafters)}
+    for d in engine.drafters:
+        row = by[f"specrt {d} k=4 [fp32]"]
+        assert row["overall"]["identical"] is True and row["reference"] == "specrt target-only [fp32]"
+        assert set(row["categories"]) == {"mt_bench", "translation", "rag"}
+        assert row["overall"]["tokens_per_pass"] >= 1.0 and row["overall"]["runs"] == 2 * len(prompts)
+        cats = row["categories"]
+        assert row["overall"]["tokens"] == sum(c["tokens"] for c in cats.values())
+    assert by["specrt target-only [fp32]"]["overall"]["identical"] is None
+    report = spec_bench.format_report(rows)
+    assert "| MT-bench | translation | RAG | overall |" in report and "**NO**" not in report
+    pytest.importorskip("matplotlib", reason="the chart needs the plot extra: pip install -e '.[plot]'")
+    assert spec_bench.plot_report(rows, tmp_path / "sb.png")
+
+
+def test_a_broken_row_is_reported_as_not_identical(engine):
+    prompts = spec_bench.build_prompts(engine, QUESTIONS[1:], max_new_tokens=6, progress=False)
+    base = peers.specrt_systems(engine, [4], 6, "fp32")[0]
+
+    def wrong(ids, t, seed):
+        run = base.run(ids, t, seed)
+        return peers.Run([(x + 1) % 300 for x in run.token_ids], run.seconds)
+    rows = spec_bench.run_spec_bench([base, peers.System("broken", wrong, reference=base.name)], prompts,
+                                     progress=False)
+    assert rows[1]["overall"]["identical"] is False and "**NO**" in spec_bench.format_report(rows)
+
+
+def test_suffix_cache_is_emptied_before_each_repeat(engine):
+    suffix = next(s for s in peers.specrt_systems(engine, [4], 6, "fp32", drafters=["suffix"]) if "suffix" in s.name)
+    engine.generate([5, 17, 33], max_new_tokens=6, drafter="suffix")
+    assert engine.suffix_cache.tokens > 0
+    suffix.reset()
+    assert engine.suffix_cache.tokens == 0
+
+
+def test_questions_file_errors(tmp_path):
+    bad = tmp_path / "q.jsonl"
+    bad.write_text('{"category": "qa"}\n')
+    with pytest.raises(GenerationError, match="needs 'category' and 'turns'"):
+        spec_bench.load_questions(bad)
+
+
+def test_cli_spec_bench(engines, tmp_path):
+    from test_cli import specrt
+
+    q = tmp_path / "q.jsonl"
+    q.write_text("".join(json.dumps(x) + "\n" for x in QUESTIONS))
+    report = tmp_path / "sb.md"
+    p = specrt("bench", engines["target_only"], "--spec-bench", q, "--max-new-tokens", "8", "--repeats", "1",
+               "--k", "2", "--report", report)
+    assert "specrt ngram k=2 [fp32, no draft]" in p.stdout and "specrt suffix k=2" in p.stdout
+    rows = json.loads(report.with_suffix(".json").read_text())
+    assert all(r["overall"]["identical"] in (True, None) for r in rows)
+
+
+def test_openvino_worker_without_openvino_says_what_to_fix(tmp_path):
+    try:
+        import openvino_genai  # noqa: F401
+        pytest.skip("openvino-genai is installed in this Python")
+    except ImportError:
+        pass
+    with pytest.raises(RuntimeError, match="--openvino-python is a Python with openvino-genai installed"):
+        peers.openvino_systems(sys.executable, tmp_path, 8, modes=("plain",))
