@@ -175,8 +175,8 @@ def format_report(rows: list[dict]) -> str:
     cats = [c for c in CATEGORIES if any(c in r["categories"] for r in rows)]
     head = "| system | " + " | ".join(TITLES[c] for c in cats) + " | overall | tok/s | acceptance | tokens/pass | " \
         "greedy output identical to |"
-    lines = ["Speedup of each row over its reference: a speculative row over its own plain decoding (specrt: the "
-             "same engine's target-only; OpenVINO: its plain pipeline), every other row over the first row; greedy.",
+    lines = [("Speedup of each row over its reference: a speculative row over its own plain decoding (specrt: the "
+              "same engine's target-only; OpenVINO: its plain pipeline), every other row over the first row; greedy."),
              "", head, "|---|" + "---:|" * (len(cats) + 4) + "---|"]
     for r in rows:
         cells = []
