@@ -38,6 +38,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 INPUT_IDS, PAST_LENGTH, LOGITS = "input_ids", "past_length", "logits"
+HIDDEN_STATES = "hidden_states"  # [1, n, len(feature_layers) * hidden]: what a feature-level draft head reads
 FAMILIES = ("llama", "mistral", "qwen2")
 _MS = "com.microsoft"
 
@@ -103,8 +104,14 @@ class _Graph:
         return y
 
 
-def build(model, max_context: int) -> onnx.ModelProto:
-    """The in-place-cache ONNX graph of a transformers ``*ForCausalLM`` (fp32)."""
+def build(model, max_context: int, feature_layers: tuple[int, ...] = ()) -> onnx.ModelProto:
+    """The in-place-cache ONNX graph of a transformers ``*ForCausalLM`` (fp32).
+
+    ``feature_layers``: also output ``hidden_states`` [1, n, len(layers) * hidden], the residual stream
+    entering each of these layers (transformers' ``hidden_states[i]``; i = num_layers is the last layer's
+    output before the final norm), concatenated -- the features a draft head reads (EAGLE-3: a low, a
+    middle and a high layer).  Only engines with a feature head pay for it.
+    """
     cfg = model.config
     reason = unsupported_reason(cfg, max_context)
     if reason:
@@ -133,6 +140,10 @@ def build(model, max_context: int) -> onnx.ModelProto:
 
     hidden = g.op("Gather", [g.weight("embed_tokens.weight", _t(body.embed_tokens.weight)), INPUT_IDS], "embeds")[0]
     n = names(cfg.num_hidden_layers)
+    bad = [i for i in feature_layers if not 0 <= i <= cfg.num_hidden_layers]
+    if bad:
+        raise ValueError(f"feature layers {bad} outside [0, {cfg.num_hidden_layers}]")
+    stream = {0: hidden}  # layer index -> the residual stream entering it
     residual = hidden
     branch = None  # output of the previous block, added to the residual by the next norm
     for i, layer in enumerate(body.layers):
@@ -144,6 +155,7 @@ def build(model, max_context: int) -> onnx.ModelProto:
         else:
             x, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [branch, residual, in_norm],
                                      [f"layers.{i}/in_norm", "", "", f"layers.{i}/residual_in"], _MS, epsilon=eps)
+            stream[i] = residual
         qkv = g.linear(x, [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight],
                        [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias], f"layers.{i}.qkv_proj")
         ctx = g.op("GroupQueryAttention",
@@ -164,11 +176,21 @@ def build(model, max_context: int) -> onnx.ModelProto:
         act = g.op("Mul", [silu, up], f"layers.{i}/act")[0]
         branch = g.linear(act, [mlp.down_proj.weight], [getattr(mlp.down_proj, "bias", None)], f"layers.{i}.down_proj")
     final = g.weight("norm.weight", _t(body.norm.weight))
-    x, _, _, _ = g.op("SkipSimplifiedLayerNormalization", [branch, residual, final], ["final_norm", "", "", ""], _MS,
-                      epsilon=eps)
+    x, _, _, stream[cfg.num_hidden_layers] = g.op(
+        "SkipSimplifiedLayerNormalization", [branch, residual, final],
+        ["final_norm", "", "", "final_residual" if cfg.num_hidden_layers in feature_layers else ""], _MS, epsilon=eps)
     g.linear(x, [model.lm_head.weight], [getattr(model.lm_head, "bias", None)], "lm_head")
     g.nodes[-1].output[0] = LOGITS  # the last MatMul (or its bias Add) is the graph output
 
+    extra_outputs = []
+    if feature_layers:
+        parts = [stream[i] for i in feature_layers]
+        if len(parts) > 1:
+            g.op("Concat", parts, HIDDEN_STATES, axis=-1)
+        else:
+            g.op("Identity", parts, HIDDEN_STATES)
+        extra_outputs.append(helper.make_tensor_value_info(HIDDEN_STATES, TensorProto.FLOAT,
+                                                           [1, "sequence_length", len(feature_layers) * cfg.hidden_size]))
     buffer = [1, kv_heads, max_context, head_dim]
     graph = helper.make_graph(
         g.nodes, "specrt_inplace_decoder",
@@ -176,7 +198,8 @@ def build(model, max_context: int) -> onnx.ModelProto:
          helper.make_tensor_value_info(PAST_LENGTH, TensorProto.INT64, [1])]
         + [helper.make_tensor_value_info(b, TensorProto.FLOAT, buffer) for b in n["key_buffers"] + n["value_buffers"]],
         [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, [1, "sequence_length", cfg.vocab_size])]
-        + [helper.make_tensor_value_info(o, TensorProto.FLOAT, buffer) for o in n["new_keys"] + n["new_values"]],
+        + [helper.make_tensor_value_info(o, TensorProto.FLOAT, buffer) for o in n["new_keys"] + n["new_values"]]
+        + extra_outputs,
         g.inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(_MS, 1)],

@@ -63,15 +63,21 @@ def choose_attention(attention: str, config, max_context: int) -> str:
 
 
 def export_model(checkpoint: Path, role: str, out_dir: Path, workdir: Path, max_context: int, config,
-                 attention: str = "auto") -> dict:
-    """Export, rewrite to the static cache, save ``out_dir/<role>.onnx``; return the manifest entry."""
+                 attention: str = "auto", feature_layers: tuple[int, ...] = ()) -> dict:
+    """Export, rewrite to the static cache, save ``out_dir/<role>.onnx``; return the manifest entry.
+
+    ``feature_layers``: the target also outputs these layers' hidden states (for a feature head; gqa only).
+    """
     attention = choose_attention(attention, config, max_context)
+    if feature_layers and attention != "gqa":
+        raise ValueError("a feature head needs the target's in-place (gqa) graph: Llama, Mistral or Qwen2 "
+                         f"checkpoints with --attention auto or gqa, not {attention!r}")
     if attention == "gqa":
         import torch
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-        model = gqa_graph.build(hf, max_context)
+        model = gqa_graph.build(hf, max_context, tuple(feature_layers))
         del hf
         num_layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -107,20 +113,34 @@ def export_model(checkpoint: Path, role: str, out_dir: Path, workdir: Path, max_
         onnx.save_model(model, str(path))
     logits = next(o for o in model.graph.output if o.name == static_cache.LOGITS)
     vocab = logits.type.tensor_type.shape.dim[2].dim_value or config.vocab_size
-    num_params = sum(int(_numel(t)) for t in model.graph.initializer)
+    entry = model_entry(model, path, external, (config.architectures or [type(config).__name__])[0], config.model_type,
+                        num_layers, int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0))
+                        or kv_heads, kv_heads, head_dim,
+                        int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0)) or 1, cache_dtype,
+                        int(vocab), max_context, n, layout)
+    if feature_layers:
+        entry["features"] = {"output": gqa_graph.HIDDEN_STATES, "layers": list(feature_layers),
+                             "size": len(feature_layers) * config.hidden_size}
+    return entry
+
+
+def model_entry(model, path: Path, external: str | None, architecture: str, model_type: str, num_layers: int,
+                num_heads: int, kv_heads: int, head_dim: int, hidden_size: int, cache_dtype: str, vocab: int,
+                max_context: int, names: dict, layout: dict) -> dict:
+    """A model's manifest entry (FORMAT.md): files, shapes, every graph tensor, the step interface."""
     return {
         "file": path.name,
         "external_data": external,
-        "architecture": (config.architectures or [type(config).__name__])[0],
-        "model_type": config.model_type,
+        "architecture": architecture,
+        "model_type": model_type,
         "num_layers": num_layers,
-        "num_attention_heads": int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0)) or kv_heads,
+        "num_attention_heads": num_heads,
         "num_kv_heads": kv_heads,
         "head_dim": head_dim,
-        "hidden_size": int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0)) or 1,
+        "hidden_size": hidden_size,
         "dtype": cache_dtype,
         "vocab_size": int(vocab),
-        "num_parameters": num_params,
+        "num_parameters": sum(int(_numel(t)) for t in model.graph.initializer),
         "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
         "inputs": [_tensor(i) for i in model.graph.input],
         "outputs": [_tensor(o) for o in model.graph.output],
@@ -130,7 +150,7 @@ def export_model(checkpoint: Path, role: str, out_dir: Path, workdir: Path, max_
             "input_ids": static_cache.INPUT_IDS,
             "past_length": static_cache.PAST_LENGTH,
             "logits": static_cache.LOGITS,
-            **n,
+            **names,
             **layout,
         },
     }

@@ -53,11 +53,14 @@ def export_pair(target: str | Path, draft: str | Path | None, out: str | Path, *
                 k_values: Sequence[int] = DEFAULT_K, force: bool = False, verify: bool = True,
                 tolerance: float = DEFAULT_TOLERANCE, progress: bool = True, quant: str = "fp32",
                 target_quant: str | None = None, draft_quant: str | None = None, block_size: int = 32,
-                accuracy_level: int = 4, draft_accuracy_level: int = 4, attention: str = "auto") -> ExportReport:
+                accuracy_level: int = 4, draft_accuracy_level: int = 4, attention: str = "auto",
+                draft_head: str | Path | None = None) -> ExportReport:
     """Export ``target`` (the verification model) and ``draft`` into the engine directory ``out``.
 
     ``draft=None`` writes a target-only engine: it runs the context drafters (ngram, suffix) and
-    target-only decoding; the model and hybrid drafters need a draft.
+    target-only decoding; the model and hybrid drafters need a draft.  ``draft_head`` (instead of
+    ``draft``): a feature-level draft head trained on this target (``scripts/train_head.py --export``);
+    the target graph then also outputs the hidden states the head reads.
 
     ``quant`` (fp32 | int8 | int4, overridable per model) applies ONNX Runtime's weight-only
     MatMulNBits quantizer after the fp32 graphs have been verified; the drift it causes is measured
@@ -85,8 +88,15 @@ def export_pair(target: str | Path, draft: str | Path | None, out: str | Path, *
             raise ValueError(f"{role} quantization must be one of {', '.join(QUANT_CHOICES)}, got {q!r}")
     if attention not in ATTENTION_CHOICES:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
+    if draft is not None and draft_head is not None:
+        raise ValueError("give a draft model (--draft) or a draft head (--draft-head), not both")
     target_dir = require_local_checkpoint(target, "target")
     draft_dir = require_local_checkpoint(draft, "draft") if draft is not None else None
+    head_cfg = None
+    if draft_head is not None:
+        from specrt.export import feature_head
+
+        head_cfg = feature_head.load_head(Path(draft_head))[0]
     roles = {"target": target_dir, **({"draft": draft_dir} if draft_dir is not None else {})}
     bar = tqdm(total=4, desc="check", disable=not progress, unit="phase",
                bar_format="{desc:<28} {n_fmt}/{total_fmt} phases [{elapsed}]")
@@ -120,7 +130,10 @@ def export_pair(target: str | Path, draft: str | Path | None, out: str | Path, *
         models = {}
         for role, ckpt in roles.items():
             log.info("exporting %s from %s", role, ckpt)
-            models[role] = export_model(ckpt, role, tmp, work, max_context, configs[role], attention)
+            layers = tuple(head_cfg.feature_layers) if head_cfg is not None and role == "target" else ()
+            models[role] = export_model(ckpt, role, tmp, work, max_context, configs[role], attention, layers)
+        if head_cfg is not None:
+            models["draft"] = feature_head.export_head(Path(draft_head), target_dir, tmp, max_context, t_cfg)
         # 3. verify --------------------------------------------------------------
         bar.update(1)
         bar.set_description("verify vs PyTorch")
@@ -145,6 +158,14 @@ def export_pair(target: str | Path, draft: str | Path | None, out: str | Path, *
                                       f"{tolerance:g} ({diffs}). This is an exporter bug for this architecture; "
                                       "please report it (or pass --tolerance / --no-verify at your own risk).")
                 models[role]["verification"] = {k: round(v, 8) for k, v in diffs.items()}
+            if head_cfg is not None:  # the features the head reads, and the head itself, against PyTorch
+                diffs = feature_head.verify(model_spec(tmp, "target", manifest), model_spec(tmp, "draft", manifest),
+                                            target_dir, Path(draft_head))
+                report.max_abs_diff["draft head"] = diffs
+                if max(diffs.values()) > tolerance:
+                    raise ExportError(f"the draft head or the target's features differ from PyTorch by "
+                                      f"{max(diffs.values()):.3g} > tolerance {tolerance:g} ({diffs})")
+                models["draft"]["verification"] = {k: round(v, 8) for k, v in diffs.items()}
         for role, ckpt in roles.items():
             if quants[role] == "fp32":
                 continue
@@ -152,7 +173,8 @@ def export_pair(target: str | Path, draft: str | Path | None, out: str | Path, *
             level = accuracy_level if role == "target" else draft_accuracy_level
             record = quantize_file(tmp / models[role]["file"], quants[role], block_size, level)
             models[role]["external_data"] = models[role]["file"] + ".data"
-            if verify:  # drift from the checkpoint, measured and recorded (not a failure: it is the point)
+            if verify and not (role == "draft" and head_cfg is not None):
+                # drift from the checkpoint, measured and recorded (not a failure: it is the point)
                 hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
                 record["drift_vs_pytorch"] = compare(model_spec(tmp, role, manifest), hf, k=k_values[-1],
                                                      vocab_limit=len(t_tok))

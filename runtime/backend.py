@@ -12,6 +12,8 @@ from typing import Protocol
 
 import numpy as np
 
+PREFILL_CHUNK = 128  # prompt tokens per prefill-stage pass: bounds a pass's [n, vocab] logits buffer
+
 
 class ModelStep(Protocol):
     @property

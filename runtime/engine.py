@@ -13,10 +13,10 @@ from typing import IO
 
 import numpy as np
 from specrt.runtime import invariance
-from specrt.runtime.drafters import DRAFTERS, NEEDS_DRAFT_MODEL, Drafter, DrafterOptions, SuffixCache, make_drafter
+from specrt.runtime.drafters import Drafter, DrafterOptions, SuffixCache, available, make_drafter
 from specrt.runtime.errors import GenerationError
 from specrt.runtime.loop import StepResult, speculative, target_only
-from specrt.runtime.manifest import Manifest, load_manifest
+from specrt.runtime.manifest import Manifest, load_draft_vocab, load_manifest
 from specrt.runtime.ort_backend import OrtModelStep
 from specrt.runtime.policy import make_policy
 from specrt.runtime.request import Request, check_prompt
@@ -63,9 +63,9 @@ class Stream:
         return self._chunks
 
 
-# The default drafters, chosen by the Spec-Bench measurements in the README ("Drafters").
-DEFAULT_DRAFTER_WITH_MODEL = "model"
-DEFAULT_DRAFTER_WITHOUT_MODEL = "ngram"
+# The default drafter per kind of draft in the engine (None: no draft), chosen by the Spec-Bench
+# measurements in the README ("Drafters").
+DEFAULT_DRAFTER = {"model": "model", "feature-head": "eagle", None: "ngram"}
 
 
 class LosslessnessWarning(UserWarning):
@@ -87,6 +87,8 @@ class Engine:
         self.codec = TextCodec(manifest.tokenizer_json, manifest.chat_template, manifest.bos_token_id,
                                manifest.eos_token_ids)
         self.drafter_options = DrafterOptions()
+        self.draft_vocab = load_draft_vocab(manifest) if draft is not None and draft.spec.kind == "feature-head" \
+            else None
         # Earlier generations' prompts and outputs, for the suffix drafter (bounded; oldest evicted).
         self.suffix_cache = SuffixCache()
         self._lock = threading.Lock()
@@ -96,12 +98,12 @@ class Engine:
     @property
     def default_drafter(self) -> str:
         """What runs when a request names no drafter: measured on Spec-Bench (README), per engine kind."""
-        return DEFAULT_DRAFTER_WITH_MODEL if self.draft is not None else DEFAULT_DRAFTER_WITHOUT_MODEL
+        return DEFAULT_DRAFTER[self.draft.spec.kind if self.draft is not None else None]
 
     @property
     def drafters(self) -> tuple[str, ...]:
-        """The drafters this engine can run (those needing a draft model only when it has one)."""
-        return tuple(d for d in DRAFTERS if self.draft is not None or d not in NEEDS_DRAFT_MODEL)
+        """The drafters this engine can run (a draft model's and a feature head's only with one)."""
+        return available(self.draft.spec.kind if self.draft is not None else None)
 
     @classmethod
     def load(cls, path: str | Path, provider: str = "cpu", threads: int | None = None,
@@ -188,7 +190,8 @@ class Engine:
                 options = dataclasses.replace(options, ngram_min=req.ngram_min or options.ngram_min,
                                               ngram_max=req.ngram_max or options.ngram_max)
             drafter = make_drafter(req.drafter or self.default_drafter, options, self.draft, self.suffix_cache,
-                                   max_k=max(self.manifest.k_values), want_top=trace is not None)
+                                   max_k=max(self.manifest.k_values), want_top=trace is not None,
+                                   vocab_map=self.draft_vocab, target_vocab=self.manifest.target.vocab_size)
         control = make_policy(req.policy, req.k or 1, self.manifest.k_values, req.tau,
                               req.max_draft_per_token) if use_draft else None
         rng = np.random.default_rng(req.seed)

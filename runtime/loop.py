@@ -25,7 +25,7 @@ from specrt.runtime.acceptance import (
     relaxed_greedy_verify,
     sample,
 )
-from specrt.runtime.backend import ModelStep
+from specrt.runtime.backend import PREFILL_CHUNK, ModelStep
 from specrt.runtime.drafters.base import Drafter, Proposal, empty
 from specrt.runtime.drafters.model import check_finite
 from specrt.runtime.policy import Policy
@@ -53,6 +53,19 @@ def _prefill(model: ModelStep, prompt_ids: np.ndarray) -> None:
         model.prefill(prompt_ids[:-1])
     else:
         model.set_length(0)
+
+
+def _prefill_features(target: ModelStep, prompt_ids: np.ndarray) -> np.ndarray:
+    """Prefill, keeping the target's features of every prompt token but the last [L - 1, F] (a feature head's)."""
+    n = len(prompt_ids) - 1
+    target.set_length(0)
+    if n == 0:
+        return np.zeros((0, 0), np.float32)
+    chunks = []
+    for start in range(0, n, PREFILL_CHUNK):
+        target.step(prompt_ids[start:min(n, start + PREFILL_CHUNK)], start)
+        chunks.append(target.features().copy())
+    return np.concatenate(chunks)
 
 
 def target_only(target: ModelStep, prompt_ids: np.ndarray, max_new_tokens: int, params: SamplingParams,
@@ -96,8 +109,11 @@ def speculative(target: ModelStep, drafter: Drafter, prompt_ids: np.ndarray, pol
     max_context = min(target.max_context, drafter.max_context or target.max_context)
     keep_drafting = policy.keep_drafting if policy.needs_confidence else None
     t0 = time.perf_counter()
-    _prefill(target, prompt_ids)
-    drafter.begin(prompt_ids)
+    if drafter.needs_features:
+        drafter.begin(prompt_ids, _prefill_features(target, prompt_ids))
+    else:
+        _prefill(target, prompt_ids)
+        drafter.begin(prompt_ids)
     stats.prefill_s += time.perf_counter() - t0
     length, last = len(prompt_ids), int(prompt_ids[-1])
     emitted = 0
@@ -123,7 +139,7 @@ def speculative(target: ModelStep, drafter: Drafter, prompt_ids: np.ndarray, pol
         # commit: the target keeps `last` + the accepted proposals (rollback = a length); the drafter follows
         accepted_ids = [int(t) for t in proposal.token_ids[:accepted]]
         target.set_length(length + accepted)
-        drafter.commit(accepted_ids, next_id)
+        drafter.commit(accepted_ids, next_id, target.features()[:accepted + 1] if drafter.needs_features else None)
         stats.draft_s += t1 - t0
         stats.verify_s += t2 - t1
         policy.observe(m, accepted, t1 - t0, t2 - t1)

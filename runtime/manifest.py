@@ -70,6 +70,22 @@ class ModelSpec:
         """Rows every pass must have for row-invariant logits (measured at export; 2 = pad 1-token steps)."""
         return (self.raw.get("batch_invariance") or {}).get("min_rows") or 1
 
+    @property
+    def kind(self) -> str:
+        """``model`` (an autoregressive language model) or ``feature-head`` (reads the target's features)."""
+        return self.raw.get("kind", "model")
+
+    @property
+    def features(self) -> dict | None:
+        """A target's extra output of hidden states for a feature head: {output, layers, size}."""
+        return self.raw.get("features")
+
+    @property
+    def feature_head(self) -> dict | None:
+        """A feature head's extra tensors: {hidden_input, features_input, select_input, hidden_output,
+        hidden_size, feature_size, draft_vocab (file), target_features_layers}."""
+        return self.raw.get("feature_head")
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -160,6 +176,19 @@ def validate_manifest(data: Any) -> None:
         if m.get("external_data") and m["external_data"] not in data["files"]:
             raise EngineDirError(f"manifest.json: models/{role}/external_data {m['external_data']!r} is not listed "
                                  f"in files. {_REEXPORT}")
+        if m.get("kind", "model") == "feature-head":
+            head = m.get("feature_head")
+            target_features = data["models"]["target"].get("features")
+            if role != "draft" or not head or not target_features:
+                raise EngineDirError(f"manifest.json: a feature head must be models/draft with a feature_head entry, "
+                                     f"and the target must declare its features output. {_REEXPORT}")
+            if head["feature_size"] != target_features["size"] or head["layers"] != target_features["layers"]:
+                raise EngineDirError(f"manifest.json: the feature head reads layers {head['layers']} "
+                                     f"({head['feature_size']} values) but the target outputs layers "
+                                     f"{target_features['layers']} ({target_features['size']}). {_REEXPORT}")
+            if head["draft_vocab"] not in data["files"]:
+                raise EngineDirError(f"manifest.json: the draft vocabulary {head['draft_vocab']!r} is not listed in "
+                                     f"files. {_REEXPORT}")
         if kv["buffer_shape"][0] != 1:
             raise EngineDirError(f"manifest.json: models/{role}/kv_cache/buffer_shape must have batch 1, got "
                                  f"{kv['buffer_shape']}. {_REEXPORT}")
@@ -295,6 +324,20 @@ def check_external_data(root: Path, name: str, files: dict) -> None:
             raise EngineDirError(f"engine file {name!r} reads external data from {loc!r}, which is not a file listed "
                                  f"in the manifest (an engine directory may not read files outside itself). "
                                  f"{_REEXPORT}")
+
+
+def load_draft_vocab(manifest: Manifest) -> Any:
+    """A feature head's draft vocabulary: target token ids, one per draft logit (validated, untrusted file)."""
+    import numpy as np
+
+    name = manifest.draft.feature_head["draft_vocab"]
+    ids = read_json(manifest.root / name, name)
+    vocab = manifest.target.vocab_size
+    if not isinstance(ids, list) or len(ids) != manifest.draft.vocab_size or \
+            not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+        raise EngineDirError(f"{name} must be a list of {manifest.draft.vocab_size} target token ids in [0, {vocab}). "
+                             f"{_REEXPORT}")
+    return np.array(ids, dtype=np.int64)
 
 
 def model_spec(root: Path, role: str, data: dict) -> ModelSpec:

@@ -23,13 +23,13 @@ import os
 
 import numpy as np
 import onnxruntime as ort
+from specrt.runtime.backend import PREFILL_CHUNK
 from specrt.runtime.errors import EngineDirError, GenerationError
 from specrt.runtime.kv_cache import KVCache
 from specrt.runtime.manifest import ModelSpec
 from specrt.runtime.tensorrt_plan import bucket_for
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-PREFILL_CHUNK = 128  # prompt tokens per prefill pass: bounds the [n, vocab] logits buffer
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -91,7 +91,17 @@ class OrtModelStep:
         self._min_rows = spec.min_rows
         self._padded = np.zeros(2, dtype=np.int64)
         self._bucket = np.zeros(1, dtype=np.int64)  # concat-bucketed graphs only
-        self._outputs: dict[int, tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list]] = {}
+        # Extra tensors of feature-head engines: a target's features output; a head's own inputs and hidden_out.
+        self._extra_out: dict[str, int] = {}  # output name -> width
+        self._extra_in: tuple[str, ...] = ()
+        if spec.features:
+            self._extra_out[spec.features["output"]] = spec.features["size"]
+        if spec.feature_head:
+            fh = spec.feature_head
+            self._extra_out[fh["hidden_output"]] = fh["hidden_size"]
+            self._extra_in = (fh["hidden_input"], fh["features_input"], fh["select_input"])
+        self._outputs: dict[int, tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list, dict]] = {}
+        self._last: dict[str, np.ndarray] = {}
         self.calls = 0
 
     def _check_names(self) -> None:
@@ -100,6 +110,12 @@ class OrtModelStep:
         if kv.bucket_length:
             want_in.add(kv.bucket_length)
         want_out = {kv.logits, *kv.new_keys, *kv.new_values}
+        if self.spec.features:
+            want_out.add(self.spec.features["output"])
+        if self.spec.feature_head:
+            fh = self.spec.feature_head
+            want_in |= {fh["hidden_input"], fh["features_input"], fh["select_input"]}
+            want_out.add(fh["hidden_output"])
         have_in = {i.name for i in self.session.get_inputs()}
         have_out = {o.name for o in self.session.get_outputs()}
         if want_in != have_in or not want_out <= have_out:
@@ -155,7 +171,21 @@ class OrtModelStep:
     def set_length(self, length: int) -> None:
         self.cache.set_length(length)
 
-    def step(self, token_ids: np.ndarray, pos: int) -> np.ndarray:
+    @property
+    def has_features(self) -> bool:
+        return self.spec.features is not None
+
+    def features(self) -> np.ndarray:
+        """The target's features of the last step's rows [n, F] (engines with a feature head)."""
+        return self._last[self.spec.features["output"]]
+
+    def output(self, name: str) -> np.ndarray:
+        """An extra output of the last step (a target's features, a head's hidden_out): [n, width], a view of a
+        reused buffer, valid until the next call."""
+        return self._last[name]
+
+    def step(self, token_ids: np.ndarray, pos: int, inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """``inputs``: a feature head's extra inputs, each [1, n, width] (or [1] for its selector)."""
         n = len(token_ids)
         if not 0 <= pos <= self.cache.length:
             raise ValueError(f"{self.spec.role}: step at pos {pos} but only {self.cache.length} cache entries are valid")
@@ -169,12 +199,16 @@ class OrtModelStep:
             padded = self._padded[:self._min_rows]
             padded[:] = token_ids[-1]
             padded[:n] = token_ids
-            logits = self._run(padded, pos)
+            if inputs:  # the padding row repeats the last one
+                inputs = {k: v if v.ndim < 3 else np.concatenate([v] + [v[:, -1:]] * (self._min_rows - n), 1)
+                          for k, v in inputs.items()}
+            logits = self._run(padded, pos, inputs)
             self.cache.set_length(pos + n)
+            self._last = {k: v[:n] for k, v in self._last.items()}
             return logits[:n]
-        return self._run(token_ids, pos)
+        return self._run(token_ids, pos, inputs)
 
-    def _run(self, token_ids: np.ndarray, pos: int) -> np.ndarray:
+    def _run(self, token_ids: np.ndarray, pos: int, inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
         n = len(token_ids)
         kv = self.spec.kv
         ids = np.asarray(token_ids, dtype=np.int64).reshape(1, n)  # O(n)
@@ -184,7 +218,11 @@ class OrtModelStep:
         if kv.bucket_length:
             self._bucket[0] = bucket_for(pos, kv.context_buckets)
             self.binding.bind_cpu_input(kv.bucket_length, self._bucket)
-        logits, new_k, new_v = self._bind_outputs(n)
+        for name in self._extra_in:
+            if inputs is None or name not in inputs:
+                raise GenerationError(f"{self.spec.role}: this graph needs the input {name!r} at every step")
+            self.binding.bind_cpu_input(name, inputs[name])
+        logits, new_k, new_v, extra = self._bind_outputs(n)
         try:
             self.session.run_with_iobinding(self.binding)
         except Exception as e:  # noqa: BLE001 -- onnxruntime raises its own Fail/RuntimeException types
@@ -192,6 +230,8 @@ class OrtModelStep:
                                  f"at position {pos}: {str(e)[:500]}. The graph does not fit its manifest; "
                                  "re-export the engine directory.") from None
         self.calls += 1
+        if extra:
+            self._last = {name: a[0] for name, a in extra.items()}
         if self._in_place:
             self.cache.written(pos, n)
         else:
@@ -221,13 +261,15 @@ class OrtModelStep:
             if not self._in_place:  # in-place graphs write the cache buffers bound in __init__
                 new_k = [np.empty((1, kvh, n, hd), dtype=self.dtype) for _ in kv.new_keys]
                 new_v = [np.empty((1, kvh, n, hd), dtype=self.dtype) for _ in kv.new_values]
-            values = [ort.OrtValue.ortvalue_from_numpy(a) for a in [logits, *new_k, *new_v]]
-            out = (logits, new_k, new_v, values)
+            extra = {name: np.empty((1, n, width), dtype=np.float32) for name, width in self._extra_out.items()}
+            values = [ort.OrtValue.ortvalue_from_numpy(a) for a in [logits, *new_k, *new_v, *extra.values()]]
+            out = (logits, new_k, new_v, values, extra)
             if n <= self._max_step or n == PREFILL_CHUNK:  # the step shapes the loop uses, and full prefill chunks
                 self._outputs[n] = out
         names = [self.spec.kv.logits]
         if not self._in_place:
             names += [*self.spec.kv.new_keys, *self.spec.kv.new_values]
+        names += list(self._extra_out)
         for name, value in zip(names, out[3]):
             self.binding.bind_ortvalue_output(name, value)
-        return out[0], out[1], out[2]
+        return out[0], out[1], out[2], out[4]

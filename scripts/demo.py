@@ -22,6 +22,16 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "demo"
 DRAFT = ROOT / "engines" / "demo" / "draft"
 CHAT = "Write a Python function that checks whether a string is a palindrome."
+# A grounded request: the answer copies names, dates and numbers from the text given in the prompt,
+# which is what drafting from the context is for.
+REPORT = """The Riverside Library will close its main reading room from 3 March to 28 April for repairs to the
+roof. During the closure, the children's section moves to the Elm Street community centre, which opens
+from 9:00 to 17:00 on weekdays. Books can still be returned at the drop box next to the car park, and the
+online catalogue stays available. The repairs cost 1.2 million euros, paid by the city council and the
+Friends of Riverside Library. Head librarian Maria Okafor said the reading room will reopen with new
+lighting, forty extra seats and a quiet room for students."""
+GROUNDED = ("Read the notice and list every date, time, place, amount and person it mentions, one per line, "
+            "quoting the notice:\n\n" + REPORT)
 CODE = '''import os
 
 
@@ -73,10 +83,11 @@ def prepare(max_context: int) -> Path:
     return engine
 
 
-def run_prompt(engine, title: str, prompt_ids: list[int], k: int, max_new_tokens: int, prefix: str = "") -> dict:
-    print(f"\n=== {title} (speculative, k={k}) ===")
+def run_prompt(engine, title: str, prompt_ids: list[int], k: int, max_new_tokens: int, prefix: str = "",
+               policy: str = "adaptive") -> dict:
+    print(f"\n=== {title} (speculative: drafter {engine.default_drafter}, {policy} k up to {k}) ===")
     sys.stdout.write(prefix)
-    stream = engine.stream(prompt_ids, max_new_tokens=max_new_tokens, k=k)
+    stream = engine.stream(prompt_ids, max_new_tokens=max_new_tokens, k=k, policy=policy)
     for chunk in stream:
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
@@ -110,7 +121,7 @@ def check_with_transformers(runs: list[dict], max_new_tokens: int) -> bool:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--k", type=int, default=2)
+    ap.add_argument("--k", type=int, default=8, help="the most tokens drafted per step (the adaptive policy picks)")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--max-context", type=int, default=2048)
     ap.add_argument("--no-check", action="store_true", help="skip the comparison with transformers")
@@ -124,6 +135,8 @@ def main() -> int:
         run_prompt(engine, "chat", engine.chat_prompt([{"role": "user", "content": CHAT}]), a.k, a.max_new_tokens,
                    prefix=f"user: {CHAT}\nassistant: "),
         run_prompt(engine, "code continuation", engine.encode(CODE), a.k, a.max_new_tokens, prefix=CODE),
+        run_prompt(engine, "grounded: extract from a notice", engine.chat_prompt([{"role": "user", "content": GROUNDED}]),
+                   a.k, a.max_new_tokens, prefix="user: (the notice) ... list every date, time, place ...\nassistant: "),
     ]
     ok = all(r["same"] for r in runs)
     if not a.no_check:

@@ -114,6 +114,11 @@ def stage_answers(args, tok, model, eos, prompts: list[dict]) -> None:
     done = set()
     if path.is_file():
         done = {json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()}
+    if args.max_conversations and len(prompts) > args.max_conversations:
+        # a random subset (every kind in its share), not the first N: the batches below go shortest first
+        rng = np.random.default_rng(args.seed)
+        keep = set(rng.choice(len(prompts), args.max_conversations, replace=False).tolist())
+        prompts = [p for i, p in enumerate(prompts) if i in keep or p["id"] in done]
     todo = [p for p in prompts if p["id"] not in done]
     # Similar lengths in one batch waste less padding.
     todo.sort(key=lambda p: len(p["turns"][0]))
@@ -242,6 +247,8 @@ def main() -> int:
     ap.add_argument("--magpie", type=int, default=1200, help="verifier-written prompts to add (default 1200)")
     ap.add_argument("--scale", type=float, default=1.0, help="scales the number of templated prompts")
     ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--max-conversations", type=int, default=None,
+                    help="answer a random subset of this many prompts (with those already answered)")
     ap.add_argument("--max-len", type=int, default=1024, help="tokens per conversation kept for features")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--gen-dtype", choices=("fp32", "bf16"), default="bf16",

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--draft", default=None,
                    help="local checkpoint directory of the draft model (same tokenizer); without it the engine is "
                    "target-only and drafts from the context (--drafter ngram | suffix)")
+    e.add_argument("--draft-head", type=Path, default=None,
+                   help="a feature-level draft head trained on this target (scripts/train_head.py --export), instead "
+                   "of --draft: the target graph also outputs the hidden states the head reads (--drafter eagle)")
     e.add_argument("--out", required=True, type=Path, help="engine directory to write")
     e.add_argument("--max-context", type=int, default=None,
                    help="prompt + generated tokens the KV caches hold (default: min(2048, model limit))")
@@ -222,7 +225,8 @@ def _export(args) -> int:
                          force=args.force, verify=not args.no_verify, tolerance=args.tolerance or DEFAULT_TOLERANCE,
                          quant=args.quant, target_quant=args.target_quant, draft_quant=args.draft_quant,
                          block_size=args.block_size, accuracy_level=args.accuracy_level,
-                         draft_accuracy_level=args.draft_accuracy_level, attention=args.attention)
+                         draft_accuracy_level=args.draft_accuracy_level, attention=args.attention,
+                         draft_head=args.draft_head)
     for role, diffs in report.max_abs_diff.items():
         shown = ", ".join(f"{k} {v:.1e}" for k, v in diffs.items() if not k.endswith("argmax_equal"))
         print(f"{role}: max |ONNX - PyTorch| logits: {shown}")
@@ -412,9 +416,11 @@ def _info(args) -> int:
               f"{spec.kv.update}, {quant}{rows}")
     if m.draft is None:
         print("   draft: none (target-only engine: drafts from the context, --drafter ngram | suffix)")
-    from specrt.runtime.engine import DEFAULT_DRAFTER_WITH_MODEL, DEFAULT_DRAFTER_WITHOUT_MODEL
+    from specrt.runtime.drafters import available
+    from specrt.runtime.engine import DEFAULT_DRAFTER
 
-    print(f"  drafters: default {DEFAULT_DRAFTER_WITH_MODEL if m.draft else DEFAULT_DRAFTER_WITHOUT_MODEL}")
+    kind = m.draft.kind if m.draft is not None else None
+    print(f"  drafters: {', '.join(available(kind))} (default {DEFAULT_DRAFTER[kind]})")
     print(f"  pair: k {list(m.k_values)}, max context {m.max_context}, EOS {sorted(m.eos_token_ids)}")
     print("  manifest valid, all file hashes match")
     return 0

@@ -18,6 +18,8 @@ pytestmark = pytest.mark.slow
 PROMPTS = [
     ("code", "import json\n\n\ndef load_config(path):\n    \"\"\"Read a JSON config file and return a dict.\"\"\"\n"),
     ("chat", [{"role": "user", "content": "What is the capital of France?"}]),
+    ("grounded", [{"role": "user", "content": "List the dates in this notice: the library closes on 3 March and "
+                                               "reopens on 28 April; the new wing opens on 1 June."}]),
 ]
 
 
@@ -45,8 +47,11 @@ def test_demo_pair_equals_transformers_generate(demo, name, prompt):
         out = hf.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False,
                           eos_token_id=hf.generation_config.eos_token_id)
     expected = out[0, len(ids):].tolist()
-    for k in (2, 4):
-        r = engine.generate(ids, max_new_tokens=40, k=k)
-        assert r.token_ids == expected, (name, k)
+    for drafter in engine.drafters:
+        for k in (2, 4):
+            r = engine.generate(ids, max_new_tokens=40, k=k, drafter=drafter)
+            assert r.token_ids == expected, (name, drafter, k)
+        r = engine.generate(ids, max_new_tokens=40, k=4, drafter=drafter, policy="adaptive")
+        assert r.token_ids == expected, (name, drafter, "adaptive")
     s = r.stats  # how much it speeds things up is the bench's business (README "Measured"), not a test's
     assert s.new_tokens == s.accepted + s.recovered + s.bonus == len(expected)

@@ -21,6 +21,7 @@ class AdversarialDraft:
     max_context = property(lambda self: self.inner.max_context)
     vocab_size = property(lambda self: self.inner.vocab_size)
     length = property(lambda self: self.inner.length)
+    spec = property(lambda self: self.inner.spec)
 
     def step(self, token_ids, pos):
         return np.roll(self.inner.step(token_ids, pos), 1, axis=-1)
@@ -100,6 +101,7 @@ def test_every_drafter_greedy_equals_transformers(loaded, references, engine_nam
 def test_target_only_engine_defaults_to_ngram(loaded):
     engine = loaded["target_only"]
     assert engine.draft is None and engine.default_drafter == "ngram" and engine.drafters == ("ngram", "suffix")
+    assert loaded["close"].drafters == ("model", "ngram", "suffix", "hybrid")
     assert engine.generate([5, 5, 5, 5], max_new_tokens=4).stats.drafter == "ngram"
 
 
@@ -214,7 +216,7 @@ def test_padded_one_token_steps_keep_the_cache_right(engines, references, tmp_pa
     assert engine.target.max_context == engine.max_context == 63
     widths = []
     run = engine.target._run
-    engine.target._run = lambda ids, pos: (widths.append(len(ids)), run(ids, pos))[1]
+    engine.target._run = lambda ids, pos, inputs=None: (widths.append(len(ids)), run(ids, pos, inputs))[1]
     for prompt in PROMPTS:
         assert engine.generate(prompt, max_new_tokens=30, use_draft=False).token_ids == references[tuple(prompt)]
         for k in (1, 4):

@@ -32,7 +32,7 @@ def test_good_manifest_validates(engines):
 @pytest.mark.parametrize("mutate, match", [
     (lambda d: d.update(format="something-else"), "not a specrt engine manifest"),
     (lambda d: d.update(format_version=99), "format version 99 is not supported"),
-    (lambda d: d["models"].pop("draft"), "models.*draft"),
+    (lambda d: d["models"].pop("target"), "models.*target"),  # the draft is optional, the target is not
     (lambda d: d["pair"].update(k_values=[0]), "pair/k_values/0"),
     (lambda d: d["models"]["target"].update(num_layers="two"), "models/target/num_layers"),
     (lambda d: d["models"]["target"]["kv_cache"]["key_buffers"].pop(), "key_buffers has 1 names for 2 layers"),

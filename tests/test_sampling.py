@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from specrt.runtime import loop
 from specrt.runtime.acceptance import sample
-from specrt.runtime.drafters import ModelDrafter, NgramDrafter, Proposal
+from specrt.runtime.drafters import EagleDrafter, ModelDrafter, NgramDrafter, Proposal
 from specrt.runtime.drafters import model as model_drafter
 from specrt.runtime.drafters.base import Drafter
 from specrt.runtime.errors import GenerationError
@@ -84,20 +84,55 @@ class FixedDrafter(Drafter):
         pass
 
 
+class FeatureMarkovStep(MarkovStep):
+    """The Markov target with a (zero) features output, as a target of a feature-head engine."""
+
+    def features(self):
+        return np.zeros((self._n, 2), np.float32)
+
+    def step(self, token_ids, pos):
+        self._n = len(token_ids)
+        return super().step(token_ids, pos)
+
+
+class FakeHead:
+    """A feature head whose draft distribution depends only on the token it is fed: a draft vocabulary of 3 of
+    the 4 target ids (DRAFT_VOCAB), so target token 1 always has q = 0."""
+
+    DRAFT_VOCAB = np.array([0, 2, 3])
+    TABLE = np.log(np.array([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6], [0.1, 0.8, 0.1], [0.34, 0.33, 0.33]]))
+
+    def __init__(self):
+        self.spec = type("Spec", (), {"feature_head": {"hidden_input": "h", "features_input": "f", "select_input": "s",
+                                                       "hidden_output": "o", "hidden_size": 2, "feature_size": 2}})()
+        self.max_context, self.length = 16, 0
+
+    def step(self, token_ids, pos, inputs):
+        self.length = pos + len(token_ids)
+        self._n = len(token_ids)
+        return self.TABLE[np.asarray(token_ids)]
+
+    def output(self, name):
+        return np.zeros((self._n, 2), np.float32)
+
+    def set_length(self, length):
+        self.length = length
+
+
 # The Markov target's next token depends only on the last one, so any prompt ending in 0 gives the same
 # joint distribution; this one gives the n-gram drafter earlier matches to propose from.
-PROMPTS = {"model": [0], "ngram": [0, 1, 2, 3, 1, 0, 3, 3, 2, 0], "fixed": [0]}
+PROMPTS = {"model": [0], "ngram": [0, 1, 2, 3, 1, 0, 3, 3, 2, 0], "fixed": [0], "eagle": [2, 0]}
 
 
 def joint_counts(params: SamplingParams, k: int, seed: int = 0, speculative: bool = True,
                  drafter: str = "model") -> np.ndarray:
     rng = np.random.default_rng(seed)
     counts = np.zeros((V, V))
-    target, draft = MarkovStep(P), MarkovStep(Q)
+    target, draft = (FeatureMarkovStep if drafter == "eagle" else MarkovStep)(P), MarkovStep(Q)
     prompt = np.array(PROMPTS[drafter])
     for _ in range(N):
-        d = {"model": lambda: ModelDrafter(draft), "ngram": lambda: NgramDrafter(1, 3),
-             "fixed": FixedDrafter}[drafter]()
+        d = {"model": lambda: ModelDrafter(draft), "ngram": lambda: NgramDrafter(1, 3), "fixed": FixedDrafter,
+             "eagle": lambda: EagleDrafter(FakeHead(), FakeHead.DRAFT_VOCAB, V, max_k=4)}[drafter]()
         if speculative:
             steps = loop.speculative(target, d, prompt, Fixed(k), 2, params, rng, Stats())
         else:
@@ -123,7 +158,7 @@ def _cells(params):
 
 @pytest.mark.parametrize("params", PARAMS, ids=["t0.7", "topk3", "t1.3-topp0.8"])
 @pytest.mark.parametrize("k", [1, 3])
-@pytest.mark.parametrize("drafter", ["model", "ngram", "fixed"])
+@pytest.mark.parametrize("drafter", ["model", "ngram", "fixed", "eagle"])
 def test_speculative_sampling_matches_target(params, k, drafter):
     mask, p = _cells(params)
     counts = joint_counts(params, k, drafter=drafter)
@@ -167,8 +202,20 @@ def _untempered_draft(logits, params, rng, probs_out):
     return sample(warp(logits, SamplingParams(1.0)), rng)  # BUG: ... but the token is drawn at temperature 1
 
 
+def _unmapped_q(self, logits, sampling, rng, i):
+    token, top = real_choose(self, logits, sampling, rng, i)
+    if not sampling.greedy:  # BUG: q over the draft vocabulary left at draft indices, not mapped to target ids
+        q = self._probs[i, self.vocab_map].copy()
+        self._probs[i] = 0.0
+        self._probs[i, :len(q)] = q
+    return token, top
+
+
+real_choose = EagleDrafter._choose
+
+
 @pytest.mark.parametrize("bug", ["residual removed", "q ignored", "draft temperature not applied",
-                                 "point: residual removed", "point: always accepted"])
+                                 "point: residual removed", "point: always accepted", "eagle: q not mapped"])
 def test_broken_acceptors_are_caught(monkeypatch, bug):
     drafter = "model"
     if bug == "residual removed":
@@ -177,10 +224,13 @@ def test_broken_acceptors_are_caught(monkeypatch, bug):
         monkeypatch.setattr(loop, "rejection_verify", _ignore_q)
     elif bug == "draft temperature not applied":
         monkeypatch.setattr(model_drafter, "draft_sample", _untempered_draft)
-    else:
+    elif bug.startswith("point"):
         monkeypatch.setattr(loop, "point_rejection_verify",
                             _point_no_residual if bug == "point: residual removed" else _point_always_accept)
         drafter = "fixed"
+    else:
+        monkeypatch.setattr(EagleDrafter, "_choose", _unmapped_q)
+        drafter = "eagle"
     params = SamplingParams(0.4)  # a low temperature makes tempered and untempered q far apart
     stat = chi2(joint_counts(params, 2, drafter=drafter), exact_joint(params))
     assert stat > CRITICAL, f"{bug}: chi2 {stat:.1f} did not exceed {CRITICAL:.1f}"

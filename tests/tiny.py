@@ -72,3 +72,51 @@ def make_checkpoint(path: Path, family: str = "llama", seed: int = 0, layers: in
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+HEAD_PROMPTS = [[5], [17, 33, 2], list(range(40, 52)), [5, 17, 33], [40, 41, 42, 43]]
+
+
+def make_head(path: Path, target: Path, steps: int = 300, draft_vocab: int = 256, seed: int = 0) -> Path:
+    """A feature head for a tiny target, trained for a few seconds to predict the target's greedy tokens on a
+    reduced vocabulary.  It memorises more than it generalises (a few thousand tokens): its training set holds
+    the continuations of ``HEAD_PROMPTS`` -- the prompts the tests use -- so that drafts are accepted often
+    enough there to exercise every path (all accepted, partly, none); elsewhere it is nearly a random draft."""
+    import numpy as np
+    import torch
+    import transformers as T
+    from specrt.export.feature_head import HeadConfig, save_head, trainable_state
+    from specrt.export.feature_head import make_head as build
+
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_pretrained(target).eval()
+    cfg = HeadConfig.for_target(model.config, [1, model.config.num_hidden_layers], draft_vocab)
+    rng = np.random.default_rng(seed)
+    vocab = np.sort(rng.choice(model.config.vocab_size, draft_vocab, replace=False))
+    with torch.no_grad():  # the target's greedy continuations: text it would write
+        rows = [model.generate(torch.tensor([p]), max_new_tokens=40 - len(p), do_sample=False, pad_token_id=0)[0]
+                for p in HEAD_PROMPTS]
+        rows += list(model.generate(torch.from_numpy(rng.integers(0, model.config.vocab_size, (16, 4))),
+                                    max_new_tokens=36, do_sample=False, pad_token_id=0))
+        ids = torch.stack(rows)
+        captured = {}
+        hook = model.model.layers[-1].register_forward_hook(lambda m, i, o: captured.__setitem__("x", o[0] if
+                                                                                                isinstance(o, tuple) else o))
+        out = model(ids, output_hidden_states=True)
+        hook.remove()
+        features = torch.cat([out.hidden_states[1], captured["x"]], -1)
+        greedy = out.logits.argmax(-1)  # [B, T]: the target's choice after each position
+    to_draft = torch.full((model.config.vocab_size,), -1, dtype=torch.long)
+    to_draft[torch.from_numpy(vocab)] = torch.arange(draft_vocab)
+    head = build(cfg, model.get_input_embeddings().weight)
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    for _ in range(steps):
+        logits = head.unrolled(ids[:, 1:], features[:, :-1], 2)  # slot t: features t, token t + 1 -> t + 2
+        target = to_draft[greedy[:, 1:]]  # the target's choice after token t + 1
+        loss = sum(torch.nn.functional.cross_entropy(lg[:, j:].reshape(-1, draft_vocab), target[:, j:].reshape(-1),
+                                                     ignore_index=-1) for j, lg in enumerate(logits))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_head(path, cfg, {k: v.numpy() for k, v in trainable_state(head).items()}, vocab.tolist())
+    return path

@@ -2,7 +2,8 @@
 
 A drafter follows one generation's context.  The loop calls
 
-    begin(prompt_ids)                      a new generation; the prompt is the context
+    begin(prompt_ids, features)            a new generation; the prompt is the context (features: the
+                                           target's hidden states of the prompt, for a feature head)
     propose(k, sampling, rng, keep) -> Proposal   up to k tokens that may follow the context
     commit(accepted_ids, next_id, features)       the target accepted these proposals and emitted
                                                   next_id (recovered or bonus): the context grew by
@@ -50,7 +51,7 @@ class Drafter:
     needs_features = False  # True: commit() wants the target's hidden states of the committed rows
     max_context: int | None = None  # a model drafter's cache capacity; None = no cache of its own
 
-    def begin(self, prompt_ids: np.ndarray) -> None:
+    def begin(self, prompt_ids: np.ndarray, features: np.ndarray | None = None) -> None:
         raise NotImplementedError
 
     def propose(self, k: int, sampling: SamplingParams, rng: np.random.Generator,

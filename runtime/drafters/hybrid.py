@@ -19,11 +19,12 @@ class HybridDrafter(Drafter):
     def __init__(self, context: Drafter, model: Drafter):
         self.context, self.model = context, model
         self.max_context = model.max_context
+        self.needs_features = model.needs_features  # an eagle head follows every commit too
         self.last_source = ""  # "context" | "model" | "" (nothing proposed): for traces and tests
 
-    def begin(self, prompt_ids: np.ndarray) -> None:
+    def begin(self, prompt_ids: np.ndarray, features: np.ndarray | None = None) -> None:
         self.context.begin(prompt_ids)
-        self.model.begin(prompt_ids)
+        self.model.begin(prompt_ids, features)
 
     def propose(self, k: int, sampling: SamplingParams, rng: np.random.Generator,
                 keep_drafting: KeepDrafting | None = None) -> Proposal:

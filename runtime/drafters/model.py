@@ -35,7 +35,7 @@ class ModelDrafter(Drafter):
         self.pending: list[int] = []
         self._proposed = 0  # tokens of the last proposal (the draft ran all but the last one)
 
-    def begin(self, prompt_ids: np.ndarray) -> None:
+    def begin(self, prompt_ids: np.ndarray, features: np.ndarray | None = None) -> None:
         if len(prompt_ids) > 1:
             self.draft.prefill(np.asarray(prompt_ids[:-1], dtype=np.int64))
         else:

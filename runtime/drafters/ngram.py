@@ -34,7 +34,7 @@ class NgramDrafter(Drafter):
         self.tokens: list[int] = []
         self._index: dict[tuple[int, ...], int] = {}  # n-gram -> start of the tokens that followed it
 
-    def begin(self, prompt_ids: np.ndarray) -> None:
+    def begin(self, prompt_ids: np.ndarray, features: np.ndarray | None = None) -> None:
         self.tokens = [int(t) for t in prompt_ids]
         self._index = {}
         for i in range(1, len(self.tokens)):

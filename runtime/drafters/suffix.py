@@ -92,13 +92,13 @@ class SuffixCache:
 class SuffixDrafter(Drafter):
     name = "suffix"
 
-    def __init__(self, cache: SuffixCache, min_confidence: float = 0.3, length_factor: float = 2.0):
+    def __init__(self, cache: SuffixCache, min_confidence: float = 0.1, length_factor: float = 2.0):
         if not 0.0 <= min_confidence <= 1.0:
             raise GenerationError(f"min_confidence must be in [0, 1], got {min_confidence!r}")
         self.cache, self.min_confidence, self.length_factor = cache, min_confidence, length_factor
         self.tokens: list[int] = []
 
-    def begin(self, prompt_ids: np.ndarray) -> None:
+    def begin(self, prompt_ids: np.ndarray, features: np.ndarray | None = None) -> None:
         self.tokens = [int(t) for t in prompt_ids]
         with self.cache.lock:
             for i in range(1, len(self.tokens)):

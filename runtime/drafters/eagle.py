@@ -1,0 +1,119 @@
+"""``eagle``: a feature-level draft head that reads the target's own hidden states (EAGLE-3 style).
+
+The head (``export/feature_head.py``) has one decoder layer with its own KV cache.  Slot i holds the
+target's features at position i and the token at i + 1, and predicts the token at i + 2.  Bookkeeping,
+with ``length`` the head's cache length:
+
+    after begin / commit   slots 0 .. L - 2 hold real target features (L = the context length); the
+                           last slot's logits predict token L (the one after ``last``) -> proposal 1
+    propose(k)             k - 1 more slots, each fed the head's own previous output (``use_target`` 0)
+                           and the previous proposal: proposals 2 .. k
+    commit(a, next, f)     roll back to L - 1, then one pass over the a + 1 committed tokens with the
+                           target's features of the verification rows 0 .. a (``use_target`` 1)
+
+So per target pass the head runs one pass of up to k + 1 rows and k - 1 passes of one row.  Its logits
+cover a reduced draft vocabulary; ``vocab_map[j]`` is the target id of draft logit j.  For sampling, q
+over the target vocabulary is q over the draft vocabulary placed at those ids (zero elsewhere: a token
+the head cannot propose, which the acceptance rule handles like any other q).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from specrt.runtime.backend import PREFILL_CHUNK
+from specrt.runtime.drafters.base import Drafter, KeepDrafting, Proposal, empty
+from specrt.runtime.drafters.model import check_finite, draft_sample, top_prob
+from specrt.runtime.sampling import SamplingParams
+
+
+class EagleDrafter(Drafter):
+    name = "eagle"
+    needs_features = True
+
+    def __init__(self, head, vocab_map: np.ndarray, target_vocab: int, max_k: int = 8, want_top: bool = False):
+        fh = head.spec.feature_head
+        self.head = head
+        self.max_context = head.max_context
+        self.vocab_map = vocab_map  # [draft vocab] -> target ids
+        self.target_vocab = target_vocab
+        self.want_top = want_top
+        self._hidden_in, self._features_in = fh["hidden_input"], fh["features_input"]
+        self._select, self._hidden_out = fh["select_input"], fh["hidden_output"]
+        self._use_target, self._use_own = np.ones(1, np.int64), np.zeros(1, np.int64)
+        rows = max(max_k + 1, PREFILL_CHUNK)
+        self._no_hidden = np.zeros((1, rows, fh["hidden_size"]), np.float32)
+        self._no_features = np.zeros((1, rows, fh["feature_size"]), np.float32)
+        self._ids = np.zeros(max_k, dtype=np.int64)
+        self._probs: np.ndarray | None = None  # [max_k, target vocab], on the first sampled proposal
+        self._hidden = np.zeros((1, 1, fh["hidden_size"]), np.float32)  # the last slot's hidden_out
+        self._logits: np.ndarray | None = None  # the last slot's logits [draft vocab]: proposal 1
+        self.length = 0
+
+    def _run_real(self, token_ids: np.ndarray, features: np.ndarray, pos: int) -> None:
+        """Slots [pos, pos + n) with the target's features; keep the last slot's logits and hidden state."""
+        for start in range(0, len(token_ids), PREFILL_CHUNK):
+            ids = token_ids[start:start + PREFILL_CHUNK]
+            n = len(ids)
+            logits = self.head.step(ids, pos + start, {
+                self._hidden_in: self._no_hidden[:, :n], self._features_in: features[None, start:start + n],
+                self._select: self._use_target})
+        check_finite(logits[-1], "draft head", pos)
+        self._logits = logits[-1].copy()
+        self._hidden[0, 0] = self.head.output(self._hidden_out)[-1]
+        self.length = pos + len(token_ids)
+
+    def begin(self, prompt_ids: np.ndarray, features: np.ndarray | None = None) -> None:
+        """``features``: the target's, for the prompt's first L - 1 tokens [L - 1, F] (its prefill)."""
+        self.head.set_length(0)
+        self.length, self._logits = 0, None
+        if len(prompt_ids) > 1:
+            assert features is not None and len(features) == len(prompt_ids) - 1, "the head needs the prompt's features"
+            self._run_real(np.asarray(prompt_ids[1:], dtype=np.int64), np.ascontiguousarray(features, np.float32), 0)
+
+    def _choose(self, logits: np.ndarray, sampling: SamplingParams, rng: np.random.Generator, i: int) -> tuple[int, float]:
+        if sampling.greedy:
+            j = int(logits.argmax())
+            return int(self.vocab_map[j]), (top_prob(logits) if self.want_top else 1.0)
+        q_draft = np.zeros(len(logits))
+        j = draft_sample(logits, sampling, rng, q_draft)
+        self._probs[i] = 0.0
+        self._probs[i, self.vocab_map] = q_draft  # q over the target vocabulary: zero outside the draft's
+        return int(self.vocab_map[j]), float(q_draft.max())
+
+    def propose(self, k: int, sampling: SamplingParams, rng: np.random.Generator,
+                keep_drafting: KeepDrafting | None = None) -> Proposal:
+        k = min(k, len(self._ids))
+        if k < 1 or self._logits is None:
+            return empty()
+        if not sampling.greedy and self._probs is None:
+            self._probs = np.zeros((len(self._ids), self.target_vocab))
+        tops: list[float] = []
+        logits, hidden, pos = self._logits, self._hidden, self.length
+        proposed = 0
+        while True:
+            token, top = self._choose(logits, sampling, rng, proposed)
+            self._ids[proposed] = token
+            proposed += 1
+            if self.want_top:
+                tops.append(round(top, 4))
+            if proposed >= k or (keep_drafting is not None and not keep_drafting(top)):
+                break
+            # the next slot: the head's own output in place of the target's features
+            logits = self.head.step(self._ids[proposed - 1:proposed], pos, {
+                self._hidden_in: hidden, self._features_in: self._no_features[:, :1], self._select: self._use_own})[-1]
+            check_finite(logits, "draft head", pos)
+            hidden = self.head.output(self._hidden_out)[None, -1:].copy()  # never an input aliasing an output
+            pos += 1
+        return Proposal(self._ids[:proposed], None if sampling.greedy else self._probs[:proposed],
+                        tops if self.want_top else None)
+
+    def commit(self, accepted_ids: Sequence[int], next_id: int, features: np.ndarray | None = None) -> None:
+        """``features``: the target's for the verification rows 0 .. len(accepted_ids) [a + 1, F]."""
+        assert features is not None and len(features) == len(accepted_ids) + 1, "the head needs the committed features"
+        self.head.set_length(self.length)  # drop the slots the proposals ran
+        ids = np.array([*accepted_ids, next_id], dtype=np.int64)
+        self._run_real(ids, np.ascontiguousarray(features, np.float32), self.length)
+
+    def end(self) -> None:
+        self._logits = None

@@ -1,0 +1,327 @@
+#!/usr/bin/env python
+"""Train the feature-level draft head (EAGLE-3 style) from the verifier's own features: resumable, on the CPU.
+
+Reads the shards of ``scripts/head_data.py`` (the verifier's hidden states and top-8 log-probs), and
+trains ``specrt.export.feature_head``'s head to predict the verifier's next-token distribution several
+draft steps ahead from its own previous outputs (the training-time test), over a reduced vocabulary
+(the most frequent tokens of the training data), embeddings frozen from the verifier.  Hours of CPU;
+CI never runs it.  Checkpoints every ``--save-every`` steps and on Ctrl-C; rerun the same command to
+resume.  ``--export DIR`` writes the head (fp16 safetensors, config, draft vocabulary, model card).
+
+    python scripts/train_head.py --verifier .cache/demo/verifier-hf --data .cache/head/data \\
+        --out .cache/head/run --minutes 180
+    python scripts/train_head.py --verifier .cache/demo/verifier-hf --data .cache/head/data \\
+        --out .cache/head/run --export engines/demo/head
+
+Held-out evaluation (``--eval-every``): greedy acceptance by draft position on held-out conversations,
+teacher-forced exactly as speculation sees it (position j counts only where positions < j were right),
+and the expected tokens per target pass of a k = 4 chain; the curve goes to ``OUT/curve.jsonl``.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+FEATURE_LAYERS_STORED = (3, 15, 27, 30)  # what head_data.py stores, in this order
+
+
+def load_shards(dirs: list[Path]) -> list[dict]:
+    shards = []
+    for d in dirs:
+        for s in sorted(Path(d).glob("shard_*")):
+            if (s / "done").is_file():
+                shards.append({name: np.load(s / f"{name}.npy", mmap_mode="r") for name in
+                               ("features", "top_ids", "top_logp", "tokens", "roles", "starts")})
+    if not shards:
+        raise SystemExit(f"no finished shards under {', '.join(map(str, dirs))}: run scripts/head_data.py first")
+    return shards
+
+
+def sequences(shards: list[dict], min_len: int) -> list[tuple[int, int, int]]:
+    """(shard, start, end) of every conversation long enough for one window."""
+    out = []
+    for i, sh in enumerate(shards):
+        st = sh["starts"]
+        out += [(i, int(a), int(b)) for a, b in itertools.pairwise(st) if b - a >= min_len]
+    return out
+
+
+def draft_vocabulary(shards: list[dict], seqs, size: int) -> np.ndarray:
+    """The ``size`` most frequent next-token choices of the verifier in the training data (its top-1s)."""
+    counts = None
+    for i, a, b in seqs:
+        ids = np.asarray(shards[i]["top_ids"][a:b, 0])
+        c = np.bincount(ids, minlength=1)
+        counts = c if counts is None else (np.pad(counts, (0, max(0, len(c) - len(counts))))
+                                           + np.pad(c, (0, max(0, len(counts) - len(c)))))
+    order = np.argsort(-counts, kind="stable")[:size]
+    return np.sort(order[counts[order] > 0]).astype(np.int64)
+
+
+class Batches:
+    """Random windows of T slots: slot t reads features at p + t and token p + t + 1, and is trained on the
+    verifier's distribution at p + t + 1 (the token after it)."""
+
+    def __init__(self, shards, seqs, layers_idx, to_draft, T, B, seed):
+        self.shards, self.seqs, self.layers_idx, self.to_draft, self.T, self.B = shards, seqs, layers_idx, to_draft, T, B
+        self.rng = np.random.default_rng(seed)
+        self.weights = np.array([b - a - 1 for _, a, b in seqs], dtype=np.float64)
+        self.weights /= self.weights.sum()
+
+    def window(self, i, a, b, p, T):
+        sh = self.shards[i]
+        feats = np.asarray(sh["features"][a + p:a + p + T][:, self.layers_idx], dtype=np.float32).reshape(T, -1)
+        next_ids = np.asarray(sh["tokens"][a + p + 1:a + p + T + 1], dtype=np.int64)
+        tid = np.asarray(sh["top_ids"][a + p + 1:a + p + T + 1], dtype=np.int64)
+        tlp = np.asarray(sh["top_logp"][a + p + 1:a + p + T + 1], dtype=np.float32)
+        # who wrote the token each slot is trained to predict (1: the verifier); none past the conversation
+        role2 = np.asarray(sh["roles"][a + p + 2:min(a + p + T + 2, b)], dtype=np.float32)
+        role2 = np.pad(role2, (0, T - len(role2)))
+        valid = np.ones(T, dtype=np.float32)
+        return feats, next_ids, tid, tlp, None, role2, valid
+
+    def __call__(self):
+        import torch
+
+        T, B = self.T, self.B
+        rows = []
+        for s in self.rng.choice(len(self.seqs), size=B, p=self.weights):
+            i, a, b = self.seqs[s]
+            length = b - a
+            t = min(T, length - 1)
+            p = int(self.rng.integers(0, length - t)) if length - t > 0 else 0
+            f, nx, tid, tlp, _, role2, valid = self.window(i, a, b, p, t)
+            pad = T - t
+            rows.append((np.pad(f, ((0, pad), (0, 0))), np.pad(nx, (0, pad)), np.pad(tid, ((0, pad), (0, 0))),
+                         np.pad(tlp, ((0, pad), (0, 0)), constant_values=-30), np.pad(role2, (0, pad)),
+                         np.pad(valid[:t], (0, pad))))
+        f, nx, tid, tlp, role2, valid = (np.stack(x) for x in zip(*rows))
+        d = self.to_draft[tid]  # [B, T, 8] draft index or -1
+        w = np.exp(tlp) * (d >= 0)
+        mass = w.sum(-1, keepdims=True)
+        w = np.where(mass > 0, w / np.maximum(mass, 1e-9), 0)
+        weight = valid * np.where(role2 > 0, 1.0, 0.3) * (mass[..., 0] > 0)
+        return (torch.from_numpy(nx), torch.from_numpy(f), torch.from_numpy(np.maximum(d, 0)),
+                torch.from_numpy(w.astype(np.float32)), torch.from_numpy(weight.astype(np.float32)),
+                torch.from_numpy(tid[..., 0]))
+
+
+def loss_fn(logits_steps, d, w, weight, decay=0.8):
+    import torch
+
+    total, parts = 0.0, []
+    for j, logits in enumerate(logits_steps):
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, d)  # [B, T, 8]
+        ce = -(w * logp).sum(-1)  # [B, T]
+        m = weight.clone()
+        m[:, :j] = 0  # slots before j have no real history for step j
+        part = (ce * m).sum() / m.sum().clamp(min=1)
+        parts.append(float(part))
+        total = total + decay ** j * part
+    return total, parts
+
+
+def evaluate(head, shards, seqs, layers_idx, to_draft, draft_vocab, steps: int, max_tokens: int, T: int = 512):
+    """Greedy chain acceptance by draft position on held-out conversations (assistant tokens only)."""
+    import torch
+
+    hits = np.zeros(steps)
+    tried = np.zeros(steps)
+    chain = []  # per start position: how many consecutive drafts were right
+    batches = Batches(shards, seqs, layers_idx, to_draft, T, 1, 0)
+    seen = 0
+    head.eval()
+    with torch.no_grad():
+        for i, a, b in seqs:
+            for p in range(0, b - a - 2, T):
+                t = min(T, b - a - 1 - p)
+                f, nx, tid, _, _, role2, _ = batches.window(i, a, b, p, t)
+                logits = head.unrolled(torch.from_numpy(nx)[None], torch.from_numpy(f)[None], steps)
+                pred = [draft_vocab[lg[0].argmax(-1).numpy()] for lg in logits]  # [steps][t] target ids
+                target = tid[:, 0]
+                for s in range(t - steps):
+                    if role2[s] <= 0:
+                        continue
+                    run = 0
+                    for j in range(steps):
+                        tried[j] += 1
+                        if pred[j][s + j] == target[s + j]:
+                            hits[j] += 1
+                            run += 1
+                        else:
+                            break
+                    chain.append(run)
+                seen += t
+            if seen >= max_tokens:
+                break
+    head.train()
+    by_pos = (hits / np.maximum(tried, 1)).round(4).tolist()
+    runs = np.array(chain)
+    tokens_per_pass = {k: float(1 + np.minimum(runs, k).mean()) if len(runs) else 1.0 for k in (1, 2, 3, 4)
+                       if k <= steps}
+    return {"acceptance_by_position": by_pos, "tokens_per_pass": tokens_per_pass, "positions": len(runs)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--verifier", type=Path, required=True)
+    ap.add_argument("--data", type=Path, action="append", required=True, help="head_data.py output (repeatable)")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--features", choices=("eagle3", "eagle1"), default="eagle3",
+                    help="eagle3: layers 3, 15, 27 concatenated; eagle1: the last layer before the norm")
+    ap.add_argument("--draft-vocab", type=int, default=16384)
+    ap.add_argument("--steps-unrolled", type=int, default=3, help="training-time test: draft steps unrolled")
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--total-steps", type=int, default=6000, help="for the learning-rate schedule")
+    ap.add_argument("--minutes", type=float, default=None, help="stop after this long (checkpointed)")
+    ap.add_argument("--save-every", type=int, default=200)
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--eval-tokens", type=int, default=30000)
+    ap.add_argument("--held-out", type=float, default=0.03)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the matmuls (AVX-512 BF16 CPUs)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--export", type=Path, default=None, help="write the trained head here and stop")
+    args = ap.parse_args()
+
+    import torch
+    from specrt.export.feature_head import (
+        DRAFT_VOCAB,
+        HeadConfig,
+        make_head,
+        trainable_state,
+    )
+    from tqdm import tqdm
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    layers = [3, 15, 27] if args.features == "eagle3" else [30]
+    layers_idx = [FEATURE_LAYERS_STORED.index(x) for x in layers]
+    shards = load_shards(args.data)
+    seqs = sequences(shards, 16)
+    rng = np.random.default_rng(12345)  # the held-out split never changes between runs
+    held = set(rng.choice(len(seqs), max(1, int(args.held_out * len(seqs))), replace=False).tolist())
+    train_seqs = [s for i, s in enumerate(seqs) if i not in held]
+    eval_seqs = [s for i, s in enumerate(seqs) if i in held]
+    vocab_path = args.out / DRAFT_VOCAB
+    if vocab_path.is_file():
+        draft_vocab = np.array(json.loads(vocab_path.read_text()), dtype=np.int64)
+    else:
+        draft_vocab = draft_vocabulary(shards, train_seqs, args.draft_vocab)
+        vocab_path.write_text(json.dumps(draft_vocab.tolist()))
+    target_cfg = AutoConfig.from_pretrained(args.verifier)
+    to_draft = np.full(target_cfg.vocab_size, -1, dtype=np.int64)
+    to_draft[draft_vocab] = np.arange(len(draft_vocab))
+    cfg = HeadConfig.for_target(target_cfg, layers, len(draft_vocab))
+    verifier = AutoModelForCausalLM.from_pretrained(args.verifier, dtype=torch.float32)
+    embed = verifier.get_input_embeddings().weight.detach().clone()
+    lm_head = verifier.get_output_embeddings().weight.detach()
+    del verifier
+    head = make_head(cfg, embed)
+    with torch.no_grad():  # start the reduced output head from the verifier's own rows of its LM head
+        head.lm_head.weight.copy_(lm_head[torch.from_numpy(draft_vocab)])
+    opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0,
+                            betas=(0.9, 0.95))
+    step, seconds, tokens_seen = 0, 0.0, 0
+    ckpt = args.out / "ckpt.pt"
+    if ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        head.load_state_dict(state["head"], strict=False)
+        opt.load_state_dict(state["opt"])
+        step, seconds, tokens_seen = state["step"], state["seconds"], state.get("tokens", 0)
+        print(f"resumed from step {step} ({seconds / 60:.0f} min of training)", file=sys.stderr)
+
+    if args.export:
+        return export(args, cfg, head, draft_vocab, shards, eval_seqs, layers_idx, to_draft, step, seconds,
+                      tokens_seen, train_seqs)
+
+    def save():
+        tmp = ckpt.with_suffix(".tmp")
+        torch.save({"head": trainable_state(head), "opt": opt.state_dict(), "step": step, "seconds": seconds,
+                    "tokens": tokens_seen, "args": vars(args) | {"out": str(args.out),
+                                                                  "data": [str(d) for d in args.data],
+                                                                  "verifier": str(args.verifier),
+                                                                  "export": None}}, tmp)
+        tmp.replace(ckpt)
+
+    stop = {"now": False}
+    signal.signal(signal.SIGINT, lambda *_: stop.__setitem__("now", True))
+    signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("now", True))
+    batches = Batches(shards, train_seqs, layers_idx, to_draft, args.window, args.batch, args.seed + step)
+    curve = (args.out / "curve.jsonl").open("a")
+    deadline = time.time() + 60 * args.minutes if args.minutes else None
+    bar = tqdm(total=args.total_steps, initial=step, desc="train head", unit="step")
+    t_last = time.time()
+    while step < args.total_steps and not stop["now"] and (deadline is None or time.time() < deadline):
+        nx, f, d, w, weight, _ = batches()
+        lr = args.lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, step / args.total_steps))))
+        for gparam in opt.param_groups:
+            gparam["lr"] = lr
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            logits = head.unrolled(nx, f, args.steps_unrolled)
+        loss, parts = loss_fn(logits, d, w, weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+        opt.step()
+        step += 1
+        now = time.time()
+        seconds += now - t_last
+        t_last = now
+        tokens_seen += int(weight.gt(0).sum())
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss):.3f}", steps=" ".join(f"{p:.2f}" for p in parts), lr=f"{lr:.1e}")
+        if step % args.save_every == 0:
+            save()
+        if step % args.eval_every == 0:
+            ev = evaluate(head, shards, eval_seqs, layers_idx, to_draft, draft_vocab, 4, args.eval_tokens)
+            rec = {"step": step, "minutes": round(seconds / 60, 1), "tokens": tokens_seen, "loss": float(loss), **ev}
+            curve.write(json.dumps(rec) + "\n")
+            curve.flush()
+            bar.write(json.dumps(rec))
+            t_last = time.time()  # evaluation is not training time
+    bar.close()
+    save()
+    print(f"saved {ckpt} at step {step} ({seconds / 60:.0f} min)", file=sys.stderr)
+    return 0
+
+
+def export(args, cfg, head, draft_vocab, shards, eval_seqs, layers_idx, to_draft, step, seconds, tokens_seen,
+           train_seqs) -> int:
+    import torch
+    from safetensors.torch import save_file
+    from specrt.export.feature_head import DRAFT_VOCAB, HEAD_CONFIG, HEAD_WEIGHTS, count_params, trainable_state
+
+    out = args.export
+    out.mkdir(parents=True, exist_ok=True)
+    weights = trainable_state(head)
+    save_file({k: v.to(torch.float16) for k, v in weights.items()}, str(out / HEAD_WEIGHTS))
+    cfg.save(out / HEAD_CONFIG)
+    (out / DRAFT_VOCAB).write_text(json.dumps(draft_vocab.tolist()))
+    ev = evaluate(head, shards, eval_seqs, layers_idx, to_draft, draft_vocab, 4, 10**9)
+    curve = [json.loads(line) for line in (args.out / "curve.jsonl").read_text().splitlines()] \
+        if (args.out / "curve.jsonl").is_file() else []
+    record = {"step": step, "training_minutes": round(seconds / 60, 1), "tokens_trained": tokens_seen,
+              "train_conversations": len(train_seqs), "held_out_conversations": len(eval_seqs),
+              "parameters": count_params(weights), "held_out": ev, "curve": curve,
+              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                       if k not in ("export",)}}
+    (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in record.items() if k != "curve"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
