@@ -17,7 +17,7 @@ from pathlib import Path
 
 from specrt.runtime.errors import EngineDirError
 from specrt.runtime.manifest import MANIFEST, load_manifest, sha256_file, validate_manifest
-from specrt.runtime.tensorrt_plan import plan_profiles, require_tensorrt_graph
+from specrt.runtime.tensorrt_plan import check_profile_index, past_length_range, plan_profiles, require_tensorrt_graph
 from tqdm.auto import tqdm
 
 
@@ -59,18 +59,19 @@ def build_engines(engine_dir: str | Path, fp16: bool = False, bf16: bool = False
         config.set_timing_cache(cache, ignore_mismatch=False)
         kv = spec.kv
         max_ctx = kv.buffer_shape[2]
-        profiles = plan_profiles(spec.role, m.k_values)
-        for p in profiles:
+        profiles = plan_profiles(spec.role, m.k_values, max_ctx, kind=spec.kind)
+        for index, p in enumerate(profiles):
             prof = builder.create_optimization_profile()
             prof.set_shape(kv.input_ids, (1, p.n_min), (1, p.n_opt), (1, p.n_max))
             if kv.bucket_length:  # shapes follow the bucket; past_length is data
                 buckets = kv.context_buckets
                 prof.set_shape_input(kv.bucket_length, (buckets[0],), (buckets[len(buckets) // 2],), (buckets[-1],))
-            else:
-                prof.set_shape_input(kv.past_length, (0,), (max_ctx // 2,), (max_ctx - p.n_max,))
+            else:  # every position a step of this profile's widths can start at
+                lo, opt, hi = past_length_range(p, max_ctx)
+                prof.set_shape_input(kv.past_length, (lo,), (opt,), (hi,))
             for name in kv.key_buffers + kv.value_buffers:
                 prof.set_shape(name, kv.buffer_shape, kv.buffer_shape, kv.buffer_shape)
-            config.add_optimization_profile(prof)
+            check_profile_index(config.add_optimization_profile(prof), index)
         blob = builder.build_serialized_network(network, config)
         if blob is None:
             raise EngineDirError(f"TensorRT failed to build {spec.role}; see the log above")

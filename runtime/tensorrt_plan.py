@@ -2,8 +2,12 @@
 version checks — everything of the TensorRT path that does not touch a GPU, in plain Python.
 
 Static shapes on every compiled path: the draft runs 1 token (2 when it catches up after an
-all-accepted step), the target runs k + 1 for each compiled k; each is its own profile with
-min = opt = max.  Prefill is the one dynamic profile (1 .. prefill_max tokens).
+all-accepted step), the target runs k + 1 for each compiled k, a feature head runs its commit pass
+over 1 .. k + 1 rows; each is its own profile with min = opt = max.  Prefill is the one dynamic
+profile (1 .. prefill_max tokens), and runs every width without a static profile (a context drafter's
+short proposal, a longer catch-up).  Every profile's ``past_length`` range covers every position a
+step of its widths can start at, [0, max_context - n_min], so no step the loop can produce falls
+outside all profiles (``tests/test_tensorrt_plan.py`` checks this over the loop's own steps).
 
 The step graph reads ``past_length`` entries of the cache: a shape-determining value.  CUDA graphs
 are therefore captured per (model, stage, n, context bucket): the bucket is the power of two at or
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from specrt.runtime.errors import EngineDirError, GenerationError
 from specrt.runtime.manifest import ModelSpec
 
@@ -33,27 +38,100 @@ class Profile:
         return self.n_min == self.n_max
 
 
-def plan_profiles(role: str, k_values: tuple[int, ...], prefill_max: int = 128) -> list[Profile]:
-    """One optimization profile per stage and width; the index in this list is the TensorRT profile index."""
-    profiles = [Profile("prefill", 0, 1, min(64, prefill_max), prefill_max), Profile("decode", 0, 1, 1, 1)]
-    if role == "draft":
+def plan_profiles(role: str, k_values: tuple[int, ...], max_context: int, prefill_max: int = 128,
+                  kind: str = "model") -> list[Profile]:
+    """One optimization profile per stage and width; the index in this list is the TensorRT profile index.
+
+    ``kind`` is the draft's (``model`` or ``feature-head``); ``max_context`` caps the prefill width.
+    """
+    if max_context < max(k_values) + 2:
+        raise GenerationError(f"max context {max_context} leaves no room for k={max(k_values)}")
+    top = min(prefill_max, max_context)
+    profiles = [Profile("prefill", 0, 1, min(64, top), top), Profile("decode", 0, 1, 1, 1)]
+    if role == "draft" and kind == "feature-head":
+        # the head's commit pass runs the accepted rows + 1: every width up to the largest k + 1
+        profiles += [Profile("commit", 0, n, n, n) for n in range(2, max(k_values) + 2)]
+    elif role == "draft":
         profiles.append(Profile("decode", 0, 2, 2, 2))  # catch-up: last proposal + the target's token
     else:
         profiles += [Profile("verify", k, k + 1, k + 1, k + 1) for k in sorted(set(k_values)) if k + 1 > 1]
     return profiles
 
 
-def select_profile(profiles: list[Profile], n: int, prefill: bool = False) -> int:
-    """Index of the profile that runs an n-token step; the error quotes every profile's [min, opt, max]."""
+def past_length_range(profile: Profile, max_context: int) -> tuple[int, int, int]:
+    """[min, opt, max] of ``past_length`` for a profile: every position a step of its widths can start at."""
+    hi = max_context - profile.n_min
+    if hi < 0:
+        raise GenerationError(f"a {profile.n_min}-token step cannot fit a max context of {max_context}")
+    return 0, min(hi, max_context // 2), hi
+
+
+def select_profile(profiles: list[Profile], n: int, pos: int = 0, max_context: int | None = None,
+                   prefill: bool = False) -> int:
+    """Index of the profile that runs an n-token step at ``pos`` (a static width first, else prefill); the
+    error quotes every profile's [min, opt, max]."""
+    def fits(p: Profile) -> bool:
+        if not p.n_min <= n <= p.n_max:
+            return False
+        return max_context is None or pos <= past_length_range(p, max_context)[2]
     for i, p in enumerate(profiles):
-        if p.stage != "prefill" and not prefill and p.n_min <= n <= p.n_max:
+        if p.stage != "prefill" and not prefill and fits(p):
             return i
     for i, p in enumerate(profiles):
-        if p.stage == "prefill" and p.n_min <= n <= p.n_max:
+        if p.stage == "prefill" and fits(p):
             return i
     table = ", ".join(f"{p.stage}{'-k' + str(p.k) if p.k else ''} [{p.n_min}, {p.n_opt}, {p.n_max}]" for p in profiles)
-    raise GenerationError(f"no TensorRT profile runs {n} tokens (profiles: {table}); rebuild with "
+    raise GenerationError(f"no TensorRT profile runs {n} tokens at position {pos} (profiles: {table}); rebuild with "
                           f"`specrt build` after re-exporting with the k you need")
+
+
+def check_profile_index(returned: int, expected: int) -> None:
+    """``IBuilderConfig.add_optimization_profile`` returns the new profile's index, or -1 when the profile is
+    invalid: a silently skipped profile would shift every later index away from the plan."""
+    if returned != expected:
+        raise EngineDirError(f"TensorRT rejected optimization profile {expected} (add_optimization_profile returned "
+                             f"{returned}); its shape ranges are invalid for this network")
+
+
+@dataclass(frozen=True)
+class EngineTensor:
+    """What a deserialized TensorRT engine says of one I/O tensor (read with its Python API)."""
+
+    name: str
+    dtype: str  # "int64", "float32", ...
+    is_input: bool
+    is_shape_tensor: bool  # ICudaEngine.is_shape_inference_io
+    on_host: bool  # TensorLocation.HOST
+
+
+def check_engine_tensors(actual: list[EngineTensor], plan: list[Binding]) -> None:
+    """The loaded engine's tensors must be the binding plan's: names, dtypes (is input_ids still INT64 after
+    parsing?), direction, and which inputs are host shape tensors.  Every difference is reported."""
+    have = {t.name: t for t in actual}
+    want = {b.name: b for b in plan}
+    problems = [f"missing {n!r}" for n in sorted(set(want) - set(have))]
+    problems += [f"unexpected {n!r}" for n in sorted(set(have) - set(want))]
+    for name in sorted(set(want) & set(have)):
+        t, b = have[name], want[name]
+        if t.dtype != b.dtype:
+            problems.append(f"{name!r} is {t.dtype}, the plan binds {b.dtype}")
+        if t.is_input != b.is_input:
+            problems.append(f"{name!r} is an {'input' if t.is_input else 'output'}, the plan says otherwise")
+        if t.is_input and b.on_host != t.is_shape_tensor:
+            problems.append(f"{name!r} is {'' if t.is_shape_tensor else 'not '}a shape tensor, the plan binds it in "
+                            f"{'host' if b.on_host else 'device'} memory")
+    if problems:
+        raise EngineDirError("the TensorRT engine does not match its binding plan: " + "; ".join(problems)
+                             + ". Rebuild it with `specrt build DIR --force`.")
+
+
+def aligned_host_buffer(count: int, dtype=np.int64, alignment: int = 256) -> np.ndarray:
+    """A host array whose data pointer is ``alignment``-byte aligned (TensorRT's requirement for the address of
+    a host shape tensor given to set_tensor_address)."""
+    item = np.dtype(dtype).itemsize
+    raw = np.zeros(count * item + alignment, dtype=np.uint8)
+    offset = (-raw.ctypes.data) % alignment
+    return raw[offset:offset + count * item].view(dtype)
 
 
 def context_buckets(max_context: int, smallest: int = 64) -> list[int]:

@@ -31,7 +31,16 @@ import numpy as np
 from specrt.runtime.cuda_graphs import CudartOps, GraphCache, check
 from specrt.runtime.errors import EngineDirError
 from specrt.runtime.manifest import ModelSpec
-from specrt.runtime.tensorrt_plan import binding_plan, check_engine_compat, graph_key, plan_profiles, select_profile
+from specrt.runtime.tensorrt_plan import (
+    EngineTensor,
+    aligned_host_buffer,
+    binding_plan,
+    check_engine_compat,
+    check_engine_tensors,
+    graph_key,
+    plan_profiles,
+    select_profile,
+)
 
 
 def _pinned(cudart, count: int) -> np.ndarray:
@@ -51,6 +60,7 @@ class TrtModelStep:
         record = spec.raw.get("tensorrt")
         if not record:
             raise EngineDirError(f"{spec.role} has no TensorRT engine; build one with `specrt build DIR`")
+        check(cudart.cudaSetDevice(device))  # every allocation, stream and graph below lives on this device
         props = check(cudart.cudaGetDeviceProperties(device))
         check_engine_compat(record, trt.__version__, (props.major, props.minor))
         self.trt, self.cudart, self.spec = trt, cudart, spec
@@ -61,9 +71,11 @@ class TrtModelStep:
             raise EngineDirError(f"TensorRT could not deserialize {record['file']}; rebuild with `specrt build`")
         self.context = self.engine.create_execution_context()
         self.stream = check(cudart.cudaStreamCreate())
-        self.profiles = plan_profiles(spec.role, k_values)
+        self.profiles = plan_profiles(spec.role, k_values, spec.kv.buffer_shape[2], kind=spec.kind)
         n_max = max(p.n_max for p in self.profiles)
-        self.plan = {b.name: b for b in binding_plan(spec, n_max)}
+        plan = binding_plan(spec, n_max)
+        check_engine_tensors(self._engine_tensors(), plan)
+        self.plan = {b.name: b for b in plan}
         self.device_ptr = {}
         for b in self.plan.values():
             if not b.on_host:
@@ -73,19 +85,37 @@ class TrtModelStep:
         self.host_logits = np.empty((n_max, spec.vocab_size), dtype=np.float32)
         self._length = 0
         self._profile = -1
+        self._profile_switched = False
         for name, ptr in self.device_ptr.items():
-            self.context.set_tensor_address(name, ptr)
+            self._set_address(name, ptr)
         self.bucketed = bool(spec.kv.bucket_length)
         if self.bucketed:
             self.host_ids = _pinned(cudart, n_max)
             self.host_past = _pinned(cudart, 1)
-            self.host_bucket = np.zeros(1, dtype=np.int64)  # shape tensor: read by TensorRT at enqueue
-            self.context.set_tensor_address(spec.kv.bucket_length, self.host_bucket.ctypes.data)
+            # shape tensor, read by TensorRT at enqueue; its address must be 256-byte aligned
+            self.host_bucket = aligned_host_buffer(1)
+            self._set_address(spec.kv.bucket_length, self.host_bucket.ctypes.data)
             self.graphs = GraphCache(CudartOps(), self.stream)
         else:
             self.host_ids = np.zeros(n_max, dtype=np.int64)
-            self.host_past = np.zeros(1, dtype=np.int64)  # shape tensor
-            self.context.set_tensor_address(spec.kv.past_length, self.host_past.ctypes.data)
+            self.host_past = aligned_host_buffer(1)  # shape tensor
+            self._set_address(spec.kv.past_length, self.host_past.ctypes.data)
+
+    def _engine_tensors(self) -> list[EngineTensor]:
+        trt, e = self.trt, self.engine
+        dtypes = {trt.DataType.INT64: "int64", trt.DataType.INT32: "int32", trt.DataType.FLOAT: "float32",
+                  trt.DataType.HALF: "float16", trt.DataType.BF16: "bfloat16"}
+        out = []
+        for i in range(e.num_io_tensors):
+            name = e.get_tensor_name(i)
+            out.append(EngineTensor(name, dtypes.get(e.get_tensor_dtype(name), str(e.get_tensor_dtype(name))),
+                                    e.get_tensor_mode(name) == trt.TensorIOMode.INPUT, bool(e.is_shape_inference_io(name)),
+                                    e.get_tensor_location(name) == trt.TensorLocation.HOST))
+        return out
+
+    def _set_address(self, name: str, ptr: int) -> None:
+        if not self.context.set_tensor_address(name, int(ptr)):
+            raise EngineDirError(f"TensorRT refused the address of {name!r} ({int(ptr):#x}) for {self.spec.role}")
 
     @property
     def max_context(self) -> int:
@@ -115,20 +145,27 @@ class TrtModelStep:
             logits = self._run(token_ids[start:start + chunk], pos + start, prefill=True)
         return logits[-1]
 
-    def step(self, token_ids: np.ndarray, pos: int) -> np.ndarray:
+    def step(self, token_ids: np.ndarray, pos: int, inputs: dict | None = None) -> np.ndarray:
+        if inputs:
+            raise EngineDirError("feature-head engines run on ONNX Runtime only: TensorRT builds the concat "
+                                 "graphs, and a feature head needs the in-place one")
         return self._run(token_ids, pos, prefill=False)
 
     def _run(self, token_ids: np.ndarray, pos: int, prefill: bool) -> np.ndarray:
         cudart, kv = self.cudart, self.spec.kv
         n = len(token_ids)
         assert 0 <= pos <= self._length and pos + n <= self.max_context
-        profile = select_profile(self.profiles, n, prefill)
+        profile = select_profile(self.profiles, n, pos, self.max_context, prefill)
         if profile != self._profile:
-            self.context.set_optimization_profile_async(profile, self.stream)
+            if not self.context.set_optimization_profile_async(profile, self.stream):
+                raise RuntimeError(f"TensorRT refused optimization profile {profile} for {self.spec.role}")
             self._profile = profile
+            self._profile_switched = True  # applied at the next enqueue: run that one eagerly
         self.host_ids[:n] = token_ids
         self.host_past[0] = pos
-        self.context.set_input_shape(kv.input_ids, (1, n))
+        if not self.context.set_input_shape(kv.input_ids, (1, n)):
+            raise RuntimeError(f"TensorRT refused input shape (1, {n}) of {kv.input_ids!r} under profile {profile} "
+                               f"{self.profiles[profile]}")
         h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
 
         def enqueue() -> None:
@@ -143,9 +180,10 @@ class TrtModelStep:
         if self.bucketed:
             key = graph_key(self.spec.role, self.profiles[profile], n, pos, self.max_context, kv.context_buckets)
             self.host_bucket[0] = key[-1]
-            self.graphs.run(key, enqueue)
+            self.graphs.run(key, enqueue, fresh=self._profile_switched)
         else:
             enqueue()
+        self._profile_switched = False
         _, kvh, max_ctx, hd = kv.buffer_shape
         item = 4 if self.spec.dtype == "float32" else 2
         row = hd * item

@@ -50,3 +50,63 @@ def test_tensorrt_greedy_equals_cpu(tmp_path, engines, name):
             cpu.generate([5, 17, 33], max_new_tokens=30, k=k).token_ids
     if name == "close_bucketed":  # shapes fixed per bucket: steps are CUDA-graph replays
         assert gpu.target.graphs.stats.replays > 0 and gpu.draft.graphs.stats.replays > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@needs_trt
+@pytest.mark.parametrize("name", ["close_concat", "close_bucketed"])
+def test_engine_tensors_int64_and_shape_tensor_status(tmp_path, engines, name):
+    """What the review could not check without hardware: after parsing, input_ids and past_length are still
+    INT64, past_length is a host shape tensor in the concat graph and device data in the bucketed one."""
+    import shutil
+
+    import tensorrt as trt
+    from specrt.export.tensorrt_build import build_engines
+    from specrt.runtime.manifest import load_manifest
+    from specrt.runtime.trt_backend import TrtModelStep
+
+    d = tmp_path / "engine"
+    shutil.copytree(engines[name], d)
+    build_engines(d)
+    step = TrtModelStep(load_manifest(d).target, (1, 2, 4, 8))  # also runs check_engine_tensors
+    e = step.engine
+    assert e.get_tensor_dtype("input_ids") == trt.DataType.INT64 and e.get_tensor_dtype("past_length") == trt.DataType.INT64
+    assert bool(e.is_shape_inference_io("past_length")) is (name == "close_concat")
+    if name == "close_bucketed":
+        assert e.is_shape_inference_io("bucket_length")
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@needs_trt
+def test_graph_replay_equals_eager_after_another_bucket_ran(tmp_path, engines):
+    """A captured graph replays the same logits as eager execution, even after steps of another bucket (and
+    another profile) ran in between."""
+    import shutil
+
+    import numpy as np
+    from specrt.export.tensorrt_build import build_engines
+    from specrt.runtime.manifest import load_manifest
+    from specrt.runtime.ort_backend import OrtModelStep
+    from specrt.runtime.trt_backend import TrtModelStep
+
+    d = tmp_path / "engine"
+    shutil.copytree(engines["close_bucketed"], d)
+    build_engines(d)
+    spec = load_manifest(d).target
+    gpu, cpu = TrtModelStep(spec, (1, 2, 4, 8)), OrtModelStep(spec)
+    ids = np.arange(5, 60) % 300
+    for model in (gpu, cpu):
+        model.prefill(ids[:10])
+    for pos in (10, 10, 10, 10):  # warm-up, capture, replays in bucket 16, width 5
+        out = gpu.step(ids[pos:pos + 5], pos).copy()
+        gpu.set_length(pos)
+    gpu.extend(ids[10:40], 10)  # another bucket (32, 64) and the prefill profile
+    cpu.extend(ids[10:40], 10)
+    gpu.set_length(10)
+    cpu.set_length(10)
+    replayed = gpu.step(ids[10:15], 10).copy()
+    assert gpu.graphs.stats.replays >= 2
+    np.testing.assert_allclose(replayed, out, atol=1e-4)
+    np.testing.assert_allclose(replayed, cpu.step(ids[10:15], 10), atol=2e-3)
