@@ -5,10 +5,10 @@ PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 .PHONY: demo test install-export install-demo lint bench-demo bench-policies bench-kv bench-peers bench-steps peers-setup demo-int4 bench-spec
 
 install-export:
-	$(PIP) -e ".[export,test]"
+	$(PIP) -e ".[export,test,serve]"
 
 install-demo:
-	$(PIP) -e ".[export,demo,test,plot]"
+	$(PIP) -e ".[export,demo,test,plot,serve,cluster]"
 
 ## make demo: convert SmolLM2-135M-Instruct, export it with the committed draft, answer two prompts
 demo: install-demo

@@ -62,6 +62,13 @@ class Stream:
     def __iter__(self) -> Iterator[Chunk]:
         return self._chunks
 
+    def close(self) -> None:
+        """Stop the generation now (a client went away): the engine is free again, ``result`` holds what
+        was accepted so far, ``stop_reason`` is "cancelled"."""
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+
 
 # The default drafter per kind of draft in the engine (None: no draft), chosen by the Spec-Bench
 # measurements in the README ("Drafters").
@@ -80,12 +87,13 @@ class Engine:
     >>> engine.generate("Summarise: ...", drafter="ngram").stats         # doctest: +SKIP
     """
 
-    def __init__(self, manifest: Manifest, target: OrtModelStep, draft: OrtModelStep | None):
+    def __init__(self, manifest: Manifest, target: OrtModelStep, draft: OrtModelStep | None,
+                 codec: TextCodec | None = None):
         self.manifest = manifest
         self.target = target
         self.draft = draft
-        self.codec = TextCodec(manifest.tokenizer_json, manifest.chat_template, manifest.bos_token_id,
-                               manifest.eos_token_ids)
+        self.codec = codec or TextCodec(manifest.tokenizer_json, manifest.chat_template, manifest.bos_token_id,
+                                        manifest.eos_token_ids)
         self.drafter_options = DrafterOptions()
         self.draft_vocab = load_draft_vocab(manifest) if draft is not None and draft.spec.kind == "feature-head" \
             else None
@@ -140,6 +148,19 @@ class Engine:
                 "differ from target-only output. Re-export with `--accuracy-level 1` for lossless "
                 "speculation.", LosslessnessWarning, stacklevel=2)
         return engine
+
+    def fork(self) -> Engine:
+        """Another Engine over the same loaded models: the weights (ONNX Runtime sessions), tokenizer, chat
+        template and suffix cache are shared; the KV caches and bindings are its own.  Run one generation per
+        Engine at a time, each Engine in its own thread; N forks hold one copy of the weights."""
+        k_max = max(self.manifest.k_values)
+        target = OrtModelStep(self.target.model, max_step=k_max + 1)
+        target.min_rows = self.target.min_rows
+        draft = OrtModelStep(self.draft.model, max_step=k_max + 1) if self.draft is not None else None
+        twin = Engine(self.manifest, target, draft, self.codec)
+        twin.drafter_options, twin.suffix_cache = self.drafter_options, self.suffix_cache
+        twin.row_invariance = self.row_invariance
+        return twin
 
     @property
     def max_context(self) -> int:
@@ -281,18 +302,21 @@ class Engine:
 
 
 class EnginePool:
-    """N independent Engines of one directory for concurrent generations (one per thread at a time).
+    """N Engines of one directory for concurrent generations (one per thread at a time), sharing one copy of
+    the weights (``Engine.fork``): each holds only its own KV caches.
 
     >>> pool = EnginePool("engine", size=2)          # doctest: +SKIP
     >>> pool.generate("def f(x):", max_new_tokens=32)  # doctest: +SKIP  (thread-safe)
     """
 
     def __init__(self, path: str | Path, size: int = 2, **load_kwargs):
-        if size < 1:
-            raise GenerationError(f"EnginePool size must be >= 1, got {size}")
+        if not isinstance(size, int) or size < 1:
+            raise GenerationError(f"EnginePool size must be an integer >= 1, got {size!r}")
+        first = Engine.load(path, **load_kwargs)
+        self.engines = [first] + [first.fork() for _ in range(size - 1)]
         self._free: queue.Queue[Engine] = queue.Queue()
-        for _ in range(size):
-            self._free.put(Engine.load(path, **load_kwargs))
+        for engine in self.engines:
+            self._free.put(engine)
 
     def generate(self, prompt: str | Sequence[int], **kwargs) -> Result:
         engine = self._free.get()

@@ -46,11 +46,12 @@ def session_options(threads: int | None, spin: bool = True) -> ort.SessionOption
     return so
 
 
-class OrtModelStep:
-    """One exported model + its static KV cache, driven through IOBinding."""
+class OrtModel:
+    """One ONNX Runtime session of an exported graph: the weights, loaded once and shared by every sequence
+    that runs the model (ONNX Runtime sessions may run from several threads at once; each sequence brings
+    its own KV cache and I/O binding: ``OrtModelStep``)."""
 
-    def __init__(self, spec: ModelSpec, provider: str = "cpu", threads: int | None = None, max_step: int = 65,
-                 spin: bool = True):
+    def __init__(self, spec: ModelSpec, provider: str = "cpu", threads: int | None = None, spin: bool = True):
         if provider != "cpu":
             # The cache buffers live in host memory; on CUDA/TensorRT EPs they would have to
             # live on the device (OrtValue on "cuda") and be updated there.  Not built yet.
@@ -68,41 +69,6 @@ class OrtModelStep:
             raise EngineDirError(f"ONNX Runtime cannot open {spec.path.name}: {e}. Re-export the engine directory "
                                  "with `specrt export ... --force`.") from None
         self._check_names()
-        kv = spec.kv
-        self.dtype = _DTYPES[spec.dtype]
-        self.cache = KVCache(spec.num_layers, kv.buffer_shape, self.dtype)
-        self._vocab = spec.vocab_size
-        self._max_step = max_step
-        self.binding = self.session.io_binding()
-        # The cache buffers are bound once; ORT reads them in place at every run, and an in-place
-        # graph also writes them: its present outputs are bound to the same OrtValues.
-        self._in_place = kv.in_place
-        for name, out_name, buf in zip(kv.key_buffers + kv.value_buffers, kv.new_keys + kv.new_values,
-                                       self.cache.keys + self.cache.values):
-            value = ort.OrtValue.ortvalue_from_numpy(buf)
-            self.binding.bind_ortvalue_input(name, value)
-            if self._in_place:
-                self.binding.bind_ortvalue_output(out_name, value)
-        self._past = np.zeros(1, dtype=np.int64)
-        # A model whose 1-token passes compute differently from multi-token passes (measured at export,
-        # manifest batch_invariance.min_rows = 2: MatMulNBits with int8 activations on this CPU) runs
-        # every 1-token step as a 2-token pass -- the token twice; the second row's KV lands at pos + 1,
-        # past the valid length, and is overwritten later -- so decoding and verification agree.
-        self._min_rows = spec.min_rows
-        self._padded = np.zeros(2, dtype=np.int64)
-        self._bucket = np.zeros(1, dtype=np.int64)  # concat-bucketed graphs only
-        # Extra tensors of feature-head engines: a target's features output; a head's own inputs and hidden_out.
-        self._extra_out: dict[str, int] = {}  # output name -> width
-        self._extra_in: tuple[str, ...] = ()
-        if spec.features:
-            self._extra_out[spec.features["output"]] = spec.features["size"]
-        if spec.feature_head:
-            fh = spec.feature_head
-            self._extra_out[fh["hidden_output"]] = fh["hidden_size"]
-            self._extra_in = (fh["hidden_input"], fh["features_input"], fh["select_input"])
-        self._outputs: dict[int, tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list, dict]] = {}
-        self._last: dict[str, np.ndarray] = {}
-        self.calls = 0
 
     def _check_names(self) -> None:
         kv = self.spec.kv
@@ -143,6 +109,53 @@ class OrtModelStep:
             if shapes[name][1] != "tensor(int64)":
                 raise EngineDirError(f"{self.spec.path.name}: input {name!r} is {shapes[name][1]}, expected "
                                      "tensor(int64). Re-export the engine directory.")
+
+
+
+class OrtModelStep:
+    """One sequence on an exported model: its static KV cache, driven through its own IOBinding over a
+    (possibly shared) ``OrtModel``."""
+
+    def __init__(self, spec: ModelSpec | OrtModel, provider: str = "cpu", threads: int | None = None,
+                 max_step: int = 65, spin: bool = True):
+        self.model = spec if isinstance(spec, OrtModel) else OrtModel(spec, provider, threads, spin)
+        self.spec = spec = self.model.spec
+        self.session = self.model.session
+        kv = spec.kv
+        self.dtype = _DTYPES[spec.dtype]
+        self.cache = KVCache(spec.num_layers, kv.buffer_shape, self.dtype)
+        self._vocab = spec.vocab_size
+        self._max_step = max_step
+        self.binding = self.session.io_binding()
+        # The cache buffers are bound once; ORT reads them in place at every run, and an in-place
+        # graph also writes them: its present outputs are bound to the same OrtValues.
+        self._in_place = kv.in_place
+        for name, out_name, buf in zip(kv.key_buffers + kv.value_buffers, kv.new_keys + kv.new_values,
+                                       self.cache.keys + self.cache.values):
+            value = ort.OrtValue.ortvalue_from_numpy(buf)
+            self.binding.bind_ortvalue_input(name, value)
+            if self._in_place:
+                self.binding.bind_ortvalue_output(out_name, value)
+        self._past = np.zeros(1, dtype=np.int64)
+        # A model whose 1-token passes compute differently from multi-token passes (measured at export,
+        # manifest batch_invariance.min_rows = 2: MatMulNBits with int8 activations on this CPU) runs
+        # every 1-token step as a 2-token pass -- the token twice; the second row's KV lands at pos + 1,
+        # past the valid length, and is overwritten later -- so decoding and verification agree.
+        self._min_rows = spec.min_rows
+        self._padded = np.zeros(2, dtype=np.int64)
+        self._bucket = np.zeros(1, dtype=np.int64)  # concat-bucketed graphs only
+        # Extra tensors of feature-head engines: a target's features output; a head's own inputs and hidden_out.
+        self._extra_out: dict[str, int] = {}  # output name -> width
+        self._extra_in: tuple[str, ...] = ()
+        if spec.features:
+            self._extra_out[spec.features["output"]] = spec.features["size"]
+        if spec.feature_head:
+            fh = spec.feature_head
+            self._extra_out[fh["hidden_output"]] = fh["hidden_size"]
+            self._extra_in = (fh["hidden_input"], fh["features_input"], fh["select_input"])
+        self._outputs: dict[int, tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list, dict]] = {}
+        self._last: dict[str, np.ndarray] = {}
+        self.calls = 0
 
     # -- protocol -----------------------------------------------------------------
     @property

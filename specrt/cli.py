@@ -10,6 +10,7 @@ from pathlib import Path
 from specrt import __version__
 from specrt.runtime.drafters import DRAFTERS
 from specrt.runtime.policy import POLICIES
+from specrt.server import EXTRA as SERVER_EXTRA_FIELDS
 
 EPILOG = """examples:
   specrt export --target ./SmolLM2-135M --draft ./draft --out ./engine
@@ -176,6 +177,34 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--timing-cache", type=Path, default=None, help="reuse/update this timing cache file")
     b.add_argument("--force", action="store_true", help="rebuild existing engines")
 
+    s = sub.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server over an engine directory (needs specrt[serve])",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="POST /v1/chat/completions and /v1/completions (stream: true for server-sent events), GET "
+        "/v1/models, /health, /metrics (Prometheus).  N engines share one copy of the weights and run N generations "
+        "at once; more requests wait in a bounded queue, beyond which they get 429 with Retry-After.",
+        epilog="request fields: OpenAI's (model, messages | prompt, max_tokens, temperature [default 1], top_p, seed, "
+        "stop, n, stream, stream_options.include_usage), and specrt's own:\n" + "\n".join(
+            f"  {name:<10} {what}" for name, what in SERVER_EXTRA_FIELDS.items()) + "\n\nexample:\n  specrt serve ./engine --engines 2 && "
+        "curl http://127.0.0.1:8000/v1/chat/completions -d '{\"messages\": [{\"role\": \"user\", \"content\": "
+        "\"Hi\"}], \"temperature\": 0}'")
+    s.add_argument("engine", type=Path, help="engine directory (from `specrt export`)")
+    s.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--engines", type=int, default=1,
+                   help="concurrent generations; they share one copy of the weights (default 1)")
+    s.add_argument("--max-queue", type=int, default=16,
+                   help="requests that may wait for an engine; more get 429 + Retry-After (default 16)")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 request")
+    s.add_argument("--timeout", type=float, default=600.0, help="seconds a request may wait + run (default 600)")
+    s.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413 (default 4 MiB)")
+    s.add_argument("--model-name", default=None, help="the model id clients use (default: the directory's name)")
+    s.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads for the target")
+    s.add_argument("--ray", action="store_true",
+                   help="serve through Ray Serve instead (one engine per replica; needs ray[serve]; see README)")
+    s.add_argument("--replicas", default="1",
+                   help="with --ray: a number of replicas, or MIN:MAX to autoscale between (default 1)")
+
     i = sub.add_parser("info", help="validate an engine directory and summarise its manifest")
     i.add_argument("engine", type=Path)
 
@@ -197,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"export": _export, "generate": _generate, "bench": _bench, "info": _info,
-                "trace": _trace, "build": _build}[args.command](args)
+                "trace": _trace, "build": _build, "serve": _serve}[args.command](args)
     except (SpecrtError, ValueError, RuntimeError, OSError) as e:
         print(f"specrt {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -423,6 +452,31 @@ def _info(args) -> int:
     print(f"  drafters: {', '.join(available(kind))} (default {DEFAULT_DRAFTER[kind]})")
     print(f"  pair: k {list(m.k_values)}, max context {m.max_context}, EOS {sorted(m.eos_token_ids)}")
     print("  manifest valid, all file hashes match")
+    return 0
+
+
+def _serve(args) -> int:
+    from specrt.runtime.errors import GenerationError
+
+    try:
+        from specrt import server
+    except ImportError as e:
+        raise GenerationError(f"`specrt serve` needs the serve extra ({e}): pip install 'specrt[serve]'") from None
+    for name in ("engines", "max_queue"):
+        if getattr(args, name) < (1 if name == "engines" else 0):
+            raise GenerationError(f"--{name.replace('_', '-')} must be >= {1 if name == 'engines' else 0}")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"specrt serve: warning: listening on {args.host} without --api-key: anyone who can reach it can "
+              "use it", file=sys.stderr)
+    config = server.Config(str(args.engine), engines=args.engines, max_queue=args.max_queue, api_key=args.api_key,
+                           model_name=args.model_name, timeout_s=args.timeout, max_body_bytes=args.max_body_bytes,
+                           threads=args.threads)
+    if args.ray:
+        from specrt import ray_serve
+
+        ray_serve.run(config, args.host, args.port, args.replicas)
+        return 0
+    server.serve(config, args.host, args.port)
     return 0
 
 
