@@ -6,8 +6,11 @@ from functools import lru_cache
 from importlib import resources
 
 FORMAT_NAME = "specrt-engine"
-FORMAT_VERSION = 2  # 2: kv_cache.update ("write-new" | "in-place") is required; 1 meant "write-new"
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
+# 2: kv_cache.update ("write-new" | "in-place") is required; 1 meant "write-new".
+# 3: the draft is optional; a draft may be a feature head (kind, feature_head, the target's features);
+#    a graph may take tree passes (kv_cache.tree).
+FORMAT_VERSION = 3
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
 
 
 @lru_cache(maxsize=1)

@@ -39,6 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 INPUT_IDS, PAST_LENGTH, LOGITS = "input_ids", "past_length", "logits"
 HIDDEN_STATES = "hidden_states"  # [1, n, len(feature_layers) * hidden]: what a feature-level draft head reads
+POSITION_IDS, TREE_BIAS = "position_ids", "tree_bias"  # tree passes: each row's position, the rows' mutual mask
 FAMILIES = ("llama", "mistral", "qwen2")
 _MS = "com.microsoft"
 
@@ -104,13 +105,20 @@ class _Graph:
         return y
 
 
-def build(model, max_context: int, feature_layers: tuple[int, ...] = ()) -> onnx.ModelProto:
+def build(model, max_context: int, feature_layers: tuple[int, ...] = (), tree: bool = False) -> onnx.ModelProto:
     """The in-place-cache ONNX graph of a transformers ``*ForCausalLM`` (fp32).
 
     ``feature_layers``: also output ``hidden_states`` [1, n, len(layers) * hidden], the residual stream
     entering each of these layers (transformers' ``hidden_states[i]``; i = num_layers is the last layer's
     output before the final norm), concatenated -- the features a draft head reads (EAGLE-3: a low, a
     middle and a high layer).  Only engines with a feature head pay for it.
+
+    ``tree``: two more inputs for tree passes -- ``position_ids`` int64 [1, n] (each row's position: the
+    root at past_length, a node at past_length + its depth; rotary uses them) and ``tree_bias`` float32
+    [1, 1, n, n] (additive, among the n new rows: 0 where a row may attend, -1e9 elsewhere).  The graph
+    makes the full bias [1, 1, n, past_length + n] itself (zeros over the committed context), so the
+    caller's work per step stays O(n^2).  A chain pass gives positions past_length .. + n - 1 and a zero
+    bias (the attention is causal anyway).
     """
     cfg = model.config
     reason = unsupported_reason(cfg, max_context)
@@ -138,6 +146,14 @@ def build(model, max_context: int, feature_layers: tuple[int, ...] = ()) -> onnx
     seqlens_k = g.op("Cast", [g.op("Sub", [total, one], "last_pos")[0]], "seqlens_k", to=TensorProto.INT32)[0]
     total_len = g.op("Cast", [g.op("Squeeze", [total], "total_scalar")[0]], "total_len", to=TensorProto.INT32)[0]
 
+    position_ids = bias = ""
+    if tree:
+        position_ids = POSITION_IDS
+        # [1, 1, n, past] zeros for the committed context, then the caller's [1, 1, n, n] among the new rows
+        zeros_shape = g.op("Concat", [g.const("one_one", [1, 1]), seq, PAST_LENGTH], "ctx_bias_shape", axis=0)[0]
+        ctx_bias = g.op("ConstantOfShape", [zeros_shape], "ctx_bias",
+                        value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))[0]
+        bias = g.op("Concat", [ctx_bias, TREE_BIAS], "attention_bias", axis=-1)[0]
     hidden = g.op("Gather", [g.weight("embed_tokens.weight", _t(body.embed_tokens.weight)), INPUT_IDS], "embeds")[0]
     n = names(cfg.num_hidden_layers)
     bad = [i for i in feature_layers if not 0 <= i <= cfg.num_hidden_layers]
@@ -159,7 +175,8 @@ def build(model, max_context: int, feature_layers: tuple[int, ...] = ()) -> onnx
         qkv = g.linear(x, [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight],
                        [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias], f"layers.{i}.qkv_proj")
         ctx = g.op("GroupQueryAttention",
-                   [qkv, "", "", n["key_buffers"][i], n["value_buffers"][i], seqlens_k, total_len, cos, sin],
+                   [qkv, "", "", n["key_buffers"][i], n["value_buffers"][i], seqlens_k, total_len, cos, sin,
+                    position_ids, bias][: 11 if tree else 9],
                    [f"layers.{i}/attn", n["new_keys"][i], n["new_values"][i]], _MS,
                    num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0,
                    scale=float(head_dim) ** -0.5)[0]
@@ -192,10 +209,13 @@ def build(model, max_context: int, feature_layers: tuple[int, ...] = ()) -> onnx
         extra_outputs.append(helper.make_tensor_value_info(HIDDEN_STATES, TensorProto.FLOAT,
                                                            [1, "sequence_length", len(feature_layers) * cfg.hidden_size]))
     buffer = [1, kv_heads, max_context, head_dim]
+    tree_inputs = [helper.make_tensor_value_info(POSITION_IDS, TensorProto.INT64, [1, "sequence_length"]),
+                   helper.make_tensor_value_info(TREE_BIAS, TensorProto.FLOAT,
+                                                 [1, 1, "sequence_length", "sequence_length"])] if tree else []
     graph = helper.make_graph(
         g.nodes, "specrt_inplace_decoder",
         [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, [1, "sequence_length"]),
-         helper.make_tensor_value_info(PAST_LENGTH, TensorProto.INT64, [1])]
+         helper.make_tensor_value_info(PAST_LENGTH, TensorProto.INT64, [1])] + tree_inputs
         + [helper.make_tensor_value_info(b, TensorProto.FLOAT, buffer) for b in n["key_buffers"] + n["value_buffers"]],
         [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, [1, "sequence_length", cfg.vocab_size])]
         + [helper.make_tensor_value_info(o, TensorProto.FLOAT, buffer) for o in n["new_keys"] + n["new_values"]]

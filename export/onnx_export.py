@@ -63,7 +63,7 @@ def choose_attention(attention: str, config, max_context: int) -> str:
 
 
 def export_model(checkpoint: Path, role: str, out_dir: Path, workdir: Path, max_context: int, config,
-                 attention: str = "auto", feature_layers: tuple[int, ...] = ()) -> dict:
+                 attention: str = "auto", feature_layers: tuple[int, ...] = (), tree: bool = False) -> dict:
     """Export, rewrite to the static cache, save ``out_dir/<role>.onnx``; return the manifest entry.
 
     ``feature_layers``: the target also outputs these layers' hidden states (for a feature head; gqa only).
@@ -77,12 +77,14 @@ def export_model(checkpoint: Path, role: str, out_dir: Path, workdir: Path, max_
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-        model = gqa_graph.build(hf, max_context, tuple(feature_layers))
+        model = gqa_graph.build(hf, max_context, tuple(feature_layers), tree=tree)
         del hf
         num_layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         cache_dtype, n = "float32", gqa_graph.names(num_layers)
         layout = {"update": "in-place", "attention": "group-query-attention"}
+        if tree:
+            layout["tree"] = {"position_ids": gqa_graph.POSITION_IDS, "bias": gqa_graph.TREE_BIAS}
     else:
         raw = onnx.load(str(optimum_export(checkpoint, workdir / role)))
         past = [i for i in raw.graph.input if i.name.startswith("past_key_values.") and i.name.endswith(".key")]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from specrt.engines import FORMAT_NAME, FORMAT_VERSION
 from specrt.export.compat import check_tokenizers, require_local_checkpoint
-from specrt.export.onnx_export import ATTENTION_CHOICES, export_model
+from specrt.export.onnx_export import ATTENTION_CHOICES, choose_attention, export_model
 from specrt.export.quantize import QUANT_CHOICES, quantize_file
 from specrt.export.verify import HELD_OUT_TEXT, compare, text_drift
 from specrt.runtime import invariance
@@ -54,13 +54,14 @@ def export_pair(target: str | Path, draft: str | Path | None, out: str | Path, *
                 tolerance: float = DEFAULT_TOLERANCE, progress: bool = True, quant: str = "fp32",
                 target_quant: str | None = None, draft_quant: str | None = None, block_size: int = 32,
                 accuracy_level: int = 4, draft_accuracy_level: int = 4, attention: str = "auto",
-                draft_head: str | Path | None = None) -> ExportReport:
+                draft_head: str | Path | None = None, tree: bool = True) -> ExportReport:
     """Export ``target`` (the verification model) and ``draft`` into the engine directory ``out``.
 
     ``draft=None`` writes a target-only engine: it runs the context drafters (ngram, suffix) and
     target-only decoding; the model and hybrid drafters need a draft.  ``draft_head`` (instead of
     ``draft``): a feature-level draft head trained on this target (``scripts/train_head.py --export``);
-    the target graph then also outputs the hidden states the head reads.
+    the target graph then also outputs the hidden states the head reads.  ``tree`` (default on): the
+    target's in-place graph also takes tree passes (measured: a chain pass costs the same).
 
     ``quant`` (fp32 | int8 | int4, overridable per model) applies ONNX Runtime's weight-only
     MatMulNBits quantizer after the fp32 graphs have been verified; the drift it causes is measured
@@ -131,7 +132,9 @@ def export_pair(target: str | Path, draft: str | Path | None, out: str | Path, *
         for role, ckpt in roles.items():
             log.info("exporting %s from %s", role, ckpt)
             layers = tuple(head_cfg.feature_layers) if head_cfg is not None and role == "target" else ()
-            models[role] = export_model(ckpt, role, tmp, work, max_context, configs[role], attention, layers)
+            models[role] = export_model(ckpt, role, tmp, work, max_context, configs[role], attention, layers,
+                                        tree=tree and role == "target" and
+                                        choose_attention(attention, configs[role], max_context) == "gqa")
         if head_cfg is not None:
             models["draft"] = feature_head.export_head(Path(draft_head), target_dir, tmp, max_context, t_cfg)
         # 3. verify --------------------------------------------------------------

@@ -102,6 +102,7 @@ class Engine:
         self._lock = threading.Lock()
         self._generation = 0
         self.row_invariance: invariance.RowInvariance | None = None  # measured at load (quantized targets)
+        self._pass_costs: dict[int, float] = {}  # target pass seconds by rows, measured on first tree use
 
     @property
     def default_drafter(self) -> str:
@@ -149,6 +150,32 @@ class Engine:
                 "speculation.", LosslessnessWarning, stacklevel=2)
         return engine
 
+    def pass_costs(self, rows: int) -> dict[int, float]:
+        """Seconds of a target pass by number of rows (1 .. ``rows``), measured once on this machine at a middle
+        context -- what a tree's size is chosen from (``runtime.tree.prune``)."""
+        have = self._pass_costs
+        if have and max(have) >= rows:
+            return have
+        import statistics
+
+        ctx = min(256, self.max_context // 2)
+        rows = min(rows, self.max_context - ctx - 1)
+        ids = (np.arange(ctx + rows) % min(1000, self.manifest.target.vocab_size)).astype(np.int64)
+        t = self.target
+        t.prefill(ids[:ctx])
+        costs = {}
+        for n in range(1, rows + 1):
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                t.step(ids[ctx:ctx + n], ctx)
+                times.append(time.perf_counter() - t0)
+                t.set_length(ctx)
+            costs[n] = statistics.median(times)
+        t.set_length(0)
+        self._pass_costs = costs
+        return costs
+
     def fork(self) -> Engine:
         """Another Engine over the same loaded models: the weights (ONNX Runtime sessions), tokenizer, chat
         template and suffix cache are shared; the KV caches and bindings are its own.  Run one generation per
@@ -159,7 +186,7 @@ class Engine:
         draft = OrtModelStep(self.draft.model, max_step=k_max + 1) if self.draft is not None else None
         twin = Engine(self.manifest, target, draft, self.codec)
         twin.drafter_options, twin.suffix_cache = self.drafter_options, self.suffix_cache
-        twin.row_invariance = self.row_invariance
+        twin.row_invariance, twin._pass_costs = self.row_invariance, self._pass_costs
         return twin
 
     @property
@@ -223,8 +250,10 @@ class Engine:
         result = Result("", checker.token_ids, list(prompt_ids), stats)
         ids = np.asarray(prompt_ids, dtype=np.int64)
         if drafter is not None:
+            tree_nodes = req.tree_nodes if self.target.supports_tree else 0
             steps = speculative(self.target, drafter, ids, control, req.max_new_tokens, params_, rng, stats,
-                                accept_tau=stats.accept_tau)
+                                accept_tau=stats.accept_tau, tree_nodes=tree_nodes,
+                                row_cost=self.pass_costs(tree_nodes + 1) if tree_nodes else None)
         else:
             steps = target_only(self.target, ids, req.max_new_tokens, params_, rng, stats)
         tracer = None

@@ -6,6 +6,8 @@ entry is simply overwritten by the next step, nothing is copied or cleared.
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 
@@ -29,6 +31,19 @@ class KVCache:
         """The step itself wrote n entries at [pos, pos+n) (an in-place graph): only the length moves."""
         assert 0 <= pos <= self.length and pos + n <= self.capacity, (pos, n, self.length, self.capacity)
         self.length = pos + n
+
+    def compact(self, pos: int, rows: list[int]) -> None:
+        """After a tree pass at ``pos``: keep the entries of ``rows`` (offsets from pos, ascending, the root's 0
+        first) as the consecutive entries [pos, pos + len(rows)).  Moves at most len(rows) entries per layer --
+        nothing proportional to the context -- and a source is never overwritten before it is read (row j's
+        source offset is >= j, and the fancy-indexed right side is copied first)."""
+        assert rows and rows[0] == 0 and all(a < b for a, b in itertools.pairwise(rows)), rows
+        src = pos + np.asarray(rows)
+        assert pos + len(rows) <= self.length and src[-1] < self.capacity, (pos, rows, self.length)
+        if len(rows) > 1 and rows[-1] != len(rows) - 1:  # a chain prefix is already in place
+            for buf in (*self.keys, *self.values):
+                buf[:, :, pos:pos + len(rows), :] = buf[:, :, src, :]
+        self.length = pos + len(rows)
 
     def set_length(self, length: int) -> None:
         """Roll back (or confirm) to ``length`` valid entries.  Moves a number; copies nothing."""

@@ -31,6 +31,7 @@ from specrt.runtime.drafters.model import check_finite
 from specrt.runtime.policy import Policy
 from specrt.runtime.sampling import SamplingParams, warp
 from specrt.runtime.stats import Stats
+from specrt.runtime.tree import Tree, attention_block, greedy_tree_verify, positions, prune, sampled_tree_verify
 
 
 @dataclass
@@ -104,9 +105,13 @@ def verify(proposal: Proposal, target_logits: np.ndarray, params: SamplingParams
 
 def speculative(target: ModelStep, drafter: Drafter, prompt_ids: np.ndarray, policy: Policy, max_new_tokens: int,
                 params: SamplingParams, rng: np.random.Generator, stats: Stats,
-                accept_tau: float | None = None) -> Iterator[StepResult]:
-    """``accept_tau`` switches on the LOSSY relaxed acceptance (greedy only); None = strict."""
+                accept_tau: float | None = None, tree_nodes: int = 0,
+                row_cost: dict[int, float] | None = None) -> Iterator[StepResult]:
+    """``accept_tau`` switches on the LOSSY relaxed acceptance (greedy only); None = strict.  ``tree_nodes``:
+    propose trees of up to this many nodes (a target graph that takes tree passes), pruned by the speedup
+    formula with ``row_cost`` (seconds of a pass by rows, measured on this engine)."""
     max_context = min(target.max_context, drafter.max_context or target.max_context)
+    trees = bool(tree_nodes) and getattr(target, "supports_tree", False) and accept_tau is None
     keep_drafting = policy.keep_drafting if policy.needs_confidence else None
     t0 = time.perf_counter()
     if drafter.needs_features:
@@ -117,29 +122,52 @@ def speculative(target: ModelStep, drafter: Drafter, prompt_ids: np.ndarray, pol
     stats.prefill_s += time.perf_counter() - t0
     length, last = len(prompt_ids), int(prompt_ids[-1])
     emitted = 0
-    row_ids = np.zeros(policy.max_k + 1, dtype=np.int64)  # [k+1]: last, then the proposal
+    row_ids = np.zeros(max(policy.max_k, tree_nodes) + 1, dtype=np.int64)  # [rows]: last, then the proposal
     while emitted < max_new_tokens and length < max_context:
         # Fewer proposals near the end: never emit past max_new_tokens or the context.
         k = policy.next_k(max(0, min(max_new_tokens - emitted - 1, max_context - length - 1)))
 
-        # propose
+        # propose: a chain, or (a tree-capable target, past the first position) a tree pruned to what pays
         t0 = time.perf_counter()
-        proposal = drafter.propose(k, params, rng, keep_drafting) if k > 0 else empty()
+        tree = None
+        if k > 0 and trees and length >= 2:
+            proposal = drafter.propose_tree(k, max(tree_nodes, k), params, rng)
+            if proposal.parents is not None and len(proposal):
+                tree = Tree(proposal.token_ids, proposal.parents)
+                if row_cost and proposal.scores is not None:
+                    tree = prune(tree, proposal.scores, row_cost)
+                proposal = Proposal(tree.token_ids)  # verified as deterministic candidates (q one-hot)
+        else:
+            proposal = drafter.propose(k, params, rng, keep_drafting) if k > 0 else empty()
         m = len(proposal)
         t1 = time.perf_counter()
 
         # verify: the target scores `last` and all proposals in one pass
         row_ids[0] = last
         row_ids[1:m + 1] = proposal.token_ids
-        target_logits = target.step(row_ids[:m + 1], length - 1)  # [m+1, vocab]
-        check_finite(target_logits, "target", length)
-        accepted, next_id = verify(proposal, target_logits, params, rng, accept_tau)
+        if tree is None or tree.is_chain:
+            target_logits = target.step(row_ids[:m + 1], length - 1)  # [m+1, vocab]
+            check_finite(target_logits, "target", length)
+            accepted, next_id = verify(proposal, target_logits, params, rng, accept_tau)
+            rows = list(range(accepted + 1))
+        else:
+            target_logits = target.step(row_ids[:m + 1], length - 1,
+                                        tree=(positions(tree, length - 1), attention_block(tree)))
+            check_finite(target_logits, "target", length)
+            path, next_id = (greedy_tree_verify(tree, target_logits) if params.greedy else
+                             sampled_tree_verify(tree, warp(target_logits, params), rng))
+            accepted, rows = len(path), [0, *(i + 1 for i in path)]
+            stats.tree_passes += 1
         t2 = time.perf_counter()
 
-        # commit: the target keeps `last` + the accepted proposals (rollback = a length); the drafter follows
-        accepted_ids = [int(t) for t in proposal.token_ids[:accepted]]
-        target.set_length(length + accepted)
-        drafter.commit(accepted_ids, next_id, target.features()[:accepted + 1] if drafter.needs_features else None)
+        # commit: the target keeps `last` + the accepted proposals (rollback = a length; a tree's accepted path
+        # moves to consecutive positions first); the drafter follows
+        accepted_ids = [int(proposal.token_ids[r - 1]) for r in rows[1:]]
+        if tree is None or tree.is_chain:
+            target.set_length(length + accepted)
+        else:
+            target.compact(length - 1, rows)
+        drafter.commit(accepted_ids, next_id, target.features()[rows] if drafter.needs_features else None)
         stats.draft_s += t1 - t0
         stats.verify_s += t2 - t1
         policy.observe(m, accepted, t1 - t0, t2 - t1)

@@ -47,10 +47,17 @@ class KVSpec:
     # "concat-bucketed" graphs: the input that takes the context bucket, and the buckets
     bucket_length: str | None = None
     context_buckets: tuple[int, ...] = ()
+    # tree passes (kv_cache.tree): each row's position, and the additive bias among the n new rows
+    position_ids: str | None = None
+    tree_bias: str | None = None
 
     @property
     def in_place(self) -> bool:
         return self.update == "in-place"
+
+    @property
+    def tree(self) -> bool:
+        return self.position_ids is not None
 
 
 @dataclass(frozen=True)
@@ -156,13 +163,18 @@ def validate_manifest(data: Any) -> None:
             if len(kv[key]) != n:
                 raise EngineDirError(f"manifest.json: models/{role}/kv_cache/{key} has {len(kv[key])} names "
                                      f"for {n} layers. {_REEXPORT}")
-        # Version 2 states how the step updates the cache; version 1 predates in-place graphs.
+        # Version 2 states how the step updates the cache; version 1 predates in-place graphs; version 3 adds
+        # optional drafts, feature heads and tree inputs.
         if data["format_version"] >= 2 and "update" not in kv:
             raise EngineDirError(f"manifest.json: models/{role}/kv_cache/update is required in format version 2 "
                                  f"(\"write-new\" or \"in-place\"). {_REEXPORT}")
         if data["format_version"] == 1 and kv.get("update", "write-new") != "write-new":
             raise EngineDirError(f"manifest.json: models/{role}/kv_cache/update {kv['update']!r} needs format "
                                  f"version 2. {_REEXPORT}")
+        if data["format_version"] < 3 and ("draft" not in data["models"] or m.get("kind") or "tree" in kv
+                                           or m.get("features")):
+            raise EngineDirError(f"manifest.json: a missing draft, feature heads and tree passes need format "
+                                 f"version 3. {_REEXPORT}")
         if "bucket_length" in kv and (not kv.get("context_buckets")
                                       or kv["context_buckets"][-1] != data["pair"]["max_context"]
                                       or kv["context_buckets"] != sorted(kv["context_buckets"])):
@@ -189,6 +201,9 @@ def validate_manifest(data: Any) -> None:
             if head["draft_vocab"] not in data["files"]:
                 raise EngineDirError(f"manifest.json: the draft vocabulary {head['draft_vocab']!r} is not listed in "
                                      f"files. {_REEXPORT}")
+        if "tree" in kv and kv.get("update") != "in-place":
+            raise EngineDirError(f"manifest.json: models/{role}/kv_cache/tree needs an in-place cache (the accepted "
+                                 f"path is compacted inside the buffers). {_REEXPORT}")
         if kv["buffer_shape"][0] != 1:
             raise EngineDirError(f"manifest.json: models/{role}/kv_cache/buffer_shape must have batch 1, got "
                                  f"{kv['buffer_shape']}. {_REEXPORT}")
@@ -352,6 +367,7 @@ def model_spec(root: Path, role: str, data: dict) -> ModelSpec:
             new_keys=tuple(kv["new_keys"]), new_values=tuple(kv["new_values"]),
             update=kv.get("update", "write-new"), bucket_length=kv.get("bucket_length"),
             context_buckets=tuple(kv.get("context_buckets", ())),
+            position_ids=(kv.get("tree") or {}).get("position_ids"), tree_bias=(kv.get("tree") or {}).get("bias"),
         ),
         raw=m,
     )

@@ -75,6 +75,8 @@ class OrtModel:
         want_in = {kv.input_ids, kv.past_length, *kv.key_buffers, *kv.value_buffers}
         if kv.bucket_length:
             want_in.add(kv.bucket_length)
+        if kv.tree:
+            want_in |= {kv.position_ids, kv.tree_bias}
         want_out = {kv.logits, *kv.new_keys, *kv.new_values}
         if self.spec.features:
             want_out.add(self.spec.features["output"])
@@ -143,6 +145,11 @@ class OrtModelStep:
         # past the valid length, and is overwritten later -- so decoding and verification agree.
         self._min_rows = spec.min_rows
         self._padded = np.zeros(2, dtype=np.int64)
+        # tree-capable graphs (kv_cache.tree) take each row's position and the rows' mutual bias on every pass
+        self._tree = kv.tree
+        self._steps = np.arange(max(max_step, PREFILL_CHUNK) + 2, dtype=np.int64)
+        self._zero_bias: dict[int, np.ndarray] = {}
+        self._tree_pass: tuple[np.ndarray, np.ndarray] | None = None
         self._bucket = np.zeros(1, dtype=np.int64)  # concat-bucketed graphs only
         # Extra tensors of feature-head engines: a target's features output; a head's own inputs and hidden_out.
         self._extra_out: dict[str, int] = {}  # output name -> width
@@ -197,8 +204,21 @@ class OrtModelStep:
         reused buffer, valid until the next call."""
         return self._last[name]
 
-    def step(self, token_ids: np.ndarray, pos: int, inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        """``inputs``: a feature head's extra inputs, each [1, n, width] (or [1] for its selector)."""
+    @property
+    def supports_tree(self) -> bool:
+        return self._tree
+
+    def compact(self, pos: int, rows: list[int]) -> None:
+        """Keep the accepted path of a tree pass at ``pos`` as consecutive cache entries (see KVCache.compact)."""
+        self.cache.compact(pos, rows)
+
+    def step(self, token_ids: np.ndarray, pos: int, inputs: dict[str, np.ndarray] | None = None,
+             tree: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """``inputs``: a feature head's extra inputs, each [1, n, width] (or [1] for its selector).  ``tree``:
+        (positions [n], bias [n, n]) of a tree pass (``runtime/tree.py``); None is a chain."""
+        if tree is not None and not self._tree:
+            raise GenerationError(f"{self.spec.role}: this graph takes no tree passes; re-export it (gqa attention)")
+        self._tree_pass = tree
         n = len(token_ids)
         if not 0 <= pos <= self.cache.length:
             raise ValueError(f"{self.spec.role}: step at pos {pos} but only {self.cache.length} cache entries are valid")
@@ -231,6 +251,18 @@ class OrtModelStep:
         if kv.bucket_length:
             self._bucket[0] = bucket_for(pos, kv.context_buckets)
             self.binding.bind_cpu_input(kv.bucket_length, self._bucket)
+        if self._tree:
+            tree = self._tree_pass
+            if tree is None:  # a chain: consecutive positions, nothing masked beyond causality
+                positions = (pos + self._steps[:n]).reshape(1, n)
+                bias = self._zero_bias.get(n)
+                if bias is None:
+                    bias = self._zero_bias.setdefault(n, np.zeros((1, 1, n, n), dtype=np.float32))
+            else:
+                positions = np.ascontiguousarray(tree[0], dtype=np.int64).reshape(1, n)
+                bias = np.ascontiguousarray(tree[1], dtype=np.float32).reshape(1, 1, n, n)
+            self.binding.bind_cpu_input(kv.position_ids, positions)
+            self.binding.bind_cpu_input(kv.tree_bias, bias)
         for name in self._extra_in:
             if inputs is None or name not in inputs:
                 raise GenerationError(f"{self.spec.role}: this graph needs the input {name!r} at every step")

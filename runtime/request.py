@@ -23,6 +23,7 @@ MAX_SAMPLES = 16  # independent samples per request (the CLI's --num-samples, th
 MAX_SEED = 2**63 - 1
 CHARS_PER_TOKEN = 256  # a prompt longer than this many characters per context token cannot fit: refused unread
 MAX_K = 64
+MAX_TREE_NODES = 64
 
 
 def _int(name: str, value, lo: int, hi: int | None = None) -> int:
@@ -74,6 +75,7 @@ class Request:
     drafter: str | None = None  # model | ngram | suffix | hybrid; None = the engine's default
     ngram_min: int | None = None  # context drafters' n-gram sizes; None = the engine's
     ngram_max: int | None = None
+    tree_nodes: int = 0  # > 0: propose trees of up to this many nodes (pruned by measured pass costs); 0 = chains
 
     def with_params(self, params: dict) -> Request:
         """This request with some fields replaced; an unknown name is a GenerationError listing the known ones."""
@@ -125,7 +127,10 @@ class Request:
                                                                      lo_open=True),
             ngram_min=None if self.ngram_min is None else _int("ngram_min", self.ngram_min, 1, 16),
             ngram_max=None if self.ngram_max is None else _int("ngram_max", self.ngram_max, 1, 16),
+            tree_nodes=_int("tree_nodes", self.tree_nodes, 0, MAX_TREE_NODES),
         )
+        if out.tree_nodes and out.acceptance == "relaxed":
+            raise GenerationError("trees are verified strictly; relaxed acceptance needs tree_nodes=0")
         if out.ngram_min is not None and out.ngram_max is not None and out.ngram_min > out.ngram_max:
             raise GenerationError(f"ngram_min ({out.ngram_min}) must not exceed ngram_max ({out.ngram_max})")
         out.sampling  # noqa: B018 -- SamplingParams checks its own ranges

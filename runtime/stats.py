@@ -14,6 +14,7 @@ class Stats:
     accepted: int = 0
     recovered: int = 0  # target's token at the first rejection (or the only token when nothing was proposed)
     bonus: int = 0  # target's extra token when all proposals passed
+    tree_passes: int = 0  # target passes that verified a tree (not a chain)
     draft_s: float = 0.0
     verify_s: float = 0.0
     prefill_s: float = 0.0

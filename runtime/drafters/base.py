@@ -32,6 +32,8 @@ class Proposal:
     token_ids: np.ndarray  # [m] int64, m <= k
     probs: np.ndarray | None = None  # [m, vocab] q per token (sampling with a model draft); None = deterministic
     top: list[float] | None = None  # the draft's top probability per token (traces), when it has one
+    parents: np.ndarray | None = None  # a tree (runtime/tree.py): each token's parent, -1 = the root; None = chain
+    scores: np.ndarray | None = None  # a tree's per-node estimate that the node is accepted (for pruning)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -57,6 +59,14 @@ class Drafter:
     def propose(self, k: int, sampling: SamplingParams, rng: np.random.Generator,
                 keep_drafting: KeepDrafting | None = None) -> Proposal:
         raise NotImplementedError
+
+    def propose_tree(self, k: int, nodes: int, sampling: SamplingParams, rng: np.random.Generator) -> Proposal:
+        """A tree of at most ``nodes`` candidates, at most ``k`` deep, with ``parents`` and ``scores`` (the
+        default: the chain proposal as a one-branch tree).  Tree candidates are deterministic proposals."""
+        chain = self.propose(k, sampling, rng)
+        m = len(chain)
+        return Proposal(chain.token_ids, None, chain.top, np.arange(-1, m - 1, dtype=np.int64),
+                        np.full(m, 0.5) ** np.arange(1, m + 1))
 
     def commit(self, accepted_ids: Sequence[int], next_id: int, features: np.ndarray | None = None) -> None:
         raise NotImplementedError

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 from specrt.runtime.backend import PREFILL_CHUNK
 from specrt.runtime.drafters.base import Drafter, KeepDrafting, Proposal, empty
-from specrt.runtime.drafters.model import check_finite, draft_sample, top_prob
+from specrt.runtime.drafters.model import BRANCHES, _softmax, check_finite, draft_sample, top_prob
 from specrt.runtime.sampling import SamplingParams
 
 
@@ -107,6 +107,40 @@ class EagleDrafter(Drafter):
             pos += 1
         return Proposal(self._ids[:proposed], None if sampling.greedy else self._probs[:proposed],
                         tops if self.want_top else None)
+
+    def propose_tree(self, k: int, nodes: int, sampling: SamplingParams, rng: np.random.Generator) -> Proposal:
+        """The head's greedy chain, then its runners-up at the first position continued greedily, as branches
+        within ``nodes`` nodes; between branches the head's cache rolls back to ``length``."""
+        k = min(k, len(self._ids))
+        if k < 1 or nodes < 1 or self._logits is None:
+            return empty()
+        root = _softmax(self._logits)
+        tokens: list[int] = []
+        parents: list[int] = []
+        scores: list[float] = []
+        for b, j in enumerate(np.argsort(-root)[:BRANCHES]):
+            if len(tokens) >= nodes or (b and root[j] < 0.05):
+                break
+            self.head.set_length(self.length)
+            parent, score, j, hidden, pos = -1, float(root[j]), int(j), self._hidden, self.length
+            while True:
+                tokens.append(int(self.vocab_map[j]))
+                parents.append(parent)
+                scores.append(score)
+                parent = len(tokens) - 1
+                if len(tokens) >= nodes or pos - self.length + 1 >= k:
+                    break
+                logits = self.head.step(np.array([tokens[-1]], dtype=np.int64), pos, {
+                    self._hidden_in: hidden, self._features_in: self._no_features[:, :1],
+                    self._select: self._use_own})[-1]
+                check_finite(logits, "draft head", pos)
+                hidden = self.head.output(self._hidden_out)[None, -1:].copy()
+                probs = _softmax(logits)
+                j = int(probs.argmax())
+                score *= float(probs[j])
+                pos += 1
+        return Proposal(np.array(tokens, dtype=np.int64), None, None, np.array(parents, dtype=np.int64),
+                        np.array(scores))
 
     def commit(self, accepted_ids: Sequence[int], next_id: int, features: np.ndarray | None = None) -> None:
         """``features``: the target's for the verification rows 0 .. len(accepted_ids) [a + 1, F]."""

@@ -35,6 +35,14 @@ class HybridDrafter(Drafter):
             self.last_source = "model" if len(proposal) else ""
         return proposal
 
+    def propose_tree(self, k: int, nodes: int, sampling: SamplingParams, rng: np.random.Generator) -> Proposal:
+        proposal = self.context.propose_tree(k, nodes, sampling, rng)
+        self.last_source = "context"
+        if not len(proposal):
+            proposal = self.model.propose_tree(k, nodes, sampling, rng)
+            self.last_source = "model" if len(proposal) else ""
+        return proposal
+
     def commit(self, accepted_ids: Sequence[int], next_id: int, features: np.ndarray | None = None) -> None:
         self.context.commit(accepted_ids, next_id, features)
         self.model.commit(accepted_ids, next_id, features)

@@ -20,6 +20,7 @@ from specrt.runtime.errors import GenerationError
 from specrt.runtime.sampling import SamplingParams, warp
 
 STEP_WIDTHS = (1, 2)  # the draft's planned step widths; longer catch-ups go through extend()
+BRANCHES = 3  # a tree's branches at the first position: the draft's top choices
 
 
 class ModelDrafter(Drafter):
@@ -34,6 +35,7 @@ class ModelDrafter(Drafter):
         self.length = 0  # context length
         self.pending: list[int] = []
         self._proposed = 0  # tokens of the last proposal (the draft ran all but the last one)
+        self._tree = False  # the last proposal was a tree
 
     def begin(self, prompt_ids: np.ndarray, features: np.ndarray | None = None) -> None:
         if len(prompt_ids) > 1:
@@ -79,8 +81,55 @@ class ModelDrafter(Drafter):
         return Proposal(self._ids[:proposed], None if greedy else self._probs[:proposed],
                         tops if self.want_top else None)
 
+    def propose_tree(self, k: int, nodes: int, sampling: SamplingParams, rng: np.random.Generator) -> Proposal:
+        """The draft's greedy chain, then its runners-up at the first position, each continued greedily, as
+        branches, within ``nodes`` nodes.  Every node is one 1-token draft step; between branches the draft's
+        cache rolls back to the root by length.  Candidates are deterministic (verified with q one-hot)."""
+        self._proposed = 0
+        k = min(k, len(self._ids))
+        if k < 1 or nodes < 1:
+            return empty()
+        feed, pos = self.pending, self.length - len(self.pending)
+        if len(feed) > STEP_WIDTHS[-1]:
+            self.draft.extend(np.asarray(feed[:-1], dtype=np.int64), pos)
+            feed, pos = feed[-1:], pos + len(feed) - 1
+        root = self.draft.step(np.asarray(feed, dtype=np.int64), pos)[-1]
+        check_finite(root, "draft", pos)
+        root_probs = _softmax(root)
+        first = np.argsort(-root_probs)[:BRANCHES]
+        tokens: list[int] = []
+        parents: list[int] = []
+        scores: list[float] = []
+        for b, token in enumerate(first):
+            if len(tokens) >= nodes or (b and root_probs[token] < 0.05):
+                break
+            self.draft.set_length(self.length)  # back to the root: the context, `last` included
+            parent, score, t, depth = -1, float(root_probs[token]), int(token), 1
+            while True:
+                tokens.append(t)
+                parents.append(parent)
+                scores.append(score)
+                parent = len(tokens) - 1
+                if depth >= k or len(tokens) >= nodes:
+                    break
+                logits = self.draft.step(np.array([t], dtype=np.int64), self.length + depth - 1)[-1]
+                check_finite(logits, "draft", self.length + depth - 1)
+                probs = _softmax(logits)
+                t = int(probs.argmax())
+                score *= float(probs[t])
+                depth += 1
+        self._tree = True
+        return Proposal(np.array(tokens, dtype=np.int64), None, None, np.array(parents, dtype=np.int64),
+                        np.array(scores))
+
     def commit(self, accepted_ids: Sequence[int], next_id: int, features: np.ndarray | None = None) -> None:
         accepted, proposed = len(accepted_ids), self._proposed
+        if self._tree:  # after a tree the cache holds some branch: back to the root, the rest waits
+            self._tree = False
+            self.draft.set_length(self.length)
+            self.pending = [*map(int, accepted_ids), int(next_id)]
+            self.length += accepted + 1
+            return
         if proposed == 0:
             # Not drafted this step (k = 0, or another drafter proposed): the committed tokens wait.
             self.pending.extend(map(int, accepted_ids))
@@ -103,6 +152,11 @@ def draft_sample(logits: np.ndarray, sampling: SamplingParams, rng: np.random.Ge
     (the acceptance rule is only lossless if these two agree)."""
     probs_out[:] = warp(logits, sampling)
     return sample(probs_out, rng)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max())
+    return e / e.sum()
 
 
 def top_prob(logits: np.ndarray) -> float:

@@ -69,6 +69,14 @@ class SuffixCache:
             elif delta < 0 and token == best[1]:  # the best one lost a count: look again among the few
                 best[1], best[2] = max(conts.items(), key=lambda kv: kv[1])
 
+    def top(self, key: tuple[int, ...], m: int) -> list[tuple[int, float]]:
+        """The ``m`` most frequent continuations of a context with their empirical probabilities."""
+        conts = self._counts.get(key)
+        if not conts:
+            return []
+        total = self._best[key][0]
+        return [(t, c / total) for t, c in sorted(conts.items(), key=lambda kv: -kv[1])[:m]]
+
     def best(self, key: tuple[int, ...]) -> tuple[int, int, int] | None:
         """(most frequent continuation, its count, total count) of a context, or None."""
         b = self._best.get(key)
@@ -128,6 +136,42 @@ class SuffixDrafter(Drafter):
                     limit = min(k, 1 + int(self.length_factor * n))
                 out.append(token)
         return Proposal(np.array(out, dtype=np.int64)) if out else empty()
+
+    def propose_tree(self, k: int, nodes: int, sampling: SamplingParams, rng: np.random.Generator) -> Proposal:
+        """Best-first over continuation counts: the most probable unexpanded node grows its two most frequent
+        continuations, until ``nodes`` nodes or nothing above ``min_confidence``."""
+        import heapq
+
+        cache, ctx = self.cache, self.tokens[-self.cache.ngram_max:]
+        tokens: list[int] = []
+        parents: list[int] = []
+        scores: list[float] = []
+        paths: list[list[int]] = []  # each node's tokens from the root
+        heap = [(-1.0, -1)]  # (-probability of the path, node); -1 = the root
+        with cache.lock:
+            while heap and len(tokens) < nodes:
+                neg, node = heapq.heappop(heap)
+                path = paths[node] if node >= 0 else []
+                if len(path) >= k:
+                    continue
+                tail = ctx + path
+                for n in range(min(cache.ngram_max, len(tail)), cache.ngram_min - 1, -1):
+                    options = cache.top(tuple(tail[len(tail) - n:]), 2)
+                    if options:
+                        break
+                for token, p in options:
+                    score = -neg * p
+                    if score < self.min_confidence or len(tokens) >= nodes:
+                        break
+                    tokens.append(token)
+                    parents.append(node)
+                    scores.append(score)
+                    paths.append(path + [token])
+                    heapq.heappush(heap, (-score, len(tokens) - 1))
+        if not tokens:
+            return empty()
+        return Proposal(np.array(tokens, dtype=np.int64), None, None, np.array(parents, dtype=np.int64),
+                        np.array(scores))
 
     def commit(self, accepted_ids: Sequence[int], next_id: int, features: np.ndarray | None = None) -> None:
         with self.cache.lock:
