@@ -26,8 +26,10 @@ log = logging.getLogger(__name__)
 QUANT_CHOICES = ("fp32", "int8", "int4")
 
 
-def quantize_file(path: Path, quant: str, block_size: int = 32, accuracy_level: int = 4) -> dict | None:
-    """Quantize ``path`` in place (weights to ``<file>.data``); return the manifest record or None for fp32."""
+def quantize_file(path: Path, quant: str, block_size: int = 32, accuracy_level: int = 4,
+                  lm_head: bool = True) -> dict | None:
+    """Quantize ``path`` in place (weights to ``<file>.data``); return the manifest record or None for fp32.
+    ``lm_head=False`` leaves the output projection in fp32."""
     if quant == "fp32":
         return None
     if quant not in QUANT_CHOICES:
@@ -38,8 +40,9 @@ def quantize_file(path: Path, quant: str, block_size: int = 32, accuracy_level: 
         raise RuntimeError(f"ONNX Runtime's quantizer is unavailable ({e}); pip install 'specrt[export]'") from None
     bits = 4 if quant == "int4" else 8
     model = onnx.load(str(path))
+    exclude = [] if lm_head else [n.name for n in model.graph.node if "lm_head" in n.name]
     q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
-                             accuracy_level=accuracy_level)
+                             accuracy_level=accuracy_level, nodes_to_exclude=exclude)
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     q.process()
     qmodel = q.model.model
@@ -50,4 +53,5 @@ def quantize_file(path: Path, quant: str, block_size: int = 32, accuracy_level: 
                     location=data.name, size_threshold=1024)
     return {"method": "onnxruntime MatMulNBits (weight-only, blockwise, symmetric)", "bits": bits,
             "block_size": block_size, "accuracy_level": accuracy_level, "quantized_matmuls": count,
+            "lm_head_quantized": lm_head,
             "batch_invariant": accuracy_level <= 1}  # until measured (export_pair replaces it)

@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "followed the last n-gram earlier in the context), suffix (continuations seen in this and "
                            "earlier generations), hybrid (a context match, else the model). Default: the engine's "
                            "(`specrt info` shows it)")
+            g.add_argument("--tree-nodes", type=int, default=0,
+                           help="verify trees of up to N candidate tokens per target pass (pruned to what pays by "
+                           "this engine's measured pass costs); 0 = chains (default)")
             g.add_argument("--ngram-min", type=int, default=None, help="shortest context match, ngram/hybrid (default 2)")
             g.add_argument("--ngram-max", type=int, default=None, help="longest context match, ngram/hybrid (default 4)")
             g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
@@ -166,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
             sb.add_argument("--policy", choices=POLICIES, default="fixed",
                             help="the policy of every speculative row (default fixed)")
             sb.add_argument("--limit", type=int, default=None, help="only the first N questions")
+            sb.add_argument("--tree-nodes", type=lambda t: [int(x) for x in t.split(",")], default=[0],
+                            help="tree sizes to run every drafter with, comma-separated (0 = chains; default 0)")
 
     b = sub.add_parser("build", help="build TensorRT engines for an engine directory (GPU + TensorRT needed)",
                        description="Build TensorRT engines with one static profile per stage (draft decode, every "
@@ -283,7 +288,7 @@ def _generate(args) -> int:
         stream = engine.stream(prompt, max_new_tokens=args.max_new_tokens, k=args.k, stop=args.stop,
                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
                                use_draft=not args.no_draft, policy=args.policy, tau=args.tau, drafter=args.drafter,
-                               ngram_min=args.ngram_min, ngram_max=args.ngram_max,
+                               ngram_min=args.ngram_min, ngram_max=args.ngram_max, tree_nodes=args.tree_nodes,
                                max_draft_per_token=args.max_draft_per_token, acceptance=args.acceptance,
                                accept_tau=args.accept_tau, trace=args.trace)
         if not args.json and args.num_samples > 1:
@@ -355,7 +360,8 @@ def _bench_spec(args, engine) -> int:
     systems = []
     for e, label in engines:
         drafters = [d for d in (args.drafters or e.drafters) if d in e.drafters]
-        systems += peers.specrt_systems(e, ks, args.max_new_tokens, label, drafters=drafters, policy=args.policy)
+        systems += peers.specrt_systems(e, ks, args.max_new_tokens, label, drafters=drafters, policy=args.policy,
+                                        tree_nodes=args.tree_nodes if e.target.supports_tree else [0])
     if args.hf_target:
         systems += peers.transformers_systems(args.hf_target, args.hf_draft, ks[0], args.max_new_tokens,
                                               sorted(engine.manifest.eos_token_ids), args.threads or 2)
