@@ -286,8 +286,9 @@ def format_report(rows: list[dict], baseline: str) -> str:
     return "\n".join(lines)
 
 
-def plot_report(rows: list[dict], path: Path) -> bool:
-    """Bar chart of median tok/s per system, greedy and sampled; False when matplotlib is missing."""
+def grouped_bars(path: Path, groups: list[str], series: dict[str, list[float]], ylabel: str, title: str = "",
+                 rotate: bool = False) -> bool:
+    """A bar chart, one bar per series in every group, as a PNG; False when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -295,19 +296,26 @@ def plot_report(rows: list[dict], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    names = list(dict.fromkeys(r["system"] for r in rows))
-    temps = sorted({r["temperature"] for r in rows})
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names)), 4.5))
-    width = 0.8 / len(temps)
-    for j, t in enumerate(temps):
-        med = [statistics.median([r["tokens_per_s"] for r in rows if r["system"] == n and r["temperature"] == t])
-               for n in names]
-        ax.bar([i + j * width for i in range(len(names))], med, width, label=f"T={t:g}")
-    ax.set_xticks([i + width * (len(temps) - 1) / 2 for i in range(len(names))])
-    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("tokens/s (median over prompts)")
-    ax.legend()
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) + 0.25 * len(series)), 4.8))
+    width = 0.85 / max(1, len(series))
+    for j, (name, values) in enumerate(series.items()):
+        ax.bar([i + j * width for i in range(len(groups))], values, width, label=name)
+    ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(groups))])
+    ax.set_xticklabels(groups, rotation=30 if rotate else 0, ha="right" if rotate else "center", fontsize=8)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def plot_report(rows: list[dict], path: Path) -> bool:
+    """Bar chart of median tok/s per system, greedy and sampled; False when matplotlib is missing."""
+    names = list(dict.fromkeys(r["system"] for r in rows))
+    series = {f"T={t:g}": [statistics.median([r["tokens_per_s"] for r in rows if r["system"] == n
+                                              and r["temperature"] == t]) for n in names]
+              for t in sorted({r["temperature"] for r in rows})}
+    return grouped_bars(path, names, series, "tokens/s (median over prompts)", rotate=True)

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from specrt.peers import Run, System
+from specrt.peers import Run, System, grouped_bars
 from specrt.runtime import Engine
 from specrt.runtime.errors import GenerationError
 
@@ -210,26 +210,9 @@ def format_report(rows: list[dict]) -> str:
 
 def plot_report(rows: list[dict], path: Path) -> bool:
     """Grouped bars: tokens/s per category for every system; False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
     cats = [c for c in CATEGORIES if any(c in r["categories"] for r in rows)] + ["overall"]
-    fig, ax = plt.subplots(figsize=(max(8.0, 1.3 * len(cats) + 0.25 * len(rows)), 5.0))
-    width = 0.85 / len(rows)
-    for j, r in enumerate(rows):
-        vals = [r["overall"]["tokens_per_s"] if c == "overall" else
-                r["categories"][c]["tokens_per_s"] if c in r["categories"] else 0.0 for c in cats]
-        ax.bar([i + j * width for i in range(len(cats))], vals, width, label=r["system"])
-    ax.set_xticks([i + width * (len(rows) - 1) / 2 for i in range(len(cats))])
-    ax.set_xticklabels([TITLES.get(c, c) for c in cats])
-    ax.set_ylabel("tokens/s (greedy)")
-    ax.set_title("Spec-Bench, side by side in one run")
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    series = {r["system"]: [r["overall"]["tokens_per_s"] if c == "overall" else
+                            r["categories"][c]["tokens_per_s"] if c in r["categories"] else 0.0 for c in cats]
+              for r in rows}
+    return grouped_bars(path, [TITLES.get(c, c) for c in cats], series, "tokens/s (greedy)",
+                        "Spec-Bench, side by side in one run")

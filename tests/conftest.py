@@ -71,6 +71,16 @@ def engines(tmp_path_factory, checkpoints):
     return out
 
 
+@pytest.fixture
+def engine_copy(engines, tmp_path):
+    """A writable copy of the tiny "close" engine directory (tests that damage it)."""
+    import shutil
+
+    dst = tmp_path / "engine"
+    shutil.copytree(engines["close"], dst)
+    return dst
+
+
 @pytest.fixture(scope="session")
 def hf_target(checkpoints):
     import transformers as T

@@ -14,21 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny
 from specrt.runtime import Engine, EngineDirError
 from specrt.runtime.manifest import check_memory, load_manifest, sha256_file
 
-
-@pytest.fixture
-def engine_copy(engines, tmp_path):
-    dst = tmp_path / "engine"
-    shutil.copytree(engines["close"], dst)
-    return dst
-
-
-def edit(path, fn):
-    data = json.loads((path / "manifest.json").read_text())
-    fn(data)
-    (path / "manifest.json").write_text(json.dumps(data))
+edit = tiny.edit_manifest
 
 
 def rehash(path, name):

@@ -1,25 +1,14 @@
 """runtime/manifest.py: the schema accepts what export writes and rejects corrupt or foreign directories."""
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
+import tiny
 from specrt.runtime import Engine, EngineDirError
 from specrt.runtime.manifest import load_manifest, validate_manifest
 
-
-@pytest.fixture
-def engine_copy(engines, tmp_path):
-    dst = tmp_path / "engine"
-    shutil.copytree(engines["close"], dst)
-    return dst
-
-
-def edit(path, fn):
-    data = json.loads((path / "manifest.json").read_text())
-    fn(data)
-    (path / "manifest.json").write_text(json.dumps(data))
+edit = tiny.edit_manifest
 
 
 def test_good_manifest_validates(engines):

@@ -120,3 +120,12 @@ def make_head(path: Path, target: Path, steps: int = 300, draft_vocab: int = 256
         opt.step()
     save_head(path, cfg, {k: v.numpy() for k, v in trainable_state(head).items()}, vocab.tolist())
     return path
+
+
+def edit_manifest(path: Path, fn) -> None:
+    """Apply ``fn`` to an engine directory's manifest.json (tests that damage it)."""
+    import json
+
+    data = json.loads((path / "manifest.json").read_text())
+    fn(data)
+    (path / "manifest.json").write_text(json.dumps(data))
