@@ -210,7 +210,8 @@ class Engine:
                  trace: str | Path | IO[str] | None = None, **params) -> Result:
         """Generate.  ``params`` are the fields of ``runtime.request.Request`` (or pass a ``Request``):
         ``max_new_tokens``, ``k`` (None, or ``use_draft=False``: the target alone, the baseline),
-        ``drafter`` (model | ngram | suffix | hybrid; default: the engine's), ``ngram_min``/``ngram_max``,
+        ``drafter`` (model | eagle | ngram | suffix | hybrid; default: the engine's, see ``drafters``),
+        ``ngram_min``/``ngram_max``, ``tree_nodes`` (verify trees of up to that many candidates; 0 = chains),
         ``stop``, ``temperature``/``top_k``/``top_p``/``seed``, ``policy`` (fixed | confidence | adaptive |
         budget, see ``runtime.policy``) with ``tau`` / ``max_draft_per_token``, and ``acceptance="relaxed"``
         with ``accept_tau`` (LOSSY, greedy only).
