@@ -319,8 +319,42 @@ def export(args, cfg, head, draft_vocab, shards, eval_seqs, layers_idx, to_draft
               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
                        if k not in ("export",)}}
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    (out / "README.md").write_text(model_card(record, cfg, len(draft_vocab)))
     print(json.dumps({k: v for k, v in record.items() if k != "curve"}, indent=1))
     return 0
+
+
+def model_card(record: dict, cfg, vocab: int) -> str:
+    ev = record["held_out"]
+    pos = ev["acceptance_by_position"]
+    lines = [
+        "# Feature-level draft head for SmolLM2-135M-Instruct (EAGLE-3 style)", "",
+        (f"One decoder layer over [norm(embedding of the next token), norm(fc(target features))], reading the "
+        f"verifier's hidden states entering layers {cfg.feature_layers}; an output head over a draft vocabulary of "
+        f"{vocab} tokens (the verifier's most frequent choices in the training data; `draft_vocab.json` maps them "
+        f"to target ids); embeddings frozen from the verifier and not stored here. {record['parameters'] / 1e6:.1f}M "
+        "parameters, fp16."), "",
+        ("Trained by `scripts/train_head.py` (data: `scripts/head_data.py`) on two CPU cores; Spec-Bench's "
+        "questions were kept out of the training data."), "",
+        (f"- steps: {record['step']}, training time: {record['training_minutes']:.0f} min, tokens trained on: "
+        f"{record['tokens_trained']:,} (windows of {record['args'].get('window')} slots, "
+        f"{record['args'].get('steps_unrolled')} draft steps unrolled)"),
+        f"- data: {record['train_conversations']:,} conversations (held out: {record['held_out_conversations']:,})",
+        f"- features: {record['args'].get('features')}", "",
+        ("Held-out greedy acceptance by draft position (position j counts where positions < j were accepted), "
+        f"over {ev['positions']:,} assistant-token positions:"), "",
+        "| position | " + " | ".join(str(i + 1) for i in range(len(pos))) + " |",
+        "|---|" + "---:|" * len(pos),
+        "| acceptance | " + " | ".join(f"{a:.3f}" for a in pos) + " |", "",
+        "Expected tokens per target pass of a chain of k drafts: " + ", ".join(
+            f"k={k}: {v:.2f}" for k, v in ev["tokens_per_pass"].items()), "",
+        "Learning curve (held-out, evaluated on a fixed sample during training):", "",
+        "| step | minutes | tokens | loss | acceptance at positions 1..4 | tokens/pass k=4 |", "|---:|---:|---:|---:|---|---:|"]
+    for c in record["curve"]:
+        lines.append(f"| {c['step']} | {c['minutes']} | {c['tokens']:,} | {c['loss']:.3f} | "
+                     + " / ".join(f"{a:.3f}" for a in c["acceptance_by_position"])
+                     + f" | {c['tokens_per_pass'].get('4', c['tokens_per_pass'].get(4, 0)):.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
