@@ -138,7 +138,8 @@ def variant_specs(fp32_engine: Path, out: Path) -> list[tuple[str, Path]]:
     variants = [("int4 b32 acc4", ("int4", 32, 4, True)), ("int4 b64 acc4", ("int4", 64, 4, True)),
                 ("int4 b128 acc4", ("int4", 128, 4, True)), ("int4 b32 acc1", ("int4", 32, 1, True)),
                 ("int4 b32 acc4, fp32 LM head", ("int4", 32, 4, False)), ("int8 b32 acc4", ("int8", 32, 4, True)),
-                ("int8 b128 acc4", ("int8", 128, 4, True)), ("int8 dynamic (MatMulInteger)", ("dynamic", 0, 0, True))]
+                ("int8 b128 acc4", ("int8", 128, 4, True)), ("int8 dynamic (MatMulInteger)", ("dynamic", 0, 0, True)),
+                ("int8 rows (MatMulInteger, per-row)", ("int8-rows", 0, 0, True))]
     made = []
     for name, (quant, block, level, head) in variants:
         d = out / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")

@@ -23,7 +23,7 @@ from pathlib import Path
 import onnx
 
 log = logging.getLogger(__name__)
-QUANT_CHOICES = ("fp32", "int8", "int4")
+QUANT_CHOICES = ("fp32", "int8", "int4", "int8-rows")
 
 
 def quantize_file(path: Path, quant: str, block_size: int = 32, accuracy_level: int = 4,
@@ -34,6 +34,8 @@ def quantize_file(path: Path, quant: str, block_size: int = 32, accuracy_level: 
         return None
     if quant not in QUANT_CHOICES:
         raise ValueError(f"quant must be one of {QUANT_CHOICES}, got {quant!r}")
+    if quant == "int8-rows":
+        return quantize_rows(path, lm_head)
     try:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     except ImportError as e:  # onnx_ir is an optional dependency of onnxruntime's quantizer
@@ -55,3 +57,72 @@ def quantize_file(path: Path, quant: str, block_size: int = 32, accuracy_level: 
             "block_size": block_size, "accuracy_level": accuracy_level, "quantized_matmuls": count,
             "lm_head_quantized": lm_head,
             "batch_invariant": accuracy_level <= 1}  # until measured (export_pair replaces it)
+
+
+def quantize_rows(path: Path, lm_head: bool = True) -> dict:
+    """int8 weights (per output channel) and int8 activations quantized **per row**, multiplied by integer GEMM.
+
+    Every MatMul with a constant weight W [K, N] becomes: s = max|x| / 127 per row of x; xq = round(x / s)
+    (stored as uint8 around a zero point of 128, MLAS's fast path); y = MatMulInteger(xq, Wq) * s * sw
+    (Wq = round(W / sw), sw = max|W| / 127 per column).  Integer
+    products are exact, and each row's scale depends on that row alone, so a row scores the same whatever
+    else is in the pass: the graph is row-invariant by construction -- unlike ONNX Runtime's dynamic
+    quantization (one scale for the whole input: a row's result depends on the other rows) and unlike
+    MatMulNBits with int8 activations (different kernels for one row and for several).  The integer GEMM
+    (MLAS, VNNI on this CPU) makes extra rows nearly free; see README "Quantized verification".
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(path))
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    new_nodes, count = [], 0
+    consts_added = False
+    for node in g.node:
+        w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if w is None or len(w.dims) != 2 or (not lm_head and "lm_head" in node.name):
+            new_nodes.append(node)
+            continue
+        if not consts_added:
+            g.initializer.extend([numpy_helper.from_array(np.array(127.0, np.float32), "q8.127"),
+                                  numpy_helper.from_array(np.array(-127.0, np.float32), "q8.neg127"),
+                                  numpy_helper.from_array(np.array(128.0, np.float32), "q8.128"),
+                                  numpy_helper.from_array(np.array(128, np.uint8), "q8.zp"),
+                                  numpy_helper.from_array(np.array(1e-12, np.float32), "q8.eps")])
+            consts_added = True
+        W = numpy_helper.to_array(w).astype(np.float32)  # [K, N]
+        sw = np.maximum(np.abs(W).max(axis=0), 1e-12) / 127.0
+        Wq = np.clip(np.round(W / sw), -127, 127).astype(np.int8)
+        p = f"{node.name}/q8"
+        g.initializer.extend([numpy_helper.from_array(Wq, f"{w.name}_q8"),
+                              numpy_helper.from_array(sw.astype(np.float32), f"{w.name}_q8scale")])
+        x, y = node.input[0], node.output[0]
+        new_nodes += [
+            helper.make_node("Abs", [x], [f"{p}/abs"], name=f"{p}/abs"),
+            helper.make_node("ReduceMax", [f"{p}/abs"], [f"{p}/amax"], name=f"{p}/amax", keepdims=1, axes=[-1]),
+            helper.make_node("Max", [f"{p}/amax", "q8.eps"], [f"{p}/amax_eps"], name=f"{p}/amax_eps"),
+            helper.make_node("Div", [f"{p}/amax_eps", "q8.127"], [f"{p}/scale"], name=f"{p}/scale"),
+            helper.make_node("Div", [x, f"{p}/scale"], [f"{p}/xs"], name=f"{p}/xs"),
+            helper.make_node("Round", [f"{p}/xs"], [f"{p}/xr"], name=f"{p}/xr"),
+            helper.make_node("Clip", [f"{p}/xr", "q8.neg127", "q8.127"], [f"{p}/xc"], name=f"{p}/xc"),
+            # as uint8 around a zero point of 128 (one for every row): MLAS's fast u8s8 path; s8s8 is not
+            helper.make_node("Add", [f"{p}/xc", "q8.128"], [f"{p}/xu"], name=f"{p}/xu"),
+            helper.make_node("Cast", [f"{p}/xu"], [f"{p}/xq"], name=f"{p}/xq", to=TensorProto.UINT8),
+            helper.make_node("MatMulInteger", [f"{p}/xq", f"{w.name}_q8", "q8.zp"], [f"{p}/yi"], name=f"{p}/mm"),
+            helper.make_node("Cast", [f"{p}/yi"], [f"{p}/yf"], name=f"{p}/yf", to=TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{p}/yf", f"{p}/scale"], [f"{p}/ys"], name=f"{p}/ys"),
+            helper.make_node("Mul", [f"{p}/ys", f"{w.name}_q8scale"], [y], name=f"{p}/y"),
+        ]
+        g.initializer.remove(w)
+        del inits[w.name]
+        count += 1
+    del g.node[:]
+    g.node.extend(new_nodes)
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    return {"method": "int8 weights per channel, int8 activations per row, integer GEMM (MatMulInteger)",
+            "scheme": "int8-rows", "bits": 8, "block_size": 0, "accuracy_level": 0, "quantized_matmuls": count,
+            "lm_head_quantized": lm_head, "batch_invariant": True}

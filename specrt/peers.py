@@ -66,6 +66,8 @@ def engine_label(engine: Engine) -> str:
         q = spec.raw.get("quantization")
         if not q:
             return spec.dtype.replace("float", "fp")
+        if q.get("scheme") == "int8-rows":
+            return "int8-rows"
         label = f"int{q['bits']}"
         if spec.role == "target" and q.get("accuracy_level", 1) > 1:
             label += f" acc{q['accuracy_level']}"
