@@ -92,7 +92,10 @@ def cmd_profile(args) -> None:
           "(bindings, output copies, scheduling)")
     print(f"{'engine':<22} {'ctx':>5} {'rows':>4} {'total':>7} " + " ".join(f"{c:>9}" for c in cats))
     for engine in args.engines:
-        spec = load_manifest(engine, check_hashes=False).target
+        if (Path(engine) / "done").is_file():  # a variant directory of `variants`: the fp32 engine's tensors
+            spec = spec_of(Path(engine), Path(args.fp32))
+        else:
+            spec = load_manifest(engine, check_hashes=False).target
         for ctx in args.contexts:
             for n in ROWS:
                 if ctx + n > spec.kv.buffer_shape[2]:
@@ -267,12 +270,12 @@ def cmd_limits(args) -> None:
     read_gbs = a.nbytes / min(times) / 1e9
     # int8 GEMM throughput: MatMulInteger of [rows, 576] x [576, 3072] (the target's packed gate|up), 2 threads
     K, N, R = 576, 3072, 2048
-    g = helper.make_graph([helper.make_node("MatMulInteger", ["x", "w"], ["y"])], "g",
+    w = np.random.default_rng(0).integers(-8, 8, (K, N)).astype(np.int8)
+    g = helper.make_graph([helper.make_node("MatMulInteger", ["x", "w", "zp"], ["y"])], "g",
                           [helper.make_tensor_value_info("x", TensorProto.UINT8, [R, K])],
                           [helper.make_tensor_value_info("y", TensorProto.INT32, [R, N])],
-                          [helper.make_tensor("w", TensorProto.INT8, [K, N],
-                                              np.random.default_rng(0).integers(-8, 8, (K, N)).astype(np.int8).tobytes(),
-                                              raw=True)])
+                          [helper.make_tensor("w", TensorProto.INT8, [K, N], w.tobytes(), raw=True),
+                           helper.make_tensor("zp", TensorProto.UINT8, [], [128])])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     path = Path(tempfile.mkdtemp()) / "mmi.onnx"
     onnx.save(model, str(path))
@@ -280,6 +283,8 @@ def cmd_limits(args) -> None:
     so.intra_op_num_threads = 2
     s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     x = np.random.default_rng(1).integers(0, 255, (R, K)).astype(np.uint8)
+    exact = np.array_equal(s.run(None, {"x": x})[0], (x.astype(np.int64) - 128) @ w.astype(np.int64))
+    assert exact, "the integer GEMM's result is wrong: the throughput below would mean nothing"
     for _ in range(3):
         s.run(None, {"x": x})
     times = []
@@ -308,6 +313,7 @@ def main() -> int:
     p.add_argument("engines", nargs="+")
     p.add_argument("--contexts", type=lambda t: [int(x) for x in t.split(",")], default=[64, 1000, 2000])
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--fp32", default=".cache/demo/engine", help="the fp32 engine (for variant directories)")
     v = sub.add_parser("variants")
     v.add_argument("engine", help="the fp32 engine directory (its target is quantized every way)")
     v.add_argument("--out", default=".cache/quant")
