@@ -182,11 +182,15 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--total-steps", type=int, default=6000, help="for the learning-rate schedule")
+    ap.add_argument("--warmup", type=int, default=100, help="warm-up steps (at most a tenth of --total-steps)")
     ap.add_argument("--minutes", type=float, default=None, help="stop after this long (checkpointed)")
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--eval-tokens", type=int, default=30000)
     ap.add_argument("--held-out", type=float, default=0.03)
+    ap.add_argument("--eval-data", type=Path, default=None,
+                    help="evaluate on this data set's held-out split instead (e.g. the verifier's answers when "
+                    "training on a corpus)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the matmuls (AVX-512 BF16 CPUs)")
     ap.add_argument("--seed", type=int, default=0)
@@ -215,6 +219,13 @@ def main() -> int:
     held = set(rng.choice(len(seqs), max(1, int(args.held_out * len(seqs))), replace=False).tolist())
     train_seqs = [s for i, s in enumerate(seqs) if i not in held]
     eval_seqs = [s for i, s in enumerate(seqs) if i in held]
+    eval_shards = shards
+    if args.eval_data:  # evaluate on another data set's held-out split (the same split as when it trains)
+        eval_shards = load_shards([args.eval_data])
+        other = sequences(eval_shards, 16)
+        held_other = set(np.random.default_rng(12345).choice(len(other), max(1, int(args.held_out * len(other))),
+                                                             replace=False).tolist())
+        eval_seqs = [s for i, s in enumerate(other) if i in held_other]
     vocab_path = args.out / DRAFT_VOCAB
     if vocab_path.is_file():
         draft_vocab = np.array(json.loads(vocab_path.read_text()), dtype=np.int64)
@@ -244,7 +255,7 @@ def main() -> int:
         print(f"resumed from step {step} ({seconds / 60:.0f} min of training)", file=sys.stderr)
 
     if args.export:
-        return export(args, cfg, head, draft_vocab, shards, eval_seqs, layers_idx, to_draft, step, seconds,
+        return export(args, cfg, head, draft_vocab, eval_shards, eval_seqs, layers_idx, to_draft, step, seconds,
                       tokens_seen, train_seqs)
 
     def save():
@@ -266,7 +277,8 @@ def main() -> int:
     t_last = time.time()
     while step < args.total_steps and not stop["now"] and (deadline is None or time.time() < deadline):
         nx, f, d, w, weight, _ = batches()
-        lr = args.lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, step / args.total_steps))))
+        warm = min(args.warmup, max(1, args.total_steps // 10))
+        lr = args.lr * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, step / args.total_steps))))
         for gparam in opt.param_groups:
             gparam["lr"] = lr
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
@@ -286,7 +298,7 @@ def main() -> int:
         if step % args.save_every == 0:
             save()
         if step % args.eval_every == 0:
-            ev = evaluate(head, shards, eval_seqs, layers_idx, to_draft, draft_vocab, 4, args.eval_tokens)
+            ev = evaluate(head, eval_shards, eval_seqs, layers_idx, to_draft, draft_vocab, 4, args.eval_tokens)
             rec = {"step": step, "minutes": round(seconds / 60, 1), "tokens": tokens_seen, "loss": float(loss), **ev}
             curve.write(json.dumps(rec) + "\n")
             curve.flush()
