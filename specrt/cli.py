@@ -20,6 +20,19 @@ EPILOG = """examples:
 """
 
 
+def _engine_plan(text: str) -> list[tuple[str, int]]:
+    """'model,eagle@12' -> [("model", 0), ("eagle", 12)]; '-' -> [] (target-only alone)."""
+    if text.strip() == "-":
+        return []
+    plan = []
+    for item in (x.strip() for x in text.split(",")):
+        name, _, nodes = item.partition("@")
+        if not name or (nodes and not nodes.isdigit()):
+            raise argparse.ArgumentTypeError(f"{item!r}: expected DRAFTER or DRAFTER@NODES, e.g. eagle@12")
+        plan.append((name, int(nodes or 0)))
+    return plan
+
+
 def _ints(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -175,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
             sb.add_argument("--limit", type=int, default=None, help="only the first N questions")
             sb.add_argument("--tree-nodes", type=lambda t: [int(x) for x in t.split(",")], default=[0],
                             help="tree sizes to run every drafter with, comma-separated (0 = chains; default 0)")
+            sb.add_argument("--engine-drafters", type=_engine_plan, action="append", default=[], metavar="PLAN",
+                            help="repeatable, in engine order (ENGINE, then each --also-engine): the speculative rows "
+                            "to run on that engine, comma-separated DRAFTER or DRAFTER@NODES (a tree of NODES "
+                            "candidates), or '-' for target-only alone; overrides --drafters and --tree-nodes there. "
+                            "e.g. --engine-drafters model,ngram,suffix --engine-drafters eagle,eagle@12")
 
     b = sub.add_parser("build", help="build TensorRT engines for an engine directory (GPU + TensorRT needed)",
                        description="Build TensorRT engines with one static profile per stage (draft decode, every "
@@ -361,11 +379,21 @@ def _bench_spec(args, engine) -> int:
         other = Engine.load(path, threads=args.threads, draft_threads=args.draft_threads, spin=not args.no_spin)
         label = peers.engine_label(other)
         engines.append((other, label if label not in {lb for _, lb in engines} else f"{label} {path.name}"))
+    if len(args.engine_drafters) > len(engines):
+        raise GenerationError(f"--engine-drafters given {len(args.engine_drafters)} times for {len(engines)} engine(s)")
     systems = []
-    for e, label in engines:
+    for i, (e, label) in enumerate(engines):
+        plan = args.engine_drafters[i] if i < len(args.engine_drafters) else None
+        for drafter, nodes in plan or []:
+            if drafter not in e.drafters:
+                raise GenerationError(f"--engine-drafters: engine {i} ({label}) cannot run drafter {drafter!r}; "
+                                      f"it can run {', '.join(e.drafters)}")
+            if nodes and not e.target.supports_tree:
+                raise GenerationError(f"--engine-drafters: engine {i} ({label}) takes no tree passes "
+                                      "(re-export it with --attention gqa)")
         drafters = [d for d in (args.drafters or e.drafters) if d in e.drafters]
         systems += peers.specrt_systems(e, ks, args.max_new_tokens, label, drafters=drafters, policy=args.policy,
-                                        tree_nodes=args.tree_nodes if e.target.supports_tree else [0])
+                                        tree_nodes=args.tree_nodes if e.target.supports_tree else [0], plan=plan)
     if args.hf_target:
         systems += peers.transformers_systems(args.hf_target, args.hf_draft, ks[0], args.max_new_tokens,
                                               sorted(engine.manifest.eos_token_ids), args.threads or 2)

@@ -95,24 +95,27 @@ def specrt_run(engine: Engine, max_new_tokens: int, **params) -> RunFn:
 
 def specrt_systems(engine: Engine, ks: Sequence[int], max_new_tokens: int, label: str | None = None,
                    drafters: Sequence[str] = ("model",), policy: str = "fixed",
-                   tree_nodes: Sequence[int] = (0,)) -> list[System]:
-    """Target-only and one speculative system per (drafter, k, tree size) on one engine directory."""
+                   tree_nodes: Sequence[int] = (0,), plan: Sequence[tuple[str, int]] | None = None) -> list[System]:
+    """Target-only and one speculative system per (drafter, k, tree size) on one engine directory.
+
+    ``plan`` lists the (drafter, tree size) pairs to run instead of every drafter with every tree size.
+    """
     suffix = f" [{label}]" if label else ""
     base = f"{BASELINE}{suffix}"
     systems = [System(base, specrt_run(engine, max_new_tokens, k=None))]
-    for drafter in drafters:
+    pairs = list(plan) if plan is not None else [(d, n) for d in drafters for n in tree_nodes]
+    for drafter, nodes in pairs:
         for k in ks:
-            for nodes in tree_nodes:
-                name = f"specrt {drafter} k={k}" + (f" {policy}" if policy != "fixed" else "") + \
-                    (f" tree {nodes}" if nodes else "") + suffix
-                if drafter == "model" and len(drafters) == 1 and not nodes:
-                    name = f"specrt k={k}{suffix}"
-                # speculative rows are checked against their own engine's target-only decoding (losslessness);
-                # the suffix drafter learns from earlier generations: emptied before every repeat, so a
-                # repeat never drafts from its own earlier answer to the same prompt
-                reset = engine.suffix_cache.clear if drafter == "suffix" else (lambda: None)
-                run = specrt_run(engine, max_new_tokens, k=k, drafter=drafter, policy=policy, tree_nodes=nodes)
-                systems.append(System(name, run, reference=base, reset=reset))
+            name = f"specrt {drafter} k={k}" + (f" {policy}" if policy != "fixed" else "") + \
+                (f" tree {nodes}" if nodes else "") + suffix
+            if drafter == "model" and len(pairs) == 1 and not nodes:
+                name = f"specrt k={k}{suffix}"
+            # speculative rows are checked against their own engine's target-only decoding (losslessness);
+            # the suffix drafter learns from earlier generations: emptied before every repeat, so a
+            # repeat never drafts from its own earlier answer to the same prompt
+            reset = engine.suffix_cache.clear if drafter == "suffix" else (lambda: None)
+            run = specrt_run(engine, max_new_tokens, k=k, drafter=drafter, policy=policy, tree_nodes=nodes)
+            systems.append(System(name, run, reference=base, reset=reset))
     return systems
 
 

@@ -99,3 +99,19 @@ def test_openvino_worker_without_openvino_says_what_to_fix(tmp_path):
         pass
     with pytest.raises(RuntimeError, match="--openvino-python is a Python with openvino-genai installed"):
         peers.openvino_systems(sys.executable, tmp_path, 8, modes=("plain",))
+
+
+def test_cli_engine_drafters_plan(engines, tmp_path):
+    from test_cli import specrt
+
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps(QUESTIONS[1]) + "\n")
+    report = tmp_path / "sb.md"
+    p = specrt("bench", engines["target_only"], "--spec-bench", q, "--max-new-tokens", "6", "--repeats", "1",
+               "--k", "2", "--report", report, "--engine-drafters", "ngram@4")
+    names = [r["system"] for r in json.loads(report.with_suffix(".json").read_text())]
+    assert len(names) == 2 and "specrt ngram k=2 tree 4 [fp32, no draft]" in names, p.stdout
+    bad = specrt("bench", engines["target_only"], "--spec-bench", q, "--engine-drafters", "model", check=False)
+    assert bad.returncode == 2 and "cannot run drafter 'model'" in bad.stderr
+    bad = specrt("bench", engines["target_only"], "--spec-bench", q, "--engine-drafters", "ngram@x", check=False)
+    assert bad.returncode == 2 and "DRAFTER@NODES" in bad.stderr
