@@ -46,7 +46,9 @@ def rejection_verify(draft_ids: np.ndarray, draft_probs: np.ndarray, target_prob
         p = float(target_probs[i, x]) if x < target_probs.shape[-1] else 0.0
         if q > 0.0 and rng.random() * q < p:  # u < p/q without dividing
             continue
-        residual = np.maximum(target_probs[i, :vocab] - draft_probs[i, :vocab], 0.0)
+        # over the target's whole vocabulary: where the draft's is smaller, q = 0 past it and p stays
+        residual = target_probs[i].copy()
+        residual[:vocab] = np.maximum(residual[:vocab] - draft_probs[i, :vocab], 0.0)
         total = residual.sum()
         if total <= 0.0:  # p == q on the support: any rejection is a measure-zero event; fall back to p
             return i, sample(target_probs[i], rng)

@@ -103,6 +103,7 @@ class Engine:
         self._generation = 0
         self.row_invariance: invariance.RowInvariance | None = None  # measured at load (quantized targets)
         self._pass_costs: dict[int, float] = {}  # target pass seconds by rows, measured on first tree use
+        self._pass_costs_rows = 0
 
     @property
     def default_drafter(self) -> str:
@@ -154,12 +155,22 @@ class Engine:
         """Seconds of a target pass by number of rows (1 .. ``rows``), measured once on this machine at a middle
         context -- what a tree's size is chosen from (``runtime.tree.prune``)."""
         have = self._pass_costs
-        if have and max(have) >= rows:
+        if have and self._pass_costs_rows >= rows:
             return have
+        if not self._lock.acquire(blocking=False):  # it runs the target: never under another thread's step
+            raise GenerationError("this Engine is running a step for another thread; an Engine (its KV caches) is "
+                                  "not thread-safe: use one Engine per thread, or specrt.runtime.EnginePool")
+        try:
+            costs = self._measure_pass_costs(min(rows, self.max_context - min(256, self.max_context // 2) - 1))
+        finally:
+            self._lock.release()
+        self._pass_costs, self._pass_costs_rows = costs, rows  # rows as asked: a clipped measurement is not redone
+        return costs
+
+    def _measure_pass_costs(self, rows: int) -> dict[int, float]:
         import statistics
 
         ctx = min(256, self.max_context // 2)
-        rows = min(rows, self.max_context - ctx - 1)
         ids = (np.arange(ctx + rows) % min(1000, self.manifest.target.vocab_size)).astype(np.int64)
         t = self.target
         t.prefill(ids[:ctx])
@@ -173,7 +184,6 @@ class Engine:
                 t.set_length(ctx)
             costs[n] = statistics.median(times)
         t.set_length(0)
-        self._pass_costs = costs
         return costs
 
     def fork(self) -> Engine:
@@ -186,7 +196,8 @@ class Engine:
         draft = OrtModelStep(self.draft.model, max_step=k_max + 1) if self.draft is not None else None
         twin = Engine(self.manifest, target, draft, self.codec)
         twin.drafter_options, twin.suffix_cache = self.drafter_options, self.suffix_cache
-        twin.row_invariance, twin._pass_costs = self.row_invariance, self._pass_costs
+        twin.row_invariance, twin._pass_costs, twin._pass_costs_rows = (self.row_invariance, self._pass_costs,
+                                                                         self._pass_costs_rows)
         return twin
 
     @property

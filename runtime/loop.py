@@ -130,8 +130,10 @@ def speculative(target: ModelStep, drafter: Drafter, prompt_ids: np.ndarray, pol
         # propose: a chain, or (a tree-capable target, past the first position) a tree pruned to what pays
         t0 = time.perf_counter()
         tree = None
-        if k > 0 and trees and length >= 2:
-            proposal = drafter.propose_tree(k, max(tree_nodes, k), params, rng)
+        # a tree pass writes its m + 1 rows at length - 1 onwards: at most max_context - length nodes
+        nodes = min(max(tree_nodes, k), max_context - length)
+        if k > 0 and trees and length >= 2 and nodes >= 2:
+            proposal = drafter.propose_tree(k, nodes, params, rng)
             if proposal.parents is not None and len(proposal):
                 tree = Tree(proposal.token_ids, proposal.parents)
                 if row_cost and proposal.scores is not None:
@@ -155,7 +157,7 @@ def speculative(target: ModelStep, drafter: Drafter, prompt_ids: np.ndarray, pol
                                         tree=(positions(tree, length - 1), attention_block(tree)))
             check_finite(target_logits, "target", length)
             path, next_id = (greedy_tree_verify(tree, target_logits) if params.greedy else
-                             sampled_tree_verify(tree, warp(target_logits, params), rng))
+                             sampled_tree_verify(tree, lambda row, lg=target_logits: warp(lg[row], params), rng))
             accepted, rows = len(path), [0, *(i + 1 for i in path)]
             stats.tree_passes += 1
         t2 = time.perf_counter()

@@ -349,9 +349,10 @@ def load_draft_vocab(manifest: Manifest) -> Any:
     ids = read_json(manifest.root / name, name)
     vocab = manifest.target.vocab_size
     if not isinstance(ids, list) or len(ids) != manifest.draft.vocab_size or \
-            not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
-        raise EngineDirError(f"{name} must be a list of {manifest.draft.vocab_size} target token ids in [0, {vocab}). "
-                             f"{_REEXPORT}")
+            not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids) or \
+            len(set(ids)) != len(ids):  # a repeated id would make q (the acceptance's) differ from what was drawn
+        raise EngineDirError(f"{name} must be a list of {manifest.draft.vocab_size} distinct target token ids in "
+                             f"[0, {vocab}). {_REEXPORT}")
     return np.array(ids, dtype=np.int64)
 
 

@@ -161,6 +161,8 @@ class OrtModelStep:
             self._extra_out[fh["hidden_output"]] = fh["hidden_size"]
             self._extra_in = (fh["hidden_input"], fh["features_input"], fh["select_input"])
         self._outputs: dict[int, tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list, dict]] = {}
+        self._shared = None  # (the same tuple) for the sizes above max_step, and its views by n
+        self._shared_views: dict[int, tuple] = {}
         self._last: dict[str, np.ndarray] = {}
         self.calls = 0
 
@@ -296,21 +298,25 @@ class OrtModelStep:
 
     # -- buffers --------------------------------------------------------------------
     def _bind_outputs(self, n: int):
-        """Bind preallocated output buffers for an n-token step (allocated once per n)."""
+        """Bind preallocated output buffers for an n-token step.
+
+        The step shapes the loop uses (n <= max_step) and full prefill chunks get buffers of their own,
+        allocated once.  Other sizes (tree passes wider than max_step, the last chunk of a prefill) share
+        one buffer grown to the widest seen: their outputs are views, valid until the next such step.
+        """
         out = self._outputs.get(n)
         if out is None:
-            kv = self.spec.kv
-            _, kvh, _, hd = kv.buffer_shape
-            logits = np.empty((1, n, self._vocab), dtype=np.float32 if self.dtype == np.float32 else self.dtype)
-            new_k, new_v = [], []
-            if not self._in_place:  # in-place graphs write the cache buffers bound in __init__
-                new_k = [np.empty((1, kvh, n, hd), dtype=self.dtype) for _ in kv.new_keys]
-                new_v = [np.empty((1, kvh, n, hd), dtype=self.dtype) for _ in kv.new_values]
-            extra = {name: np.empty((1, n, width), dtype=np.float32) for name, width in self._extra_out.items()}
-            values = [ort.OrtValue.ortvalue_from_numpy(a) for a in [logits, *new_k, *new_v, *extra.values()]]
-            out = (logits, new_k, new_v, values, extra)
-            if n <= self._max_step or n == PREFILL_CHUNK:  # the step shapes the loop uses, and full prefill chunks
-                self._outputs[n] = out
+            if n <= self._max_step or n == PREFILL_CHUNK:
+                out = self._outputs[n] = self._allocate(n, None)
+            else:
+                if self._shared is None or self._shared[0].shape[1] < n:
+                    self._shared = self._allocate(-(-n // 16) * 16, None)  # rows rounded up: fewer regrowths
+                    self._shared_views = {}
+                out = self._shared_views.get(n)
+                if out is None:
+                    out = self._allocate(n, self._shared)
+                    if self._in_place:  # write-new graphs' new_k / new_v are per call (prefill remainders only)
+                        self._shared_views[n] = out
         names = [self.spec.kv.logits]
         if not self._in_place:
             names += [*self.spec.kv.new_keys, *self.spec.kv.new_values]
@@ -318,3 +324,20 @@ class OrtModelStep:
         for name, value in zip(names, out[3]):
             self.binding.bind_ortvalue_output(name, value)
         return out[0], out[1], out[2], out[4]
+
+    def _allocate(self, n: int, base):
+        """Output arrays for n rows, their OrtValues; ``base`` given: views of its first n rows."""
+        kv = self.spec.kv
+        _, kvh, _, hd = kv.buffer_shape
+        if base is None:
+            logits = np.empty((1, n, self._vocab), dtype=np.float32 if self.dtype == np.float32 else self.dtype)
+            extra = {name: np.empty((1, n, width), dtype=np.float32) for name, width in self._extra_out.items()}
+        else:  # the first n rows of a [1, rows, width] array are contiguous
+            logits = base[0][:, :n]
+            extra = {name: a[:, :n] for name, a in base[4].items()}
+        new_k, new_v = [], []
+        if not self._in_place:  # in-place graphs write the cache buffers bound in __init__
+            new_k = [np.empty((1, kvh, n, hd), dtype=self.dtype) for _ in kv.new_keys]
+            new_v = [np.empty((1, kvh, n, hd), dtype=self.dtype) for _ in kv.new_values]
+        values = [ort.OrtValue.ortvalue_from_numpy(a) for a in [logits, *new_k, *new_v, *extra.values()]]
+        return logits, new_k, new_v, values, extra

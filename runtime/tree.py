@@ -15,6 +15,7 @@ then moves to contiguous cache positions (``runtime/kv_cache.KVCache.compact``).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,14 +126,18 @@ def greedy_tree_verify(tree: Tree, target_logits: np.ndarray) -> tuple[list[int]
         row = nxt
 
 
-def sampled_tree_verify(tree: Tree, target_probs: np.ndarray, rng: np.random.Generator) -> tuple[list[int], int]:
+def sampled_tree_verify(tree: Tree, target_probs: np.ndarray | Callable[[int], np.ndarray],
+                        rng: np.random.Generator) -> tuple[list[int], int]:
     """The same walk for sampling: at each row the children are tried in order, each a deterministic proposal;
     a rejected child's token leaves p (renormalised), so the token that finally comes out -- an accepted
-    child, or a sample of what is left -- is distributed exactly as p."""
+    child, or a sample of what is left -- is distributed exactly as p.
+
+    ``target_probs``: [rows, vocab], or a function of the row (the loop warps only the rows the walk visits)."""
+    probs_of = target_probs if callable(target_probs) else target_probs.__getitem__
     kids = tree.children()
     row, path = 0, []
     while True:
-        p = target_probs[row].astype(np.float64)
+        p = np.asarray(probs_of(row), dtype=np.float64)
         accepted = None
         for c in kids[row]:
             x = int(tree.token_ids[c - 1])
@@ -146,7 +151,7 @@ def sampled_tree_verify(tree: Tree, target_probs: np.ndarray, rng: np.random.Gen
             p[x] = 0.0
         if accepted is None:
             if p.sum() <= 0.0:  # every candidate rejected and p was supported only on them: measure zero
-                p = target_probs[row].astype(np.float64)
+                p = np.asarray(probs_of(row), dtype=np.float64)
             return path, sample(p / p.sum(), rng)
         path.append(accepted - 1)
         row = accepted

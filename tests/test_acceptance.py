@@ -108,3 +108,15 @@ def test_relaxed_accepts_probable_non_argmax_tokens():
     assert relaxed_greedy_verify(draft, logits, tau=0.3) == (1, 2)  # 0.4 passes, 0.2 does not
     assert relaxed_greedy_verify(draft, logits, tau=0.15) == (2, 2)  # both pass, bonus = argmax of last row
     assert relaxed_greedy_verify(draft, logits, tau=1.0) == greedy_verify(draft, logits)  # tau=1: strict
+
+
+def test_residual_covers_the_targets_whole_vocabulary():
+    """A draft with a smaller vocabulary: after a rejection the target's mass past the draft's ids stays."""
+    p = np.array([[0.5, 0.0, 0.5], [0.2, 0.3, 0.5]])  # target vocabulary 3
+    q = np.array([[1.0, 0.0]])  # draft vocabulary 2, always drafts id 0
+    outcomes = set()
+    for seed in range(200):
+        accepted, next_id = rejection_verify(np.array([0]), q, p, np.random.default_rng(seed))
+        if accepted == 0:
+            outcomes.add(next_id)
+    assert outcomes == {2}  # norm(max(0, p - q)) puts all its mass on id 2

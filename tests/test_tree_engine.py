@@ -85,6 +85,18 @@ def test_greedy_trees_with_the_feature_head(engines, hf_target):
             assert r.token_ids == want, (drafter, prompt)
 
 
+@pytest.mark.parametrize("drafter", ["model", "ngram"])
+def test_trees_run_to_the_max_context(engines, drafter):
+    """Near the end of the context a tree may hold only as many nodes as slots are left; it stops cleanly."""
+    engine = Engine.load(engines["self"])
+    engine.manifest = dataclasses.replace(engine.manifest, eos_token_ids=frozenset())
+    prompt = [100, 7, 7, 7, 250, 3, 9, 11, 60, 61, 62, 63] * 3
+    want = engine.generate(prompt, max_new_tokens=500, use_draft=False)
+    r = engine.generate(prompt, max_new_tokens=500, k=8, drafter=drafter, tree_nodes=16)
+    assert r.token_ids == want.token_ids and r.stats.stop_reason == want.stats.stop_reason == "max_context"
+    assert r.stats.tree_passes > 0
+
+
 def test_pruning_reads_this_engines_pass_costs(engines):
     engine = Engine.load(engines["close"])
     costs = engine.pass_costs(9)

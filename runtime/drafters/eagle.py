@@ -71,10 +71,11 @@ class EagleDrafter(Drafter):
             assert features is not None and len(features) == len(prompt_ids) - 1, "the head needs the prompt's features"
             self._run_real(np.asarray(prompt_ids[1:], dtype=np.int64), np.ascontiguousarray(features, np.float32), 0)
 
-    def _choose(self, logits: np.ndarray, sampling: SamplingParams, rng: np.random.Generator, i: int) -> tuple[int, float]:
+    def _choose(self, logits: np.ndarray, sampling: SamplingParams, rng: np.random.Generator, i: int,
+                want_top: bool = False) -> tuple[int, float]:
         if sampling.greedy:
             j = int(logits.argmax())
-            return int(self.vocab_map[j]), (top_prob(logits) if self.want_top else 1.0)
+            return int(self.vocab_map[j]), (top_prob(logits) if want_top else 1.0)
         q_draft = np.zeros(len(logits))
         j = draft_sample(logits, sampling, rng, q_draft)
         self._probs[i] = 0.0
@@ -91,8 +92,9 @@ class EagleDrafter(Drafter):
         tops: list[float] = []
         logits, hidden, pos = self._logits, self._hidden, self.length
         proposed = 0
+        want_top = self.want_top or keep_drafting is not None  # the confidence policy reads the top probability
         while True:
-            token, top = self._choose(logits, sampling, rng, proposed)
+            token, top = self._choose(logits, sampling, rng, proposed, want_top)
             self._ids[proposed] = token
             proposed += 1
             if self.want_top:

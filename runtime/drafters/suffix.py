@@ -155,6 +155,7 @@ class SuffixDrafter(Drafter):
                 if len(path) >= k:
                     continue
                 tail = ctx + path
+                options = []
                 for n in range(min(cache.ngram_max, len(tail)), cache.ngram_min - 1, -1):
                     options = cache.top(tuple(tail[len(tail) - n:]), 2)
                     if options:

@@ -94,17 +94,18 @@ def test_sampling_follows_the_target(engine, hf_target):
     assert stat < critical, (stat, critical)
 
 
-def test_a_tampered_draft_vocabulary_is_refused(engines, tmp_path):
+@pytest.mark.parametrize("ids", [[10**9] * 256, [0] + list(range(255))], ids=["out of range", "repeated"])
+def test_a_tampered_draft_vocabulary_is_refused(engines, tmp_path, ids):
     from specrt.runtime.manifest import sha256_file
 
     d = tmp_path / "eagle"
     shutil.copytree(engines["eagle"], d)
-    (d / "draft_vocab.json").write_text(json.dumps([10**9] * 256))
+    (d / "draft_vocab.json").write_text(json.dumps(ids))
     f = d / "draft_vocab.json"
     data = json.loads((d / "manifest.json").read_text())
     data["files"]["draft_vocab.json"] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
     (d / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(EngineDirError, match="draft_vocab.json must be a list of 256 target token ids"):
+    with pytest.raises(EngineDirError, match="draft_vocab.json must be a list of 256 distinct target token ids"):
         Engine.load(d)
 
 
