@@ -202,8 +202,8 @@ def _untempered_draft(logits, params, rng, probs_out):
     return sample(warp(logits, SamplingParams(1.0)), rng)  # BUG: ... but the token is drawn at temperature 1
 
 
-def _unmapped_q(self, logits, sampling, rng, i):
-    token, top = real_choose(self, logits, sampling, rng, i)
+def _unmapped_q(self, logits, sampling, rng, i, want_top=False):
+    token, top = real_choose(self, logits, sampling, rng, i, want_top)
     if not sampling.greedy:  # BUG: q over the draft vocabulary left at draft indices, not mapped to target ids
         q = self._probs[i, self.vocab_map].copy()
         self._probs[i] = 0.0

@@ -90,7 +90,7 @@ def test_trees_run_to_the_max_context(engines, drafter):
     """Near the end of the context a tree may hold only as many nodes as slots are left; it stops cleanly."""
     engine = Engine.load(engines["self"])
     engine.manifest = dataclasses.replace(engine.manifest, eos_token_ids=frozenset())
-    prompt = [100, 7, 7, 7, 250, 3, 9, 11, 60, 61, 62, 63] * 3
+    prompt = [5, 7, 1, 2, 3, 5, 7, 4, 8, 9, 5, 7, 11, 12, 13] * 2 + [5, 7]  # "5 7" has three continuations: a tree
     want = engine.generate(prompt, max_new_tokens=500, use_draft=False)
     r = engine.generate(prompt, max_new_tokens=500, k=8, drafter=drafter, tree_nodes=16)
     assert r.token_ids == want.token_ids and r.stats.stop_reason == want.stats.stop_reason == "max_context"
@@ -188,9 +188,9 @@ def test_a_broken_tree_acceptor_is_caught(monkeypatch):
         kids = tree.children()
         row, path = 0, []
         while True:
-            accepted = next((c for c in kids[row] if rng.random() < probs[row][int(tree.token_ids[c - 1])]), None)
+            accepted = next((c for c in kids[row] if rng.random() < probs(row)[int(tree.token_ids[c - 1])]), None)
             if accepted is None:
-                return path, int(rng.choice(V, p=probs[row] / probs[row].sum()))
+                return path, int(rng.choice(V, p=probs(row) / probs(row).sum()))
             path.append(accepted - 1)
             row = accepted
     monkeypatch.setattr(loop_mod, "sampled_tree_verify", keep_rejected)
