@@ -36,6 +36,7 @@ bench-kv:
 GENAI_VENV := .cache/genai-venv
 SPECRT := $(PYTHON) -m specrt.cli
 DEMO_PAIR := --target .cache/demo/verifier-hf --draft engines/demo/draft --max-context 2048 --force
+HEAD_PAIR := --target .cache/demo/verifier-hf --draft-head engines/demo/head --max-context 2048 --force
 OPENVINO_VENV := .cache/openvino-venv
 SPEC_BENCH ?= ../shared/benchmarks/spec_bench/dev.jsonl
 peers-setup:
@@ -45,7 +46,9 @@ peers-setup:
 	for p in fp32 int4; do test -f .cache/genai/$$p/model.onnx || $(GENAI_VENV)/bin/python -m onnxruntime_genai.models.builder -i .cache/demo/verifier-hf -o .cache/genai/$$p -p $$p -e cpu -c .cache/genai/hfcache > .cache/genai/build_$$p.log 2>&1 || exit 1; done
 	test -f .cache/demo/engine-dq4/manifest.json || $(SPECRT) export $(DEMO_PAIR) --out .cache/demo/engine-dq4 --draft-quant int4
 	test -f .cache/demo/engine-int4/manifest.json || $(SPECRT) export $(DEMO_PAIR) --out .cache/demo/engine-int4 --quant int4
-	test -f .cache/demo/engine-q8/manifest.json || $(SPECRT) export $(DEMO_PAIR) --out .cache/demo/engine-q8 --quant
+	test -f .cache/demo/engine-eagle/manifest.json || $(SPECRT) export $(HEAD_PAIR) --out .cache/demo/engine-eagle
+	test -f .cache/demo/engine-q8/manifest.json || $(SPECRT) export $(HEAD_PAIR) --out .cache/demo/engine-q8 --quant
+	test -f .cache/demo/engine-int4-eagle/manifest.json || $(SPECRT) export $(HEAD_PAIR) --out .cache/demo/engine-int4-eagle --quant int4
 	test -x $(OPENVINO_VENV)/bin/python || $(PYTHON) -m venv $(OPENVINO_VENV)
 	$(OPENVINO_VENV)/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 openvino-genai==2026.4.1.0 "optimum-intel[openvino]"
 	$(OPENVINO_VENV)/bin/python -m pip uninstall --quiet --yes torchvision 2>/dev/null || true  # built for another torch: breaks optimum-cli
@@ -61,10 +64,11 @@ bench-steps: peers-setup
 	test -f .cache/demo/engine-int4-acc1/manifest.json || $(SPECRT) export $(DEMO_PAIR) --out .cache/demo/engine-int4-acc1 --quant int4 --accuracy-level 1
 	$(PYTHON) benchmarks/step_cost.py .cache/demo/engine .cache/demo/engine-int4 .cache/demo/engine-int4-acc1
 
-## Spec-Bench (48 questions, 6 categories): every drafter on the fp32 and int4 demo engines beside
-## onnxruntime-genai int4 and OpenVINO GenAI int4 (plain, prompt lookup, draft model), one run
+## Spec-Bench (48 questions, 6 categories), one run: the demo pair (draft model, n-gram, suffix, hybrid),
+## the EAGLE head on the fp32, int8-rows and int4 targets (chains and trees), target-only on each, beside
+## onnxruntime-genai int4 and OpenVINO GenAI int4 (plain, prompt lookup, draft model)
 bench-spec: peers-setup
-	$(SPECRT) bench .cache/demo/engine --spec-bench $(SPEC_BENCH) --also-engine .cache/demo/engine-q8 --also-engine .cache/demo/engine-int4 --k 8 --policy adaptive --tree-nodes 0,12 --genai-model .cache/genai/int4 --genai-python $(GENAI_VENV)/bin/python --openvino-model .cache/openvino/int4 --openvino-draft .cache/openvino/draft --openvino-python $(OPENVINO_VENV)/bin/python --repeats 1 --max-new-tokens 128 --report .cache/demo/spec_bench.md
+	$(SPECRT) bench .cache/demo/engine --spec-bench $(SPEC_BENCH) --also-engine .cache/demo/engine-eagle --also-engine .cache/demo/engine-q8 --also-engine .cache/demo/engine-int4-eagle --k 8 --policy adaptive --engine-drafters model,model@16,ngram,ngram@16,suffix,hybrid --engine-drafters eagle,eagle@16,hybrid --engine-drafters eagle,eagle@16,ngram,suffix,hybrid --engine-drafters eagle,eagle@16,ngram --genai-model .cache/genai/int4 --genai-python $(GENAI_VENV)/bin/python --openvino-model .cache/openvino/int4 --openvino-draft .cache/openvino/draft --openvino-python $(OPENVINO_VENV)/bin/python --repeats 1 --max-new-tokens 128 --report .cache/demo/spec_bench.md
 
 ## int4 verifier + draft engine (ONNX Runtime MatMulNBits), then its bench
 demo-int4:
