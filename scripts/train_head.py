@@ -253,8 +253,10 @@ def main() -> int:
     source = ckpt
     if args.export and args.checkpoint == "best" and (args.out / "best.pt").is_file():
         source = args.out / "best.pt"
+    trained_args = None
     if source.is_file():
         state = torch.load(source, weights_only=False)
+        trained_args = state.get("args")
         head.load_state_dict(state["head"], strict=False)
         opt.load_state_dict(state["opt"])
         step, seconds, tokens_seen = state["step"], state["seconds"], state.get("tokens", 0)
@@ -262,7 +264,7 @@ def main() -> int:
 
     if args.export:
         return export(args, cfg, head, draft_vocab, eval_shards, eval_seqs, layers_idx, to_draft, step, seconds,
-                      tokens_seen, train_seqs)
+                      tokens_seen, train_seqs, trained_args)
 
     def save(path: Path = ckpt):
         tmp = path.with_suffix(".tmp")
@@ -323,8 +325,13 @@ def main() -> int:
     return 0
 
 
+def json_safe(args: dict) -> dict:
+    return {k: [str(x) for x in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v
+            for k, v in args.items()}
+
+
 def export(args, cfg, head, draft_vocab, shards, eval_seqs, layers_idx, to_draft, step, seconds, tokens_seen,
-           train_seqs) -> int:
+           train_seqs, trained_args: dict | None = None) -> int:
     import torch
     from safetensors.torch import save_file
     from specrt.export.feature_head import DRAFT_VOCAB, HEAD_CONFIG, HEAD_WEIGHTS, count_params, trainable_state
@@ -342,8 +349,8 @@ def export(args, cfg, head, draft_vocab, shards, eval_seqs, layers_idx, to_draft
               "train_conversations": len(train_seqs), "held_out_conversations": len(eval_seqs),
               "parameters": count_params(weights), "held_out": ev, "curve": curve,
               "checkpoint": args.checkpoint if step else "none",
-              "args": {k: [str(x) for x in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v
-                       for k, v in vars(args).items() if k not in ("export",)}}
+              # the exported checkpoint's own training invocation (its last resume), then this export's
+              "training_args": json_safe(trained_args or {}), "export_args": json_safe(vars(args))}
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     (out / "README.md").write_text(model_card(record, cfg, len(draft_vocab)))
     print(json.dumps({k: v for k, v in record.items() if k != "curve"}, indent=1))
@@ -363,10 +370,10 @@ def model_card(record: dict, cfg, vocab: int) -> str:
         ("Trained by `scripts/train_head.py` (data: `scripts/head_data.py`) on two CPU cores; Spec-Bench's "
         "questions were kept out of the training data."), "",
         (f"- steps: {record['step']}, training time: {record['training_minutes']:.0f} min, tokens trained on: "
-        f"{record['tokens_trained']:,} (windows of {record['args'].get('window')} slots, "
-        f"{record['args'].get('steps_unrolled')} draft steps unrolled)"),
+        f"{record['tokens_trained']:,} (windows of {record['training_args'].get('window')} slots, "
+        f"{record['training_args'].get('steps_unrolled')} draft steps unrolled)"),
         f"- data: {record['train_conversations']:,} conversations (held out: {record['held_out_conversations']:,})",
-        f"- features: {record['args'].get('features')}",
+        f"- features: {record['training_args'].get('features')}",
         (f"- exported checkpoint: the {record.get('checkpoint', 'last')} one (`--checkpoint`; 'best' = the best "
          "held-out tokens per pass at k=4 among the evaluations below, so the held-out numbers here are slightly "
          "optimistic -- Spec-Bench, never seen in training or selection, is the test)"), "",
