@@ -191,7 +191,9 @@ def export_pair(target: str | Path, draft: str | Path | None, out: str | Path, *
         if verify:
             # Measured, not assumed: whether a verification pass scores each row as 1-token decoding
             # does (runtime/invariance.py); the runtime pads 1-token target steps when min_rows is 2.
-            inv = invariance.measure(OrtModelStep(model_spec(tmp, "target", manifest)), vocab_limit=len(t_tok))
+            inv = invariance.measure(OrtModelStep(model_spec(tmp, "target", manifest)), vocab_limit=len(t_tok),
+                                     trust_single=not invariance.integer_activations(
+                                         models["target"].get("quantization")))
             models["target"]["batch_invariance"] = inv.as_dict()
             if models["target"].get("quantization"):
                 models["target"]["quantization"]["batch_invariant"] = inv.min_rows is not None

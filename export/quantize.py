@@ -59,6 +59,12 @@ def quantize_file(path: Path, quant: str, block_size: int = 32, accuracy_level: 
             "batch_invariant": accuracy_level <= 1}  # until measured (export_pair replaces it)
 
 
+# 7-bit weights: MLAS's u8s8 kernels without VNNI (and its 1-row path on this CPU) add pairs of u8 x s8
+# products in int16 with saturation (vpmaddubsw); 255 * 63 * 2 = 32,130 never saturates, 255 * 127 * 2 can.
+# A saturating kernel for one row count and an exact one for another would break row invariance.
+WEIGHT_QMAX = 63.0
+
+
 def quantize_rows(path: Path, lm_head: bool = True) -> dict:
     """int8 weights (per output channel) and int8 activations quantized **per row**, multiplied by integer GEMM.
 
@@ -92,8 +98,8 @@ def quantize_rows(path: Path, lm_head: bool = True) -> dict:
                                   numpy_helper.from_array(np.array(1e-12, np.float32), "q8.eps")])
             consts_added = True
         W = numpy_helper.to_array(w).astype(np.float32)  # [K, N]
-        sw = np.maximum(np.abs(W).max(axis=0), 1e-12) / 127.0
-        Wq = np.clip(np.round(W / sw), -127, 127).astype(np.int8)
+        sw = np.maximum(np.abs(W).max(axis=0), 1e-12) / WEIGHT_QMAX
+        Wq = np.clip(np.round(W / sw), -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8)
         p = f"{node.name}/q8"
         g.initializer.extend([numpy_helper.from_array(Wq, f"{w.name}_q8"),
                               numpy_helper.from_array(sw.astype(np.float32), f"{w.name}_q8scale")])

@@ -140,7 +140,9 @@ class Engine:
         recorded = manifest.target.raw.get("batch_invariance")
         min_rows = recorded["min_rows"] if recorded else 1
         if check_invariance and manifest.target.raw.get("quantization"):
-            engine.row_invariance = invariance.measure(target, vocab_limit=manifest.target.vocab_size)
+            engine.row_invariance = invariance.measure(
+                target, vocab_limit=manifest.target.vocab_size,
+                trust_single=not invariance.integer_activations(manifest.target.raw["quantization"]))
             min_rows = engine.row_invariance.min_rows
         target.min_rows = min_rows or 1
         if min_rows is None:
