@@ -66,14 +66,14 @@ WEIGHT_QMAX = 63.0
 
 
 def quantize_rows(path: Path, lm_head: bool = True) -> dict:
-    """int8 weights (per output channel) and int8 activations quantized **per row**, multiplied by integer GEMM.
+    """7-bit weights (per output channel) and int8 activations quantized **per row**, multiplied by integer GEMM.
 
     Every MatMul with a constant weight W [K, N] becomes: s = max|x| / 127 per row of x; xq = round(x / s)
     (stored as uint8 around a zero point of 128, MLAS's fast path); y = MatMulInteger(xq, Wq) * s * sw
-    (Wq = round(W / sw), sw = max|W| / 127 per column).  Integer
-    products are exact, and each row's scale depends on that row alone, so a row scores the same whatever
-    else is in the pass: the graph is row-invariant by construction -- unlike ONNX Runtime's dynamic
-    quantization (one scale for the whole input: a row's result depends on the other rows) and unlike
+    (Wq = round(W / sw), sw = max|W| / 63 per column: ``WEIGHT_QMAX``).  Integer products are exact,
+    and each row's scale depends on that row alone, so a row scores the same whatever else is in a
+    multi-row pass (MLAS's 1-row kernel may still differ: the runtime pads 1-token steps) -- unlike ONNX
+    Runtime's dynamic quantization (one scale for the whole input: a row's result depends on the other rows) and unlike
     MatMulNBits with int8 activations (different kernels for one row and for several).  The integer GEMM
     (MLAS, VNNI on this CPU) makes extra rows nearly free; see README "Quantized verification".
     """

@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     quants = ("fp32", "int8-rows", "int4", "int8")
     e.add_argument("--quant", nargs="?", const="int8-rows", choices=quants, default="fp32",
                    help="quantize both models after the fp32 graphs are verified (the drift is measured and "
-                   "recorded). --quant alone = int8-rows: int8 weights and int8 activations per row on an integer "
-                   "GEMM -- row-invariant by construction, extra verification rows nearly free (measured: the best "
+                   "recorded). --quant alone = int8-rows: 7-bit weights and int8 activations per row on an integer "
+                   "GEMM -- multi-row passes row-invariant, extra verification rows nearly free (measured: the best "
                    "expected speculative tokens/s, README 'Quantized verification'); int4 / int8: ONNX Runtime's "
                    "MatMulNBits (weight-only, blockwise)")
     e.add_argument("--target-quant", choices=quants, default=None, help="override --quant for the target")
