@@ -388,12 +388,14 @@ def _bench_spec(args, engine) -> int:
             if drafter not in e.drafters:
                 raise GenerationError(f"--engine-drafters: engine {i} ({label}) cannot run drafter {drafter!r}; "
                                       f"it can run {', '.join(e.drafters)}")
-            if nodes and not e.target.supports_tree:
-                raise GenerationError(f"--engine-drafters: engine {i} ({label}) takes no tree passes "
-                                      "(re-export it with --attention gqa)")
+            if nodes and not e.trees_lossless:
+                raise GenerationError(f"--engine-drafters: engine {i} ({label}) verifies chains only "
+                                      + ("(re-export it with --attention gqa)" if not e.target.supports_tree else
+                                         "(its target quantizes activations to int8: a tree pass would not score "
+                                         "a path exactly as a chain does)"))
         drafters = [d for d in (args.drafters or e.drafters) if d in e.drafters]
         systems += peers.specrt_systems(e, ks, args.max_new_tokens, label, drafters=drafters, policy=args.policy,
-                                        tree_nodes=args.tree_nodes if e.target.supports_tree else [0], plan=plan)
+                                        tree_nodes=args.tree_nodes if e.trees_lossless else [0], plan=plan)
     if args.hf_target:
         systems += peers.transformers_systems(args.hf_target, args.hf_draft, ks[0], args.max_new_tokens,
                                               sorted(engine.manifest.eos_token_ids), args.threads or 2)

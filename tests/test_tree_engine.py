@@ -20,6 +20,12 @@ from specrt.runtime.stats import Stats
 PROMPTS = [[5], [17, 33, 2], list(range(40, 52)), [100, 7, 7, 7, 250, 3, 9, 11, 60, 61, 62, 63]]
 
 
+def flat_pass_costs(engine: Engine) -> None:
+    """Rows nearly free, so pruning keeps the trees: the measured costs of a tiny model on a shared machine
+    would make whether a test sees any tree pass depend on timing."""
+    engine._pass_costs, engine._pass_costs_rows = {n: 1.0 + 0.001 * n for n in range(1, 65)}, 64
+
+
 @pytest.fixture(scope="module")
 def family_engines(tmp_path_factory, tokenizer, engines, checkpoints):
     """{(family, draft): engine dir} for Qwen2 and Mistral (Llama's come from conftest)."""
@@ -56,6 +62,7 @@ def test_greedy_trees_equal_transformers(family_engines, family, draft):
 
     dirs, refs = family_engines
     engine = Engine.load(dirs[(family, draft)])
+    flat_pass_costs(engine)
     engine.manifest = dataclasses.replace(engine.manifest, eos_token_ids=frozenset())
     assert engine.target.supports_tree
     hf = T.AutoModelForCausalLM.from_pretrained(refs[family]).eval()
@@ -75,6 +82,7 @@ def test_greedy_trees_equal_transformers(family_engines, family, draft):
 
 def test_greedy_trees_with_the_feature_head(engines, hf_target):
     engine = Engine.load(engines["eagle"])
+    flat_pass_costs(engine)
     engine.manifest = dataclasses.replace(engine.manifest, eos_token_ids=frozenset())
     for prompt in PROMPTS + [[5, 17, 33]]:
         with torch.no_grad():
@@ -89,6 +97,7 @@ def test_greedy_trees_with_the_feature_head(engines, hf_target):
 def test_trees_run_to_the_max_context(engines, drafter):
     """Near the end of the context a tree may hold only as many nodes as slots are left; it stops cleanly."""
     engine = Engine.load(engines["self"])
+    flat_pass_costs(engine)
     engine.manifest = dataclasses.replace(engine.manifest, eos_token_ids=frozenset())
     prompt = [5, 7, 1, 2, 3, 5, 7, 4, 8, 9, 5, 7, 11, 12, 13] * 2 + [5, 7]  # "5 7" has three continuations: a tree
     want = engine.generate(prompt, max_new_tokens=500, use_draft=False)
@@ -197,3 +206,25 @@ def test_a_broken_tree_acceptor_is_caught(monkeypatch):
     params = SamplingParams(0.7)
     stat, critical = chi2(joint(params), params)
     assert stat > critical, (stat, critical)
+
+
+def test_integer_activation_targets_verify_chains_only(tmp_path, checkpoints):
+    """A tree puts a path's nodes at other rows than a chain does; fp32 rounding of attention's sums then
+    differs by ~1e-6, which int8 activation quantization turns into other tokens (seen on the int4 demo
+    target).  Such engines refuse trees in the bench plan, and a request for one runs chains, with a warning."""
+    from specrt.export import export_pair
+
+    out = tmp_path / "engine"
+    export_pair(checkpoints["target"], checkpoints["close"], out, max_context=48, target_quant="int8-rows",
+                progress=False, verify=False)
+    engine = Engine.load(out)
+    assert engine.target.supports_tree and not engine.trees_lossless
+    prompt = [5, 7, 1, 2, 3, 5, 7, 4, 8, 9, 5, 7]
+    want = engine.generate(prompt, max_new_tokens=20, use_draft=False).token_ids
+    with pytest.warns(UserWarning, match="chains only"):
+        r = engine.generate(prompt, max_new_tokens=20, k=4, drafter="ngram", tree_nodes=8)
+    assert r.stats.tree_passes == 0 and r.token_ids == want
+
+
+def test_fp32_in_place_targets_take_trees(engines):
+    assert Engine.load(engines["close"]).trees_lossless
