@@ -20,11 +20,11 @@ test: install-demo
 
 ## speed of the demo pair, side by side (after `make demo`)
 bench-demo:
-	$(PYTHON) -m specrt.cli bench .cache/demo/engine --k 1,2,4 --repeats 3 --max-new-tokens 96 --prompts benchmarks/demo_prompts.json --json-out .cache/demo/bench.json
+	$(PYTHON) -m specrt.cli bench .cache/demo/engine --drafters model --k 1,2,4 --repeats 3 --max-new-tokens 96 --prompts benchmarks/demo_prompts.json --json-out .cache/demo/bench.json
 
 ## policies (greedy and T=0.8) and the LOSSY relaxed mode, side by side
 bench-policies:
-	$(PYTHON) -m specrt.cli bench .cache/demo/engine --k 1,2,4 --repeats 1 --max-new-tokens 64 --policies --relaxed 0.05,0.2 --prompts benchmarks/demo_prompts_small.json --json-out .cache/demo/bench_policies.json
+	$(PYTHON) -m specrt.cli bench .cache/demo/engine --drafters model --k 1,2,4 --repeats 1 --max-new-tokens 64 --policies --relaxed 0.05,0.2 --prompts benchmarks/demo_prompts_small.json --json-out .cache/demo/bench_policies.json
 
 ## the KV copy: in-place (GroupQueryAttention) graph vs the concat export of the same pair
 bench-kv:

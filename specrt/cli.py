@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -182,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
             sb.add_argument("--spec-bench", type=Path, default=None, metavar="FILE",
                             help="Spec-Bench question.jsonl (e.g. ../shared/benchmarks/spec_bench/dev.jsonl)")
             sb.add_argument("--drafters", type=lambda t: [x for x in t.split(",") if x], default=None,
-                            help="drafters to run, comma-separated (default: all the engine can run)")
+                            help="drafters to run, comma-separated (Spec-Bench and --peers: default all the engine can "
+                            "run; the plain bench: default the engine's default drafter)")
             sb.add_argument("--policy", choices=POLICIES, default="fixed",
                             help="the policy of every speculative row (default fixed)")
             sb.add_argument("--limit", type=int, default=None, help="only the first N questions")
@@ -359,6 +361,10 @@ def _bench(args) -> int:
     configs = policy_configs(ks, k_mid) if args.policies else fixed_configs(ks)
     if args.relaxed:
         configs += relaxed_configs(args.relaxed, k_mid)
+    if args.drafters:  # speculative rows once per drafter named; target-only rows once
+        configs = [c for c in configs if c.k is None] + [
+            dataclasses.replace(c, drafter=d, label=c.label if len(args.drafters) == 1 else f"{c.label} [{d}]")
+            for d in args.drafters for c in configs if c.k is not None]
     rows = bench(engine, prompts, configs, max_new_tokens=args.max_new_tokens, repeats=args.repeats)
     print(format_table(rows))
     if args.json_out:

@@ -78,7 +78,7 @@ def test_bad_engine_dir(tmp_path):
 def test_bench_prints_ratio(engines, tmp_path):
     prompts = tmp_path / "p.json"
     prompts.write_text(json.dumps([{"name": "ids", "prompt_ids": [5, 17, 33]}]))
-    p = specrt("bench", engines["self"], "--prompts", prompts, "--k", "2,4", "--repeats", "2",
+    p = specrt("bench", engines["self"], "--prompts", prompts, "--drafters", "model", "--k", "2,4", "--repeats", "2",
                "--max-new-tokens", "16", "--json-out", tmp_path / "b.json")
     assert "speedup" in p.stdout
     rows = json.loads((tmp_path / "b.json").read_text())

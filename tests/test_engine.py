@@ -98,6 +98,17 @@ def test_every_drafter_greedy_equals_transformers(loaded, references, engine_nam
     assert proposed > 0, "the drafter never proposed anything: the test would prove nothing"
 
 
+@pytest.mark.product_defaults
+def test_default_drafters_follow_spec_bench(loaded, engines):
+    """Shipped defaults: context lookup on a draft-model engine, hybrid on a feature-head engine."""
+    from specrt.runtime import Engine
+
+    assert loaded["close"].default_drafter == "ngram"
+    assert loaded["close"].generate([5, 5, 5, 5], max_new_tokens=4, k=2).stats.drafter == "ngram"
+    assert Engine.load(engines["eagle"]).default_drafter == "hybrid"
+    assert loaded["target_only"].default_drafter == "ngram"
+
+
 def test_target_only_engine_defaults_to_ngram(loaded):
     engine = loaded["target_only"]
     assert engine.draft is None and engine.default_drafter == "ngram" and engine.drafters == ("ngram", "suffix")
