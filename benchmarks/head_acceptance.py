@@ -20,25 +20,16 @@ from collections import defaultdict
 from pathlib import Path
 
 from specrt.runtime import Engine
+from specrt.runtime.trace import acceptance_by_position
 from tqdm.auto import tqdm
 
 from specrt.spec_bench import build_prompts, load_questions
 
 
-def passes(trace: str) -> list[tuple[int, int]]:
-    """(proposed, accepted) of every target pass in a trace."""
+def passes(trace: str) -> list[dict]:
+    """The step records (one per target pass) of a trace."""
     records = (json.loads(line) for line in trace.splitlines() if line.strip())
-    return [(r["proposed"], r["accepted"]) for r in records if r.get("type") == "step"]
-
-
-def by_position(steps: list[tuple[int, int]], k: int) -> list[float | None]:
-    """Acceptance at positions 1..k: accepted(j) / reached(j), where reached = offered a j-th draft with 1..j-1 accepted."""
-    out: list[float | None] = []
-    for j in range(1, k + 1):
-        reached = sum(1 for proposed, accepted in steps if proposed >= j and accepted >= j - 1)
-        taken = sum(1 for proposed, accepted in steps if proposed >= j and accepted >= j)
-        out.append(taken / reached if reached else None)
-    return out
+    return [r for r in records if r.get("type") == "step"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine.load(args.engine)
     questions = load_questions(args.questions)[:args.limit]
     prompts = build_prompts(engine, questions, args.max_new_tokens)
-    steps: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    steps: dict[str, list[dict]] = defaultdict(list)
     tally: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for p in tqdm(prompts, desc=f"{args.drafter} k={args.k}", unit="prompt"):
         base = engine.generate(p.ids, max_new_tokens=args.max_new_tokens, use_draft=False)
@@ -80,12 +71,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.max_new_tokens} new tokens per turn\n\n{header}\n|---|" + "---:|" * (args.k + 3) + "---|")
     for cat in sorted(steps, key=lambda c: (c == "overall", c)):
         t = tally[cat]
-        acc = by_position(steps[cat], args.k)
+        acc = acceptance_by_position(steps[cat], args.k)
         speedup = (t["tokens"] / t["spec_s"]) / (t["base_tokens"] / t["base_s"])
         rows[cat] = {"acceptance_by_position": acc, "tokens_per_pass": t["tokens"] / t["passes"],
                      "draft_ms_per_pass": 1000 * t["draft_s"] / t["passes"], "speedup": speedup,
                      "identical": t["different"] == 0}
-        cells = " | ".join("-" if a is None else f"{a:.3f}" for a in acc)
+        cells = " | ".join(f"{a:.3f}" for a in acc)
         print(f"| {cat} | {cells} | {rows[cat]['tokens_per_pass']:.2f} | {rows[cat]['draft_ms_per_pass']:.2f} | "
               f"{speedup:.2f}x | {'yes' if t['different'] == 0 else 'NO'} |")
     if args.json:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -108,6 +108,17 @@ def read(path: str | Path) -> list[dict]:
     return gens
 
 
+def acceptance_by_position(steps: Sequence[dict], k: int | None = None) -> list[float]:
+    """P(draft position i accepted | a draft was offered there and positions < i were accepted), i = 1..k
+    (default: the most drafts any step offered), from step records; 0.0 where no step reached i."""
+    kmax = k if k is not None else max((s["proposed"] for s in steps), default=0)
+    out = []
+    for i in range(kmax):
+        reached = [s for s in steps if s["proposed"] > i and s["accepted"] >= i]
+        out.append(round(sum(1 for s in reached if s["accepted"] > i) / len(reached), 4) if reached else 0.0)
+    return out
+
+
 def analyze(generations: Iterable[dict]) -> Analysis:
     gens = list(generations)
     spec = [g for g in gens if g["header"].get("policy") != "target-only"]
@@ -119,11 +130,7 @@ def analyze(generations: Iterable[dict]) -> Analysis:
     accepted = sum(s["accepted"] for s in steps)
     rejections = sum(1 for s in steps if s["rejected_at"] is not None)
     alpha = accepted / (accepted + rejections) if accepted + rejections else 0.0
-    kmax = max(s["proposed"] for s in steps)
-    by_pos = []
-    for i in range(kmax):
-        reached = [s for s in steps if s["proposed"] > i and s["accepted"] >= i]
-        by_pos.append(round(sum(1 for s in reached if s["accepted"] > i) / len(reached), 4) if reached else 0.0)
+    by_pos = acceptance_by_position(steps)
     emitted = sum(s["emitted"] for s in steps)
     draft_s = sum(s["draft_s"] for s in steps)
     verify_s = sum(s["verify_s"] for s in steps)
