@@ -119,3 +119,13 @@ def test_compact_moves_the_accepted_path(n_rows, data):
 def test_a_one_branch_tree_is_a_chain():
     t = Tree(np.array([5, 6, 7]), np.array([-1, 0, 1]))
     assert t.is_chain and t.path(2) == [0, 1, 2]
+
+
+def test_sampled_tree_verify_leaves_the_callers_probabilities_untouched():
+    """Rejected candidates are zeroed in a copy of the row: a float64 array passed in comes back as it was."""
+    probs = np.array([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5], [0.1, 0.1, 0.8]])
+    before = probs.copy()
+    tree = Tree(np.array([1, 0]), np.array([-1, -1]))
+    for seed in range(50):
+        sampled_tree_verify(tree, probs, np.random.default_rng(seed))
+    assert np.array_equal(probs, before)
