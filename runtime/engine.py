@@ -120,6 +120,16 @@ class Engine:
             self.manifest.target.raw.get("quantization"))
 
     @property
+    def chains_only_reason(self) -> str | None:
+        """Why this engine verifies chains only, or None where it takes trees (``trees_lossless``)."""
+        if not self.target.supports_tree:
+            return "its graph takes no tree passes (re-export it with --attention gqa)"
+        if not self.trees_lossless:
+            return ("its target quantizes activations to int8, where a tree pass does not score a path exactly as "
+                    "a chain pass does")
+        return None
+
+    @property
     def default_drafter(self) -> str:
         """What runs when a request names no drafter: measured on Spec-Bench (README), per engine kind."""
         return DEFAULT_DRAFTER[self.draft.spec.kind if self.draft is not None else None]
@@ -281,11 +291,8 @@ class Engine:
             tree_nodes = req.tree_nodes if self.trees_lossless else 0
             if req.tree_nodes and not tree_nodes and not self._warned_chains:
                 self._warned_chains = True
-                warnings.warn(f"{self.manifest.root}: this target verifies chains only (tree_nodes ignored): "
-                              + ("its graph takes no tree passes (re-export with gqa attention)"
-                                 if not self.target.supports_tree else
-                                 "it quantizes activations to int8, where a tree pass does not score a path "
-                                 "exactly as a chain pass does (Engine.trees_lossless)"), stacklevel=2)
+                warnings.warn(f"{self.manifest.root}: this engine verifies chains only (tree_nodes ignored): "
+                              f"{self.chains_only_reason}", stacklevel=2)
             steps = speculative(self.target, drafter, ids, control, req.max_new_tokens, params_, rng, stats,
                                 accept_tau=stats.accept_tau, tree_nodes=tree_nodes,
                                 row_cost=self.pass_costs(tree_nodes + 1) if tree_nodes else None)

@@ -395,10 +395,8 @@ def _bench_spec(args, engine) -> int:
                 raise GenerationError(f"--engine-drafters: engine {i} ({label}) cannot run drafter {drafter!r}; "
                                       f"it can run {', '.join(e.drafters)}")
             if nodes and not e.trees_lossless:
-                raise GenerationError(f"--engine-drafters: engine {i} ({label}) verifies chains only "
-                                      + ("(re-export it with --attention gqa)" if not e.target.supports_tree else
-                                         "(its target quantizes activations to int8: a tree pass would not score "
-                                         "a path exactly as a chain does)"))
+                raise GenerationError(f"--engine-drafters: engine {i} ({label}) verifies chains only: "
+                                      f"{e.chains_only_reason}")
         drafters = [d for d in (args.drafters or e.drafters) if d in e.drafters]
         systems += peers.specrt_systems(e, ks, args.max_new_tokens, label, drafters=drafters, policy=args.policy,
                                         tree_nodes=args.tree_nodes if e.trees_lossless else [0], plan=plan)
@@ -481,7 +479,7 @@ def _info(args) -> int:
               f"params, {spec.num_layers} layers, {spec.num_kv_heads} KV heads x {spec.head_dim}, {spec.dtype}, "
               f"vocab {spec.vocab_size}")
         q = raw.get("quantization")
-        quant = "int8 weights, int8 activations per row (integer GEMM)" if q and q.get("scheme") == "int8-rows" else (
+        quant = "7-bit weights, int8 activations per row (integer GEMM)" if q and q.get("scheme") == "int8-rows" else (
                 f"int{q['bits']} MatMulNBits (block {q['block_size']}, accuracy level {q['accuracy_level']}"
                  f"{'' if q.get('batch_invariant', True) or spec.role == 'draft' else ', NOT batch-invariant'})"
                  ) if q else "not quantized"
