@@ -172,7 +172,8 @@ def speculative(target: ModelStep, drafter: Drafter, prompt_ids: np.ndarray, pol
         drafter.commit(accepted_ids, next_id, target.features()[rows] if drafter.needs_features else None)
         stats.draft_s += t1 - t0
         stats.verify_s += t2 - t1
-        policy.observe(m, accepted, t1 - t0, t2 - t1)
+        # a tree's acceptance is that of its deepest path: its m nodes are not m chances in a row
+        policy.observe(m, accepted, t1 - t0, t2 - t1, depth=None if tree is None else int(tree.depths.max(initial=0)))
         length += accepted + 1
         last = next_id
         emitted += accepted + 1

@@ -35,8 +35,9 @@ class Policy:
     def keep_drafting(self, top_prob: float) -> bool:
         return True
 
-    def observe(self, proposed: int, accepted: int, draft_s: float, verify_s: float) -> None:
-        pass
+    def observe(self, proposed: int, accepted: int, draft_s: float, verify_s: float, depth: int | None = None) -> None:
+        """A step happened: ``proposed`` tokens drafted (a tree's nodes), ``accepted`` of them, in these times.
+        ``depth``: a tree's deepest path (None for a chain: ``proposed``)."""
 
     @property
     def needs_confidence(self) -> bool:
@@ -93,7 +94,7 @@ class Budget(Policy):
         allowed = int(self.max_draft_per_token * (self.generated + 1) - self.proposed)
         return max(0, min(self.k, limit, allowed))
 
-    def observe(self, proposed: int, accepted: int, draft_s: float, verify_s: float) -> None:
+    def observe(self, proposed: int, accepted: int, draft_s: float, verify_s: float, depth: int | None = None) -> None:
         self.proposed += proposed
         self.generated += accepted + 1
 
@@ -154,12 +155,13 @@ class Adaptive(Policy):
             self._idle = 0
         return best
 
-    def observe(self, proposed: int, accepted: int, draft_s: float, verify_s: float) -> None:
-        old = self._verify_s.get(proposed)
+    def observe(self, proposed: int, accepted: int, draft_s: float, verify_s: float, depth: int | None = None) -> None:
+        old = self._verify_s.get(proposed)  # the cost of a pass over proposed + 1 rows (a tree's too)
         self._verify_s[proposed] = verify_s if old is None else 0.8 * old + 0.2 * verify_s
         if proposed == 0:
             return
-        rejected = 1 if accepted < proposed else 0
+        # alpha from the chain (or a tree's deepest path): a tree's other nodes are not chances in a row
+        rejected = 1 if accepted < (proposed if depth is None else depth) else 0
         self._acc = self.decay * self._acc + accepted
         self._rej = self.decay * self._rej + rejected
         if self._acc + self._rej > 0:

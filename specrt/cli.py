@@ -117,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--tree-nodes", type=int, default=0,
                            help="verify trees of up to N candidate tokens per target pass (pruned to what pays by "
                            "this engine's measured pass costs); 0 = chains (default)")
-            g.add_argument("--ngram-min", type=int, default=None, help="shortest context match, ngram/hybrid (default 2)")
-            g.add_argument("--ngram-max", type=int, default=None, help="longest context match, ngram/hybrid (default 4)")
+            g.add_argument("--ngram-min", type=int, default=None, help="shortest context match, ngram/hybrid (default 1)")
+            g.add_argument("--ngram-max", type=int, default=None, help="longest context match, ngram/hybrid (default 8)")
             g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
             g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
             g.add_argument("--top-k", type=int, default=0)

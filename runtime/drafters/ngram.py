@@ -8,6 +8,15 @@ The index maps each n-gram to where its continuation starts, and is updated as t
 (n-grams ending at the token before each new one gain a continuation): no step rescans the context.
 ``match="latest"`` keeps the most recent occurrence of an n-gram, ``"earliest"`` the first one
 (vLLM's choice); ``benchmarks/drafter_replay.py`` measured which one pays (README).
+
+How far to trust a match depends on its length: over the verifier's own Spec-Bench outputs a 1-gram
+match's continuation was accepted for 0.8 tokens on average, a 3-gram's for 2.9, an 8-gram's for 6.5
+(``drafter_replay.py``).  So the drafter keeps, per match length, a running per-token acceptance p(n)
+(geometric: accepted tokens against first rejections, starting from those measured priors) and
+proposes a continuation only as deep as p(n)^depth >= ``MIN_NODE_P``: a 1-gram match offers about 2
+tokens, a long match up to k.  Rows a pass would waste cost time where they are not free (long
+contexts, quantized targets); the tokens they could have won come back from the long matches.
+Tree nodes are scored with the same p(n).
 """
 from __future__ import annotations
 
@@ -21,26 +30,34 @@ from specrt.runtime.tree import trie
 
 MATCHES = ("latest", "earliest")
 OCCURRENCES = 4  # earlier occurrences kept per n-gram: a tree's branches
+MIN_NODE_P = 0.1  # propose a token only while its estimated acceptance p(n)^depth stays above this
+# Per-token acceptance of an n-token match's continuation before this generation has shown any (from the
+# replay over Spec-Bench outputs, module docstring), and how many observations that prior weighs.
+PRIOR_P = {1: 0.45, 2: 0.6, 3: 0.7}
+PRIOR_P_LONG = 0.8
+PRIOR_WEIGHT = 4.0
 
 
 class NgramDrafter(Drafter):
     name = "ngram"
 
-    def __init__(self, ngram_min: int = 2, ngram_max: int = 4, match: str = "latest"):
+    def __init__(self, ngram_min: int = 1, ngram_max: int = 8, match: str = "latest", trim: bool = True):
         if not (isinstance(ngram_min, int) and isinstance(ngram_max, int) and 1 <= ngram_min <= ngram_max <= 16):
             raise GenerationError(f"n-gram sizes must satisfy 1 <= ngram_min <= ngram_max <= 16, got "
                                   f"{ngram_min!r}, {ngram_max!r}")
         if match not in MATCHES:
             raise GenerationError(f"match must be one of {', '.join(MATCHES)}, got {match!r}")
-        self.ngram_min, self.ngram_max, self.match = ngram_min, ngram_max, match
+        self.ngram_min, self.ngram_max, self.match, self.trim = ngram_min, ngram_max, match, trim
         self.tokens: list[int] = []
         # n-gram -> starts of the tokens that followed it (the latest or earliest few; a tree takes several)
         self._index: dict[tuple[int, ...], list[int]] = {}
-        self.alpha = 0.6  # running acceptance of its proposals: the score of a tree node is alpha ** depth
+        self._counts: dict[int, list[float]] = {}  # match length -> [accepted tokens, first rejections]
+        self._last: tuple[int, int] | None = None  # (match length, tokens proposed) of the pending chain proposal
 
     def begin(self, prompt_ids: np.ndarray, features: np.ndarray | None = None) -> None:
         self.tokens = [int(t) for t in prompt_ids]
         self._index = {}
+        self._counts, self._last = {}, None
         for i in range(1, len(self.tokens)):
             self._register(i)
 
@@ -66,31 +83,59 @@ class NgramDrafter(Drafter):
                 return n, t[start:start + k]
         return 0, []
 
+    def p(self, n: int) -> float:
+        """Estimated per-token acceptance of the continuation of an n-token match, in this generation."""
+        acc, rej = self._counts.get(n) or (0.0, 0.0)
+        prior = PRIOR_P.get(n, PRIOR_P_LONG)
+        return (acc + PRIOR_WEIGHT * prior / (1 - prior)) / (acc + rej + PRIOR_WEIGHT / (1 - prior))
+
+    def depth(self, n: int, k: int) -> int:
+        """How many tokens of an n-token match's continuation to propose (at most k)."""
+        if not self.trim:
+            return k
+        p = min(self.p(n), 0.99)
+        return max(1, min(k, int(np.log(MIN_NODE_P) / np.log(p))))
+
     def propose_tree(self, k: int, nodes: int, sampling: SamplingParams, rng: np.random.Generator) -> Proposal:
         """Distinct continuations of several earlier matches (longest first, in match order) as branches."""
         t = self.tokens
         paths: list[list[int]] = []
+        path_p: list[float] = []
         for n in range(min(self.ngram_max, len(t)), self.ngram_min - 1, -1):
             starts = self._index.get(tuple(t[len(t) - n:]), [])
             for start in (reversed(starts) if self.match == "latest" else starts):
                 cont = t[start:start + k]
                 if cont and cont not in paths:
                     paths.append(cont)
+                    path_p.append(self.p(n))
         if not paths:
             return empty()
+        self._last = None  # a tree's accepted path may come from any match: the counts learn from chains
         tree, rank = trie(paths, nodes)
-        scores = self.alpha ** tree.depths * 0.5 ** rank  # a later match's own nodes are less likely
+        # a node is as likely as its match's continuation reaches that deep; a later match's own nodes
+        # (where it parts from the earlier ones) less so
+        scores = np.array(path_p)[rank] ** tree.depths * 0.5 ** rank
         return Proposal(tree.token_ids, None, None, tree.parents, scores)
 
     def propose(self, k: int, sampling: SamplingParams, rng: np.random.Generator,
                 keep_drafting: KeepDrafting | None = None) -> Proposal:
+        self._last = None
         if k < 1:
             return empty()
-        _, ids = self.lookup(k)
-        return Proposal(np.array(ids, dtype=np.int64)) if ids else empty()
+        n, ids = self.lookup(k)
+        if not ids:
+            return empty()
+        ids = ids[:self.depth(n, k)]
+        self._last = (n, len(ids))
+        return Proposal(np.array(ids, dtype=np.int64))
 
     def commit(self, accepted_ids: Sequence[int], next_id: int, features: np.ndarray | None = None) -> None:
-        self.alpha = 0.9 * self.alpha + 0.1 * (len(accepted_ids) / (len(accepted_ids) + 1))
+        if self._last is not None:
+            n, proposed = self._last
+            counts = self._counts.setdefault(n, [0.0, 0.0])
+            counts[0] += len(accepted_ids)
+            counts[1] += len(accepted_ids) < proposed  # a first rejection (all accepted: none seen)
+            self._last = None
         for token in (*accepted_ids, next_id):
             self.tokens.append(int(token))
             self._register(len(self.tokens) - 1)

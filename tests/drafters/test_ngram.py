@@ -28,7 +28,7 @@ def propose(d: NgramDrafter, k: int) -> list[int]:
     ([7], 4, 1, 2, "latest", []),                                   # the current suffix itself is no match
 ])
 def test_lookup_table(context, k, nmin, nmax, match, expected):
-    d = NgramDrafter(nmin, nmax, match)
+    d = NgramDrafter(nmin, nmax, match, trim=False)
     d.begin(np.array(context))
     assert propose(d, k) == expected
 
@@ -50,7 +50,7 @@ def brute_force(tokens: list[int], k: int, nmin: int, nmax: int, match: str) -> 
        nmin=st.integers(1, 3), extra=st.integers(0, 3), k=st.integers(1, 8), match=st.sampled_from(["latest", "earliest"]))
 def test_incremental_index_equals_a_full_scan(tokens, split, nmin, extra, k, match):
     split = min(split, len(tokens))
-    d = NgramDrafter(nmin, nmin + extra, match)
+    d = NgramDrafter(nmin, nmin + extra, match, trim=False)
     d.begin(np.array(tokens[:split]))
     assert propose(d, k) == brute_force(tokens[:split], k, nmin, nmin + extra, match)
     i = split
@@ -74,3 +74,25 @@ def test_k_zero_and_empty_proposals_are_deterministic():
     p = d.propose(0, GREEDY, RNG)
     assert len(p) == 0 and p.probs is None
     assert d.propose(3, GREEDY, RNG).probs is None  # q is one-hot: a deterministic proposal
+
+
+def test_proposals_are_as_deep_as_the_match_has_earned():
+    """A short match proposes a short continuation and a long one up to k; rejections shorten them further,
+    full acceptances lengthen them (the running per-match-length acceptance p(n))."""
+    d = NgramDrafter(1, 8)
+    text = list(range(100, 140))
+    d.begin(np.array(text + [7] + text[:8]))  # the last 8 tokens repeat the prompt's start: an 8-gram match
+    assert propose(d, 16) == text[8:18]  # p(8) = 0.8 prior: 0.8 ** 10 > 0.1 > 0.8 ** 11
+    d.commit(text[8:18], text[18])  # all accepted
+    assert d.p(8) > 0.8 and d.depth(8, 16) > 10
+    assert propose(d, 4) == text[19:23]  # k caps it
+    d.begin(np.arange(100))  # every target token below repeats one earlier token: 1-gram matches only
+    d.commit([], 10)
+    assert propose(d, 8) == [11, 12]  # p(1) = 0.45 prior: 0.45 ** 2 > 0.1 > 0.45 ** 3
+    before = d.depth(1, 8)
+    for t in range(20, 90, 10):  # ... and each is rejected at its first token
+        d.commit([], t)
+        assert propose(d, 8)[0] == t + 1
+    d.commit([], 95)
+    assert d.p(1) < 0.3 and d.depth(1, 8) < before
+    assert NgramDrafter(1, 8, trim=False).depth(1, 8) == 8
