@@ -82,7 +82,7 @@ def export_model(checkpoint: Path, role: str, out_dir: Path, workdir: Path, max_
         num_layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         cache_dtype, n = "float32", gqa_graph.names(num_layers)
-        layout = {"update": "in-place", "attention": "group-query-attention"}
+        layout = {"update": "in-place", "attention": "group-query-attention", "logits_from": gqa_graph.LOGITS_FROM}
         if tree:
             layout["tree"] = {"position_ids": gqa_graph.POSITION_IDS, "bias": gqa_graph.TREE_BIAS}
     else:

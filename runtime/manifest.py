@@ -50,6 +50,8 @@ class KVSpec:
     # tree passes (kv_cache.tree): each row's position, and the additive bias among the n new rows
     position_ids: str | None = None
     tree_bias: str | None = None
+    # kv_cache.logits_from: the int64 [1] input that limits the logits to rows [logits_from, n) (prefill: n - 1)
+    logits_from: str | None = None
 
     @property
     def in_place(self) -> bool:
@@ -164,7 +166,7 @@ def validate_manifest(data: Any) -> None:
                 raise EngineDirError(f"manifest.json: models/{role}/kv_cache/{key} has {len(kv[key])} names "
                                      f"for {n} layers. {_REEXPORT}")
         # Version 2 states how the step updates the cache; version 1 predates in-place graphs; version 3 adds
-        # optional drafts, feature heads and tree inputs.
+        # optional drafts, feature heads and tree inputs; version 4 the logits_from input.
         if data["format_version"] >= 2 and "update" not in kv:
             raise EngineDirError(f"manifest.json: models/{role}/kv_cache/update is required in format version 2 "
                                  f"(\"write-new\" or \"in-place\"). {_REEXPORT}")
@@ -175,6 +177,9 @@ def validate_manifest(data: Any) -> None:
                                            or m.get("features")):
             raise EngineDirError(f"manifest.json: a missing draft, feature heads and tree passes need format "
                                  f"version 3. {_REEXPORT}")
+        if data["format_version"] < 4 and "logits_from" in kv:
+            raise EngineDirError(f"manifest.json: models/{role}/kv_cache/logits_from needs format version 4. "
+                                 f"{_REEXPORT}")
         if "bucket_length" in kv and (not kv.get("context_buckets")
                                       or kv["context_buckets"][-1] != data["pair"]["max_context"]
                                       or kv["context_buckets"] != sorted(kv["context_buckets"])):
@@ -369,6 +374,7 @@ def model_spec(root: Path, role: str, data: dict) -> ModelSpec:
             update=kv.get("update", "write-new"), bucket_length=kv.get("bucket_length"),
             context_buckets=tuple(kv.get("context_buckets", ())),
             position_ids=(kv.get("tree") or {}).get("position_ids"), tree_bias=(kv.get("tree") or {}).get("bias"),
+            logits_from=kv.get("logits_from"),
         ),
         raw=m,
     )

@@ -77,6 +77,8 @@ class OrtModel:
             want_in.add(kv.bucket_length)
         if kv.tree:
             want_in |= {kv.position_ids, kv.tree_bias}
+        if kv.logits_from:
+            want_in.add(kv.logits_from)
         want_out = {kv.logits, *kv.new_keys, *kv.new_values}
         if self.spec.features:
             want_out.add(self.spec.features["output"])
@@ -107,7 +109,7 @@ class OrtModel:
                 raise EngineDirError(f"{self.spec.path.name}: tensor {name!r} has shape {have} in the graph but the "
                                      f"manifest says {dims}. The directory mixes files from different exports; "
                                      "re-export it.")
-        for name in (kv.input_ids, kv.past_length):
+        for name in (kv.input_ids, kv.past_length, *([kv.logits_from] if kv.logits_from else [])):
             if shapes[name][1] != "tensor(int64)":
                 raise EngineDirError(f"{self.spec.path.name}: input {name!r} is {shapes[name][1]}, expected "
                                      "tensor(int64). Re-export the engine directory.")
@@ -139,6 +141,9 @@ class OrtModelStep:
             if self._in_place:
                 self.binding.bind_ortvalue_output(out_name, value)
         self._past = np.zeros(1, dtype=np.int64)
+        # graphs with kv_cache.logits_from compute the LM head for rows [logits_from, n) only: 0 on every pass
+        # whose logits are read, n - 1 on prefill chunks (``extend``), whose logits nobody reads
+        self._logits_from = np.zeros(1, dtype=np.int64) if kv.logits_from else None
         # A model whose 1-token passes compute differently from multi-token passes (measured at export,
         # manifest batch_invariance.min_rows = 2: MatMulNBits with int8 activations on this CPU) runs
         # every 1-token step as a 2-token pass -- the token twice; the second row's KV lands at pos + 1,
@@ -160,7 +165,8 @@ class OrtModelStep:
             fh = spec.feature_head
             self._extra_out[fh["hidden_output"]] = fh["hidden_size"]
             self._extra_in = (fh["hidden_input"], fh["features_input"], fh["select_input"])
-        self._outputs: dict[int, tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list, dict]] = {}
+        # by n (and (n, rows) where a pass returns fewer rows of logits than it runs)
+        self._outputs: dict[int | tuple[int, int], tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list, dict]] = {}
         self._shared = None  # (the same tuple) for the sizes above max_step, and its views by n
         self._shared_views: dict[int, tuple] = {}
         self._last: dict[str, np.ndarray] = {}
@@ -218,6 +224,12 @@ class OrtModelStep:
              tree: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """``inputs``: a feature head's extra inputs, each [1, n, width] (or [1] for its selector).  ``tree``:
         (positions [n], bias [n, n]) of a tree pass (``runtime/tree.py``); None is a chain."""
+        return self._step(token_ids, pos, inputs, tree, last_only=False)
+
+    def _step(self, token_ids: np.ndarray, pos: int, inputs: dict[str, np.ndarray] | None,
+              tree: tuple[np.ndarray, np.ndarray] | None, last_only: bool) -> np.ndarray:
+        """``step``; ``last_only``: only the last row's logits are wanted ([1, vocab] where the graph can skip
+        the others' LM head, every row's otherwise)."""
         if tree is not None and not self._tree:
             raise GenerationError(f"{self.spec.role}: this graph takes no tree passes; re-export it (gqa attention)")
         self._tree_pass = tree
@@ -241,11 +253,17 @@ class OrtModelStep:
             self.cache.set_length(pos + n)
             self._last = {k: v[:n] for k, v in self._last.items()}
             return logits[:n]
-        return self._run(token_ids, pos, inputs)
+        return self._run(token_ids, pos, inputs, last_only)
 
-    def _run(self, token_ids: np.ndarray, pos: int, inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    def _run(self, token_ids: np.ndarray, pos: int, inputs: dict[str, np.ndarray] | None = None,
+             last_only: bool = False) -> np.ndarray:
         n = len(token_ids)
         kv = self.spec.kv
+        rows = n  # rows of logits this pass returns
+        if self._logits_from is not None:
+            rows = 1 if last_only else n
+            self._logits_from[0] = n - rows
+            self.binding.bind_cpu_input(kv.logits_from, self._logits_from)
         ids = np.asarray(token_ids, dtype=np.int64).reshape(1, n)  # O(n)
         self._past[0] = pos
         self.binding.bind_cpu_input(kv.input_ids, ids)
@@ -269,7 +287,7 @@ class OrtModelStep:
             if inputs is None or name not in inputs:
                 raise GenerationError(f"{self.spec.role}: this graph needs the input {name!r} at every step")
             self.binding.bind_cpu_input(name, inputs[name])
-        logits, new_k, new_v, extra = self._bind_outputs(n)
+        logits, new_k, new_v, extra = self._bind_outputs(n, rows)
         try:
             self.session.run_with_iobinding(self.binding)
         except Exception as e:  # noqa: BLE001 -- onnxruntime raises its own Fail/RuntimeException types
@@ -283,7 +301,7 @@ class OrtModelStep:
             self.cache.written(pos, n)
         else:
             self.cache.write(pos, new_k, new_v, n)
-        return logits[0]  # [n, vocab], a view of a reused buffer
+        return logits[0]  # [rows, vocab], a view of a reused buffer
 
     def prefill(self, token_ids: np.ndarray) -> np.ndarray:
         self.cache.set_length(0)
@@ -292,19 +310,28 @@ class OrtModelStep:
     def extend(self, token_ids: np.ndarray, pos: int) -> np.ndarray:
         logits = None
         for start in range(0, len(token_ids), PREFILL_CHUNK):
-            logits = self.step(token_ids[start:start + PREFILL_CHUNK], pos + start)
+            logits = self._step(token_ids[start:start + PREFILL_CHUNK], pos + start, None, None, last_only=True)
         assert logits is not None, "extend needs at least one token"
         return logits[-1]
 
     # -- buffers --------------------------------------------------------------------
-    def _bind_outputs(self, n: int):
-        """Bind preallocated output buffers for an n-token step.
+    def _bind_outputs(self, n: int, rows: int):
+        """Bind preallocated output buffers for an n-token step with ``rows`` rows of logits (n, or 1 where
+        the graph skips the others).
 
         The step shapes the loop uses (n <= max_step) and full prefill chunks get buffers of their own,
         allocated once.  Other sizes (tree passes wider than max_step, the last chunk of a prefill) share
         one buffer grown to the widest seen: their outputs are views, valid until the next such step.
         """
-        out = self._outputs.get(n)
+        if rows != n:  # a prefill chunk's single row of logits (extras keep n rows): full chunks get a buffer of
+            # their own; the last, shorter chunk of a prompt allocates (once per prefill, next to n-row passes)
+            out = self._outputs.get((n, rows))
+            if out is None:
+                out = self._allocate(n, None, rows)
+                if n == PREFILL_CHUNK:
+                    self._outputs[(n, rows)] = out
+        else:
+            out = self._outputs.get(n)
         if out is None:
             if n <= self._max_step or n == PREFILL_CHUNK:
                 out = self._outputs[n] = self._allocate(n, None)
@@ -325,12 +352,14 @@ class OrtModelStep:
             self.binding.bind_ortvalue_output(name, value)
         return out[0], out[1], out[2], out[4]
 
-    def _allocate(self, n: int, base):
-        """Output arrays for n rows, their OrtValues; ``base`` given: views of its first n rows."""
+    def _allocate(self, n: int, base, rows: int | None = None):
+        """Output arrays for n rows (``rows`` of logits: n by default), their OrtValues; ``base`` given: views of
+        its first n rows."""
         kv = self.spec.kv
         _, kvh, _, hd = kv.buffer_shape
         if base is None:
-            logits = np.empty((1, n, self._vocab), dtype=np.float32 if self.dtype == np.float32 else self.dtype)
+            logits = np.empty((1, n if rows is None else rows, self._vocab),
+                              dtype=np.float32 if self.dtype == np.float32 else self.dtype)
             extra = {name: np.empty((1, n, width), dtype=np.float32) for name, width in self._extra_out.items()}
         else:  # the first n rows of a [1, rows, width] array are contiguous
             logits = base[0][:, :n]

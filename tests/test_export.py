@@ -73,6 +73,24 @@ def test_in_place_and_concat_graphs_write_the_same_cache(engines):
     assert all(len(out[1]) == 0 for out in gqa._outputs.values())  # no per-step KV output buffers at all
 
 
+def test_prefill_skips_the_lm_head_and_leaves_the_same_cache(engines):
+    """In-place graphs take ``logits_from``: a prefill chunk asks for its last row's logits only.  The cache it
+    leaves is the one a full-logits pass leaves (bit for bit: the LM head does not feed the KV), and decoding on
+    top of it gives the same logits; the one row it returns is that of the full pass."""
+    spec = load_manifest(engines["close"]).target
+    assert spec.kv.logits_from == "logits_from"
+    lean, full = OrtModelStep(spec), OrtModelStep(spec)
+    ids = np.random.default_rng(5).integers(0, 300, size=40)
+    last = lean.prefill(ids[:30]).copy()
+    assert lean._logits_from[0] == 29  # the prefill pass asked for its last row's logits only
+    rows = full.step(ids[:30], 0).copy()  # every row's logits
+    assert rows.shape[0] == 30 and np.abs(last - rows[-1]).max() < 1e-4
+    for x, y in zip(lean.cache.keys + lean.cache.values, full.cache.keys + full.cache.values):
+        assert np.array_equal(x[:, :, :30], y[:, :, :30])
+    a, b = lean.step(ids[30:35], 30), full.step(ids[30:35], 30)
+    assert a.shape == b.shape == (5, spec.vocab_size) and np.array_equal(a, b)
+
+
 def test_manifest_describes_every_tensor(engines):
     m = json.loads((engines["close"] / "manifest.json").read_text())
     t = m["models"]["target"]

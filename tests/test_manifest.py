@@ -31,6 +31,7 @@ def test_good_manifest_validates(engines):
     (lambda d: d["files"]["target.onnx"].update(bytes=1), "has .* bytes, the manifest says 1"),
     (lambda d: d["models"]["target"]["kv_cache"].pop("update"), "kv_cache/update is required in format version 2"),
     (lambda d: d.update(format_version=1), "update 'in-place' needs format version 2"),
+    (lambda d: d.update(format_version=3), "logits_from needs format version 4"),
 ])
 def test_corrupt_manifests_are_rejected(engine_copy, mutate, match):
     edit(engine_copy, mutate)
