@@ -92,6 +92,34 @@ def trie(paths: list[list[int]], budget: int) -> tuple[Tree, np.ndarray]:
     return Tree(np.array(tokens, dtype=np.int64), np.array(parents, dtype=np.int64)), np.array(origin, dtype=np.int64)
 
 
+def merge(parts: list[tuple[Tree, np.ndarray]], budget: int) -> tuple[Tree, np.ndarray]:
+    """One tree of several drafters' trees (each with its nodes' scores), within ``budget`` nodes: a node that
+    two trees share (the same token under the same path) appears once with the higher score.  The first tree
+    is laid out first, so a lone tree comes back unchanged (cut at ``budget``)."""
+    tokens: list[int] = []
+    parents: list[int] = []
+    scores: list[float] = []
+    index: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
+    for tree, tree_scores in parts:
+        where = np.full(len(tree), -2, dtype=np.int64)  # this tree's node -> merged node; -2: cut
+        for i, (token, parent) in enumerate(zip(tree.token_ids.tolist(), tree.parents.tolist())):
+            merged_parent = -1 if parent < 0 else int(where[parent])
+            if merged_parent == -2:
+                continue  # its parent did not fit
+            node = index.get((merged_parent, token))
+            if node is None:
+                if len(tokens) >= budget:
+                    continue
+                node = index[(merged_parent, token)] = len(tokens)
+                tokens.append(token)
+                parents.append(merged_parent)
+                scores.append(float(tree_scores[i]))
+            else:
+                scores[node] = max(scores[node], float(tree_scores[i]))
+            where[i] = node
+    return Tree(np.array(tokens, dtype=np.int64), np.array(parents, dtype=np.int64)), np.array(scores)
+
+
 def positions(tree: Tree, pos: int) -> np.ndarray:
     """Row positions of a pass over the tree at ``pos``: the root at pos, each node at pos + its depth."""
     return np.concatenate(([pos], pos + tree.depths)).astype(np.int64)

@@ -15,6 +15,7 @@ from specrt.runtime.tree import (
     chain,
     from_paths,
     greedy_tree_verify,
+    merge,
     positions,
     prune,
     sampled_tree_verify,
@@ -129,3 +130,16 @@ def test_sampled_tree_verify_leaves_the_callers_probabilities_untouched():
     for seed in range(50):
         sampled_tree_verify(tree, probs, np.random.default_rng(seed))
     assert np.array_equal(probs, before)
+
+
+def test_merge_shares_common_nodes_and_respects_the_budget():
+    a = from_paths([[7, 8, 9], [11]], 10)  # 7 -> 8 -> 9 ; 11
+    b = from_paths([[7, 10], [12, 13]], 10)  # 7 -> 10 ; 12 -> 13
+    tree, scores = merge([(a, np.array([0.5, 0.4, 0.3, 0.2])), (b, np.array([0.9, 0.1, 0.05, 0.01]))], 10)
+    paths = {tuple(tree.token_ids[tree.path(i)].tolist()): scores[i] for i in range(len(tree))}
+    assert paths == {(7,): 0.9, (7, 8): 0.4, (7, 8, 9): 0.3, (11,): 0.2, (7, 10): 0.1, (12,): 0.05, (12, 13): 0.01}
+    assert all(p < i for i, p in enumerate(tree.parents.tolist()))  # parents first: still topological
+    alone, _ = merge([(a, np.arange(4.0))], 10)
+    assert np.array_equal(alone.token_ids, a.token_ids) and np.array_equal(alone.parents, a.parents)
+    cut, _ = merge([(a, np.ones(4)), (b, np.ones(4))], 5)  # 7 8 9 11 (a), then 10 (b); 12 is cut, so is 13
+    assert cut.token_ids.tolist() == [7, 8, 9, 11, 10] and cut.parents.tolist() == [-1, 0, 1, -1, 0]

@@ -3,6 +3,11 @@
 Context matching is nearly free and, when it hits, usually right for several tokens; the draft model
 costs a forward pass per token and is right less often but everywhere.  Both follow every commit
 (the model's cache catches up on the tokens it did not propose, through its prefill stage).
+
+As a tree it takes both: the context's matches as branches, and the model's top choices for the next
+token (each continued ``MODEL_DEPTH`` deep) beside them -- where no match exists or the match is wrong
+at once, which on Spec-Bench is most steps, the model's branches are what a pass can still accept.
+The loop's pruning then keeps the nodes the pass costs pay for.
 """
 from __future__ import annotations
 
@@ -11,6 +16,9 @@ from collections.abc import Sequence
 import numpy as np
 from specrt.runtime.drafters.base import Drafter, KeepDrafting, Proposal
 from specrt.runtime.sampling import SamplingParams
+from specrt.runtime.tree import Tree, merge
+
+MODEL_DEPTH = 2  # how deep the model's branches go in a hybrid tree: each level is a draft step per branch
 
 
 class HybridDrafter(Drafter):
@@ -36,12 +44,14 @@ class HybridDrafter(Drafter):
         return proposal
 
     def propose_tree(self, k: int, nodes: int, sampling: SamplingParams, rng: np.random.Generator) -> Proposal:
-        proposal = self.context.propose_tree(k, nodes, sampling, rng)
-        self.last_source = "context"
-        if not len(proposal):
-            proposal = self.model.propose_tree(k, nodes, sampling, rng)
-            self.last_source = "model" if len(proposal) else ""
-        return proposal
+        context = self.context.propose_tree(k, nodes, sampling, rng)
+        model = self.model.propose_tree(min(k, MODEL_DEPTH), nodes, sampling, rng)
+        parts = [(Tree(p.token_ids, p.parents), p.scores) for p in (context, model) if len(p)]
+        self.last_source = "+".join(name for name, p in (("context", context), ("model", model)) if len(p))
+        if not parts:
+            return context
+        tree, scores = merge(parts, nodes)
+        return Proposal(tree.token_ids, None, None, tree.parents, scores)
 
     def commit(self, accepted_ids: Sequence[int], next_id: int, features: np.ndarray | None = None) -> None:
         self.context.commit(accepted_ids, next_id, features)

@@ -21,6 +21,7 @@ from specrt.runtime.sampling import SamplingParams, warp
 
 STEP_WIDTHS = (1, 2)  # the draft's planned step widths; longer catch-ups go through extend()
 BRANCHES = 3  # a tree's branches at the first position: the draft's top choices
+MIN_BRANCH_P = 0.05  # a runner-up below this draft probability makes no branch
 
 
 class ModelDrafter(Drafter):
@@ -101,7 +102,7 @@ class ModelDrafter(Drafter):
         parents: list[int] = []
         scores: list[float] = []
         for b, token in enumerate(first):
-            if len(tokens) >= nodes or (b and root_probs[token] < 0.05):
+            if len(tokens) >= nodes or (b and root_probs[token] < MIN_BRANCH_P):
                 break
             self.draft.set_length(self.length)  # back to the root: the context, `last` included
             parent, score, t, depth = -1, float(root_probs[token]), int(token), 1

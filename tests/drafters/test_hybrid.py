@@ -22,3 +22,22 @@ def test_context_match_first_model_otherwise():
     assert h.last_source == "model" and len(p) == 2
     # the model caught up on the 3 tokens it did not draft (prefill stage), then stepped 1 token at a time
     assert draft.extends[-1][0] == 3 and [n for n, _ in draft.widths] == [1, 1]
+
+
+def test_a_hybrid_tree_holds_the_context_match_and_the_models_choices():
+    """As a tree, hybrid verifies both: the context's continuations and, beside them, the model's top first
+    tokens -- which is where a pass still gains when the match is wrong at once."""
+    target = FakeStep(salt=1)
+    draft = FakeStep(salt=0, agree_with=target)
+    h = HybridDrafter(NgramDrafter(2, 3), ModelDrafter(draft))
+    h.begin(np.array([1, 2, 3, 4, 1, 2]))
+    p = h.propose_tree(3, 16, GREEDY, RNG)
+    assert h.last_source == "context+model" and p.parents is not None and len(p.scores) == len(p)
+    tree_paths = [p.token_ids[i] for i in range(len(p)) if p.parents[i] < 0]  # the root's children
+    assert tree_paths[0] == 3  # the match's continuation (1, 2) -> 3 comes first
+    model = ModelDrafter(FakeStep(salt=0, agree_with=target))
+    model.begin(np.array([1, 2, 3, 4, 1, 2]))
+    first = model.propose_tree(1, 16, GREEDY, RNG)
+    assert set(first.token_ids.tolist()) <= set(tree_paths)  # the model's first-token choices hang off the root
+    h.commit([3], 4)  # a tree was verified: both drafters follow
+    assert len(h.propose(2, GREEDY, RNG)) > 0
