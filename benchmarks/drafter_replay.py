@@ -105,9 +105,11 @@ def main() -> int:
     print(f"target pass cost by rows at context {context} (ms): "
           + ", ".join(f"{n}: {1e3 * c:.1f}" for n, c in cost.items()))
     configs = {}
-    for n_min, n_max in ((1, 3), (2, 3), (2, 4), (3, 5), (1, 5)):
+    for n_min, n_max in ((1, 3), (2, 3), (2, 4), (3, 5), (1, 5), (1, 8)):
         for match in ("latest", "earliest"):
-            configs[f"ngram {n_min}-{n_max} {match}"] = (lambda a=n_min, b=n_max, m=match: NgramDrafter(a, b, m))
+            for trim in (True, False):  # depth by the match length's running acceptance, or always up to k
+                configs[f"ngram {n_min}-{n_max} {match}{'' if trim else ' to k'}"] = (
+                    lambda a=n_min, b=n_max, m=match, t=trim: NgramDrafter(a, b, m, t))
     for conf in (0.1, 0.3, 0.5):
         for factor in (1.0, 2.0, 4.0):
             configs[f"suffix conf {conf} x{factor:g}"] = ("suffix", conf, factor)
@@ -134,7 +136,7 @@ def main() -> int:
             print(f"{name:<32} {k:>3} " + " ".join(f"{v[0] / v[1]:>11.2f}" for v in per_cat.values()) +
                   f" {tokens / steps:>9.2f} {statistics.mean(all_rows):>9.2f} {predicted:>8.2f}x")
     print("\ndrafting cost per step (propose + commit), microseconds:")
-    for name, make in (("ngram 2-4", lambda: NgramDrafter(2, 4)), ("suffix", lambda: SuffixDrafter(SuffixCache()))):
+    for name, make in (("ngram 1-8", lambda: NgramDrafter(1, 8)), ("suffix", lambda: SuffixDrafter(SuffixCache()))):
         print(f"  {name:<10} context 64: {drafting_cost(make, 64):.1f} us   context 2000: "
               f"{drafting_cost(make, 2000):.1f} us   (a 1-row target pass: {1e6 * cost[1]:.0f} us)")
     return 0

@@ -227,7 +227,8 @@ def test_padded_one_token_steps_keep_the_cache_right(engines, references, tmp_pa
     assert engine.target.max_context == engine.max_context == 63
     widths = []
     run = engine.target._run
-    engine.target._run = lambda ids, pos, inputs=None: (widths.append(len(ids)), run(ids, pos, inputs))[1]
+    engine.target._run = lambda ids, pos, inputs=None, last_only=False: (widths.append(len(ids)),
+                                                                         run(ids, pos, inputs, last_only))[1]
     for prompt in PROMPTS:
         assert engine.generate(prompt, max_new_tokens=30, use_draft=False).token_ids == references[tuple(prompt)]
         for k in (1, 4):
