@@ -44,7 +44,7 @@ from onnx import TensorProto, helper, numpy_helper
 INPUT_IDS, PAST_LENGTH, LOGITS = "input_ids", "past_length", "logits"
 HIDDEN_STATES = "hidden_states"  # [1, n, len(feature_layers) * hidden]: what a feature-level draft head reads
 POSITION_IDS, TREE_BIAS = "position_ids", "tree_bias"  # tree passes: each row's position, the rows' mutual mask
-LOGITS_FROM = "logits_from"  # int64 [1]: logits only for rows [logits_from, n) (a prefill wants none of them)
+LOGITS_FROM = "logits_from"  # int64 [1]: logits only for rows [logits_from, n) (a prefill chunk asks for its last)
 FAMILIES = ("llama", "mistral", "qwen2")
 _MS = "com.microsoft"
 

@@ -141,7 +141,9 @@ def export_pair(target: str | Path, draft: str | Path | None, out: str | Path, *
         bar.update(1)
         bar.set_description("verify vs PyTorch")
         manifest = {
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "created_by": f"specrt {specrt.__version__}",
+            # the oldest version that describes this directory: readers of format 3 can still run a concat export
+            "format": FORMAT_NAME, "created_by": f"specrt {specrt.__version__}",
+            "format_version": FORMAT_VERSION if any("logits_from" in m["kv_cache"] for m in models.values()) else 3,
             "models": models,
             "pair": {"k_values": k_values, "max_context": max_context,
                      "eos_token_ids": _eos_ids(t_cfg, t_tok), "bos_token_id": t_tok.bos_token_id},

@@ -177,9 +177,15 @@ def validate_manifest(data: Any) -> None:
                                            or m.get("features")):
             raise EngineDirError(f"manifest.json: a missing draft, feature heads and tree passes need format "
                                  f"version 3. {_REEXPORT}")
-        if data["format_version"] < 4 and "logits_from" in kv:
-            raise EngineDirError(f"manifest.json: models/{role}/kv_cache/logits_from needs format version 4. "
-                                 f"{_REEXPORT}")
+        if "logits_from" in kv:
+            if data["format_version"] < 4 or kv.get("update") != "in-place":
+                raise EngineDirError(f"manifest.json: models/{role}/kv_cache/logits_from needs format version 4 "
+                                     f"and an in-place graph. {_REEXPORT}")
+            others = [kv["input_ids"], kv["past_length"], *kv["key_buffers"], *kv["value_buffers"],
+                      *(kv.get("tree") or {}).values()]
+            if kv["logits_from"] in others:
+                raise EngineDirError(f"manifest.json: models/{role}/kv_cache/logits_from names another input "
+                                     f"({kv['logits_from']!r}). {_REEXPORT}")
         if "bucket_length" in kv and (not kv.get("context_buckets")
                                       or kv["context_buckets"][-1] != data["pair"]["max_context"]
                                       or kv["context_buckets"] != sorted(kv["context_buckets"])):

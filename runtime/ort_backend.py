@@ -323,12 +323,13 @@ class OrtModelStep:
         allocated once.  Other sizes (tree passes wider than max_step, the last chunk of a prefill) share
         one buffer grown to the widest seen: their outputs are views, valid until the next such step.
         """
-        if rows != n:  # a prefill chunk's single row of logits (extras keep n rows): full chunks get a buffer of
-            # their own; the last, shorter chunk of a prompt allocates (once per prefill, next to n-row passes)
+        if rows != n:  # a prefill-stage pass's single row of logits (extras keep n rows): full chunks and the
+            # short catch-ups a draft runs between steps get buffers of their own; a prompt's last, odd-sized chunk
+            # allocates (once per prefill)
             out = self._outputs.get((n, rows))
             if out is None:
                 out = self._allocate(n, None, rows)
-                if n == PREFILL_CHUNK:
+                if n == PREFILL_CHUNK or n <= self._max_step:
                     self._outputs[(n, rows)] = out
         else:
             out = self._outputs.get(n)

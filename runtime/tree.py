@@ -93,23 +93,19 @@ def trie(paths: list[list[int]], budget: int) -> tuple[Tree, np.ndarray]:
 
 
 def merge(parts: list[tuple[Tree, np.ndarray]], budget: int) -> tuple[Tree, np.ndarray]:
-    """One tree of several drafters' trees (each with its nodes' scores), within ``budget`` nodes: a node that
-    two trees share (the same token under the same path) appears once with the higher score.  The first tree
-    is laid out first, so a lone tree comes back unchanged (cut at ``budget``)."""
+    """One tree of several drafters' trees (each with its nodes' scores), keeping the ``budget`` best-scored
+    nodes (``best``): a node that two trees share (the same token under the same path) appears once with the
+    higher score, and no node scores above its parent.  A lone tree within the budget comes back unchanged."""
     tokens: list[int] = []
     parents: list[int] = []
     scores: list[float] = []
     index: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
     for tree, tree_scores in parts:
-        where = np.full(len(tree), -2, dtype=np.int64)  # this tree's node -> merged node; -2: cut
+        where = np.zeros(len(tree), dtype=np.int64)  # this tree's node -> merged node
         for i, (token, parent) in enumerate(zip(tree.token_ids.tolist(), tree.parents.tolist())):
             merged_parent = -1 if parent < 0 else int(where[parent])
-            if merged_parent == -2:
-                continue  # its parent did not fit
             node = index.get((merged_parent, token))
             if node is None:
-                if len(tokens) >= budget:
-                    continue
                 node = index[(merged_parent, token)] = len(tokens)
                 tokens.append(token)
                 parents.append(merged_parent)
@@ -117,7 +113,23 @@ def merge(parts: list[tuple[Tree, np.ndarray]], budget: int) -> tuple[Tree, np.n
             else:
                 scores[node] = max(scores[node], float(tree_scores[i]))
             where[i] = node
-    return Tree(np.array(tokens, dtype=np.int64), np.array(parents, dtype=np.int64)), np.array(scores)
+    merged = Tree(np.array(tokens, dtype=np.int64), np.array(parents, dtype=np.int64))
+    return best(merged, np.array(scores, dtype=np.float64), budget)
+
+
+def best(tree: Tree, scores: np.ndarray, budget: int) -> tuple[Tree, np.ndarray]:
+    """The ``budget`` highest-scored nodes of a tree, with their scores.  Scores are first capped at the parent's
+    (a node is never likelier than its parent), so the kept set holds every kept node's ancestors."""
+    scores = np.array(scores, dtype=np.float64)
+    for i, p in enumerate(tree.parents.tolist()):  # parents come first: one pass caps the whole tree
+        if p >= 0:
+            scores[i] = min(scores[i], scores[p])
+    if len(tree) <= budget:
+        return tree, scores
+    keep = np.sort(np.argsort(-scores, kind="stable")[:budget])  # ties: the earlier (a parent) first
+    remap = {int(old): new for new, old in enumerate(keep)}
+    parents = np.array([remap[int(tree.parents[i])] if tree.parents[i] >= 0 else -1 for i in keep], dtype=np.int64)
+    return Tree(tree.token_ids[keep], parents), scores[keep]
 
 
 def positions(tree: Tree, pos: int) -> np.ndarray:

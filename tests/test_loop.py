@@ -126,3 +126,13 @@ def test_adaptive_follows_the_text():
     assert phase(0.95) == 8
     assert phase(0.05) in (0, 1)  # not drafting, or a probe
     assert phase(0.95) == 8
+
+
+def test_adaptive_judges_a_tree_by_its_deepest_path():
+    """A tree of 16 nodes whose 4-deep path was fully accepted is no rejection: alpha rises, and k with it; the
+    same pass counted as 16 proposals with 4 accepted (the old bookkeeping) would have read as one."""
+    tree, chain_view = Adaptive((1, 2, 4, 8)), Adaptive((1, 2, 4, 8))
+    for _ in range(10):
+        tree.observe(16, 4, draft_s=0.0, verify_s=1.0, depth=4)
+        chain_view.observe(16, 4, draft_s=0.0, verify_s=1.0)
+    assert tree.alpha > 0.9 > chain_view.alpha

@@ -32,6 +32,7 @@ def test_good_manifest_validates(engines):
     (lambda d: d["models"]["target"]["kv_cache"].pop("update"), "kv_cache/update is required in format version 2"),
     (lambda d: d.update(format_version=1), "update 'in-place' needs format version 2"),
     (lambda d: d.update(format_version=3), "logits_from needs format version 4"),
+    (lambda d: d["models"]["target"]["kv_cache"].update(logits_from="past_length"), "logits_from names another"),
 ])
 def test_corrupt_manifests_are_rejected(engine_copy, mutate, match):
     edit(engine_copy, mutate)

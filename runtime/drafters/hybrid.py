@@ -28,7 +28,7 @@ class HybridDrafter(Drafter):
         self.context, self.model = context, model
         self.max_context = model.max_context
         self.needs_features = model.needs_features  # an eagle head follows every commit too
-        self.last_source = ""  # "context" | "model" | "" (nothing proposed): for traces and tests
+        self.last_source = ""  # "context" | "model" | "context+model" (a tree) | "" (nothing): traces, tests
 
     def begin(self, prompt_ids: np.ndarray, features: np.ndarray | None = None) -> None:
         self.context.begin(prompt_ids)

@@ -12,9 +12,10 @@ The index maps each n-gram to where its continuation starts, and is updated as t
 How far to trust a match depends on its length: over the verifier's own Spec-Bench outputs a 1-gram
 match's continuation was accepted for 0.8 tokens on average, a 3-gram's for 2.9, an 8-gram's for 6.5
 (``drafter_replay.py``).  So the drafter keeps, per match length, a running per-token acceptance p(n)
-(geometric: accepted tokens against first rejections, starting from those measured priors) and
-proposes a continuation only as deep as p(n)^depth >= ``MIN_NODE_P``: a 1-gram match offers about 2
-tokens, a long match up to k.  Rows a pass would waste cost time where they are not free (long
+(geometric: the longest match's continuation against the tokens the target then emits -- agreeing
+tokens against first disagreements --, starting from those measured priors) and proposes a
+continuation only as deep as p(n)^depth >= ``MIN_NODE_P`` (at least one token): a 1-gram match offers
+about 2 tokens, a long match up to k.  Rows a pass would waste cost time where they are not free (long
 contexts, quantized targets); the tokens they could have won come back from the long matches.
 Tree nodes are scored with the same p(n).
 """
@@ -52,7 +53,8 @@ class NgramDrafter(Drafter):
         # n-gram -> starts of the tokens that followed it (the latest or earliest few; a tree takes several)
         self._index: dict[tuple[int, ...], list[int]] = {}
         self._counts: dict[int, list[float]] = {}  # match length -> [accepted tokens, first rejections]
-        self._last: tuple[int, int] | None = None  # (match length, tokens proposed) of the pending chain proposal
+        # (match length, its whole continuation, up to k) of the longest match at the pending proposal
+        self._last: tuple[int, list[int]] | None = None
 
     def begin(self, prompt_ids: np.ndarray, features: np.ndarray | None = None) -> None:
         self.tokens = [int(t) for t in prompt_ids]
@@ -90,7 +92,8 @@ class NgramDrafter(Drafter):
         return (acc + PRIOR_WEIGHT * prior / (1 - prior)) / (acc + rej + PRIOR_WEIGHT / (1 - prior))
 
     def depth(self, n: int, k: int) -> int:
-        """How many tokens of an n-token match's continuation to propose (at most k)."""
+        """How many tokens of an n-token match's continuation to propose: while p(n)^depth >= MIN_NODE_P, at least
+        one (a match is always worth one row) and at most k."""
         if not self.trim:
             return k
         p = min(self.p(n), 0.99)
@@ -101,6 +104,7 @@ class NgramDrafter(Drafter):
         t = self.tokens
         paths: list[list[int]] = []
         path_p: list[float] = []
+        path_n: list[int] = []
         for n in range(min(self.ngram_max, len(t)), self.ngram_min - 1, -1):
             starts = self._index.get(tuple(t[len(t) - n:]), [])
             for start in (reversed(starts) if self.match == "latest" else starts):
@@ -108,13 +112,18 @@ class NgramDrafter(Drafter):
                 if cont and cont not in paths:
                     paths.append(cont)
                     path_p.append(self.p(n))
+                    path_n.append(n)
         if not paths:
             return empty()
-        self._last = None  # a tree's accepted path may come from any match: the counts learn from chains
+        self._last = (path_n[0], paths[0])  # the longest match learns from what the target emits (commit)
         tree, rank = trie(paths, nodes)
         # a node is as likely as its match's continuation reaches that deep; a later match's own nodes
-        # (where it parts from the earlier ones) less so
+        # (where it parts from the earlier ones) less so; never likelier than its parent (pruning keeps the
+        # best nodes and must keep their ancestors)
         scores = np.array(path_p)[rank] ** tree.depths * 0.5 ** rank
+        for i, parent in enumerate(tree.parents.tolist()):
+            if parent >= 0:
+                scores[i] = min(scores[i], scores[parent])
         return Proposal(tree.token_ids, None, None, tree.parents, scores)
 
     def propose(self, k: int, sampling: SamplingParams, rng: np.random.Generator,
@@ -125,16 +134,22 @@ class NgramDrafter(Drafter):
         n, ids = self.lookup(k)
         if not ids:
             return empty()
-        ids = ids[:self.depth(n, k)]
-        self._last = (n, len(ids))
-        return Proposal(np.array(ids, dtype=np.int64))
+        self._last = (n, ids)
+        return Proposal(np.array(ids[:self.depth(n, k)], dtype=np.int64))
 
     def commit(self, accepted_ids: Sequence[int], next_id: int, features: np.ndarray | None = None) -> None:
         if self._last is not None:
-            n, proposed = self._last
+            # The target's own tokens (accepted + next) against the whole continuation of the longest match --
+            # also past what was proposed or kept after pruning: greedy, those are the tokens the target would
+            # have accepted, so the estimate learns from every step, chain or tree.
+            n, cont = self._last
+            emitted = [*accepted_ids, next_id]
+            agree = 0
+            while agree < min(len(cont), len(emitted)) and int(cont[agree]) == int(emitted[agree]):
+                agree += 1
             counts = self._counts.setdefault(n, [0.0, 0.0])
-            counts[0] += len(accepted_ids)
-            counts[1] += len(accepted_ids) < proposed  # a first rejection (all accepted: none seen)
+            counts[0] += agree
+            counts[1] += agree < min(len(cont), len(emitted))  # a disagreement seen (else censored)
             self._last = None
         for token in (*accepted_ids, next_id):
             self.tokens.append(int(token))

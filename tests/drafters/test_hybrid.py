@@ -41,3 +41,18 @@ def test_a_hybrid_tree_holds_the_context_match_and_the_models_choices():
     assert set(first.token_ids.tolist()) <= set(tree_paths)  # the model's first-token choices hang off the root
     h.commit([3], 4)  # a tree was verified: both drafters follow
     assert len(h.propose(2, GREEDY, RNG)) > 0
+
+
+def test_a_full_hybrid_tree_keeps_the_best_nodes_of_both():
+    """The context's tree alone can fill the node budget (a 1-gram match offers a deep path); the merged tree
+    keeps the best-scored nodes of both, so a likelier model branch displaces the match's unlikely depths."""
+    target = FakeStep(salt=1)
+    context = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 1])  # "1" matches: 2, 3, 4, ... at 0.45 ** depth
+    model = ModelDrafter(FakeStep(salt=0, agree_with=target))
+    model.begin(context)
+    choice = int(model.propose_tree(1, 1, GREEDY, RNG).token_ids[0])  # the model's first choice
+    assert choice != 2
+    h = HybridDrafter(NgramDrafter(1, 8), ModelDrafter(FakeStep(salt=0, agree_with=target)))
+    h.begin(context)
+    p = h.propose_tree(8, 2, GREEDY, RNG)
+    assert p.token_ids.tolist() == [2, choice] and p.parents.tolist() == [-1, -1]  # not 2 -> 3

@@ -96,3 +96,20 @@ def test_proposals_are_as_deep_as_the_match_has_earned():
     d.commit([], 95)
     assert d.p(1) < 0.3 and d.depth(1, 8) < before
     assert NgramDrafter(1, 8, trim=False).depth(1, 8) == 8
+
+
+def test_trees_and_chains_learn_from_what_the_target_emits():
+    """p(n) learns from the longest match's continuation against the tokens the target then emits, whether
+    the step verified a chain or a tree (its pruned depth does not matter: greedy, those are the tokens)."""
+    for tree in (False, True):
+        d = NgramDrafter(1, 8)
+        d.begin(np.arange(100))
+        before = d.p(1)
+        for t in range(10, 90, 10):
+            d.commit([], t)  # each target token repeats one earlier token: a 1-gram match ...
+            if tree:
+                d.propose_tree(8, 16, GREEDY, RNG)
+            else:
+                propose(d, 8)
+        d.commit([], 95)  # ... and the target never continues it
+        assert d.p(1) < before - 0.1, tree
