@@ -117,19 +117,29 @@ def merge(parts: list[tuple[Tree, np.ndarray]], budget: int) -> tuple[Tree, np.n
     return best(merged, np.array(scores, dtype=np.float64), budget)
 
 
-def best(tree: Tree, scores: np.ndarray, budget: int) -> tuple[Tree, np.ndarray]:
-    """The ``budget`` highest-scored nodes of a tree, with their scores.  Scores are first capped at the parent's
-    (a node is never likelier than its parent), so the kept set holds every kept node's ancestors."""
+def cap_at_parents(tree: Tree, scores: np.ndarray) -> np.ndarray:
+    """Scores with none above its parent's (a node is never likelier than its parent), so the best N nodes by
+    score always include their ancestors."""
     scores = np.array(scores, dtype=np.float64)
     for i, p in enumerate(tree.parents.tolist()):  # parents come first: one pass caps the whole tree
         if p >= 0:
             scores[i] = min(scores[i], scores[p])
+    return scores
+
+
+def subtree(tree: Tree, keep: np.ndarray) -> Tree:
+    """The nodes ``keep`` (ascending indices, closed under ancestors) as a tree of their own."""
+    remap = {int(old): new for new, old in enumerate(keep)}
+    return Tree(tree.token_ids[keep], np.array([remap.get(int(tree.parents[i]), -1) for i in keep], dtype=np.int64))
+
+
+def best(tree: Tree, scores: np.ndarray, budget: int) -> tuple[Tree, np.ndarray]:
+    """The ``budget`` highest-scored nodes of a tree, with their scores (capped at their parents')."""
+    scores = cap_at_parents(tree, scores)
     if len(tree) <= budget:
         return tree, scores
     keep = np.sort(np.argsort(-scores, kind="stable")[:budget])  # ties: the earlier (a parent) first
-    remap = {int(old): new for new, old in enumerate(keep)}
-    parents = np.array([remap[int(tree.parents[i])] if tree.parents[i] >= 0 else -1 for i in keep], dtype=np.int64)
-    return Tree(tree.token_ids[keep], parents), scores[keep]
+    return subtree(tree, keep), scores[keep]
 
 
 def positions(tree: Tree, pos: int) -> np.ndarray:
@@ -210,7 +220,5 @@ def prune(tree: Tree, scores: np.ndarray, row_cost: dict[int, float], draft_cost
     top = max(row_cost)
     costs = np.array([row_cost.get(min(n + 1, top), row_cost[top] * (n + 1) / top) + draft_cost * n
                       for n in range(len(tree) + 1)])
-    best = int(np.argmax(gains / costs))
-    keep = np.sort(order[:best])
-    remap = {int(old): new for new, old in enumerate(keep)}
-    return Tree(tree.token_ids[keep], np.array([remap.get(int(tree.parents[i]), -1) for i in keep], dtype=np.int64))
+    n_best = int(np.argmax(gains / costs))
+    return subtree(tree, np.sort(order[:n_best]))

@@ -27,7 +27,7 @@ import numpy as np
 from specrt.runtime.drafters.base import Drafter, KeepDrafting, Proposal, empty
 from specrt.runtime.errors import GenerationError
 from specrt.runtime.sampling import SamplingParams
-from specrt.runtime.tree import trie
+from specrt.runtime.tree import cap_at_parents, trie
 
 MATCHES = ("latest", "earliest")
 OCCURRENCES = 4  # earlier occurrences kept per n-gram: a tree's branches
@@ -120,10 +120,7 @@ class NgramDrafter(Drafter):
         # a node is as likely as its match's continuation reaches that deep; a later match's own nodes
         # (where it parts from the earlier ones) less so; never likelier than its parent (pruning keeps the
         # best nodes and must keep their ancestors)
-        scores = np.array(path_p)[rank] ** tree.depths * 0.5 ** rank
-        for i, parent in enumerate(tree.parents.tolist()):
-            if parent >= 0:
-                scores[i] = min(scores[i], scores[parent])
+        scores = cap_at_parents(tree, np.array(path_p)[rank] ** tree.depths * 0.5 ** rank)
         return Proposal(tree.token_ids, None, None, tree.parents, scores)
 
     def propose(self, k: int, sampling: SamplingParams, rng: np.random.Generator,
