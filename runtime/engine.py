@@ -13,7 +13,7 @@ from typing import IO
 
 import numpy as np
 from specrt.runtime import invariance
-from specrt.runtime.drafters import Drafter, DrafterOptions, SuffixCache, available, make_drafter
+from specrt.runtime.drafters import Drafter, DrafterOptions, RecycleTable, SuffixCache, available, make_drafter
 from specrt.runtime.errors import GenerationError
 from specrt.runtime.loop import StepResult, speculative, target_only
 from specrt.runtime.manifest import Manifest, load_draft_vocab, load_manifest
@@ -102,6 +102,8 @@ class Engine:
             else None
         # Earlier generations' prompts and outputs, for the suffix drafter (bounded; oldest evicted).
         self.suffix_cache = SuffixCache()
+        # The target's own latest next-token predictions per token, for the recycle drafters (1.5 MB at 49k).
+        self.recycle_table = RecycleTable(manifest.target.vocab_size)
         self._lock = threading.Lock()
         self._generation = 0
         self.row_invariance: invariance.RowInvariance | None = None  # measured at load (quantized targets)
@@ -215,7 +217,7 @@ class Engine:
 
     def fork(self) -> Engine:
         """Another Engine over the same loaded models: the weights (ONNX Runtime sessions), tokenizer, chat
-        template and suffix cache are shared; the KV caches and bindings are its own.  Run one generation per
+        template, suffix cache and recycle table are shared; the KV caches and bindings are its own.  Run one generation per
         Engine at a time, each Engine in its own thread; N forks hold one copy of the weights."""
         k_max = max(self.manifest.k_values)
         target = OrtModelStep(self.target.model, max_step=k_max + 1)
@@ -223,6 +225,7 @@ class Engine:
         draft = OrtModelStep(self.draft.model, max_step=k_max + 1) if self.draft is not None else None
         twin = Engine(self.manifest, target, draft, self.codec)
         twin.drafter_options, twin.suffix_cache = self.drafter_options, self.suffix_cache
+        twin.recycle_table = self.recycle_table
         twin.row_invariance, twin._pass_costs, twin._pass_costs_rows = (self.row_invariance, self._pass_costs,
                                                                          self._pass_costs_rows)
         return twin
@@ -248,7 +251,7 @@ class Engine:
                  trace: str | Path | IO[str] | None = None, **params) -> Result:
         """Generate.  ``params`` are the fields of ``runtime.request.Request`` (or pass a ``Request``):
         ``max_new_tokens``, ``k`` (None, or ``use_draft=False``: the target alone, the baseline),
-        ``drafter`` (model | eagle | ngram | suffix | hybrid; default: the engine's, see ``drafters``),
+        ``drafter`` (model | eagle | ngram | suffix | hybrid | recycle | ngram+recycle; default: the engine's, see ``drafters``),
         ``ngram_min``/``ngram_max``, ``tree_nodes`` (verify trees of up to that many candidates; 0 = chains),
         ``stop``, ``temperature``/``top_k``/``top_p``/``seed``, ``policy`` (fixed | confidence | adaptive |
         budget, see ``runtime.policy``) with ``tau`` / ``max_draft_per_token``, and ``acceptance="relaxed"``
@@ -278,7 +281,8 @@ class Engine:
                                               ngram_max=req.ngram_max or options.ngram_max)
             drafter = make_drafter(req.drafter or self.default_drafter, options, self.draft, self.suffix_cache,
                                    max_k=max(self.manifest.k_values), want_top=trace is not None,
-                                   vocab_map=self.draft_vocab, target_vocab=self.manifest.target.vocab_size)
+                                   vocab_map=self.draft_vocab, target_vocab=self.manifest.target.vocab_size,
+                                   recycle_table=self.recycle_table)
         control = make_policy(req.policy, req.k or 1, self.manifest.k_values, req.tau,
                               req.max_draft_per_token) if use_draft else None
         rng = np.random.default_rng(req.seed)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from specrt.runtime import Engine
 from specrt.runtime.bench import prompt_ids
+from specrt.runtime.drafters import RecycleTable
 
 BASELINE = "specrt target-only"
 
@@ -111,10 +112,18 @@ def specrt_systems(engine: Engine, ks: Sequence[int], max_new_tokens: int, label
             if drafter == "model" and len(pairs) == 1 and not nodes:
                 name = f"specrt k={k}{suffix}"
             # speculative rows are checked against their own engine's target-only decoding (losslessness);
-            # the suffix drafter learns from earlier generations: emptied before every repeat, so a
-            # repeat never drafts from its own earlier answer to the same prompt
-            reset = engine.suffix_cache.clear if drafter == "suffix" else (lambda: None)
-            run = specrt_run(engine, max_new_tokens, k=k, drafter=drafter, policy=policy, tree_nodes=nodes)
+            # the suffix and recycle drafters learn from earlier generations: emptied before every repeat, so
+            # a repeat never drafts from its own earlier answer to the same prompt -- and a recycling system
+            # runs on a fork with a table of its own, so it never drafts from another system's run of the
+            # same prompt either (it still learns from the earlier prompts, as a deployed engine would)
+            runner, reset = engine, (lambda: None)
+            if drafter == "suffix":
+                reset = engine.suffix_cache.clear
+            elif "recycle" in drafter:
+                runner = engine.fork()
+                runner.recycle_table = RecycleTable(engine.manifest.target.vocab_size)
+                reset = runner.recycle_table.clear
+            run = specrt_run(runner, max_new_tokens, k=k, drafter=drafter, policy=policy, tree_nodes=nodes)
             systems.append(System(name, run, reference=base, reset=reset))
     return systems
 

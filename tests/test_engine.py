@@ -77,7 +77,7 @@ def test_greedy_equals_transformers(loaded, references, draft, k):
 
 
 @pytest.mark.parametrize("engine_name", ["close", "close_concat", "close_bucketed", "target_only"])
-@pytest.mark.parametrize("drafter", ["model", "ngram", "suffix", "hybrid"])
+@pytest.mark.parametrize("drafter", ["model", "ngram", "suffix", "hybrid", "recycle", "ngram+recycle"])
 @pytest.mark.parametrize("policy", ["fixed", "adaptive"])
 def test_every_drafter_greedy_equals_transformers(loaded, references, engine_name, drafter, policy):
     """Context drafters (and the hybrid) on every graph kind, and on an engine without a draft model."""
@@ -111,8 +111,9 @@ def test_default_drafters_follow_spec_bench(loaded, engines):
 
 def test_target_only_engine_defaults_to_ngram(loaded):
     engine = loaded["target_only"]
-    assert engine.draft is None and engine.default_drafter == "ngram" and engine.drafters == ("ngram", "suffix")
-    assert loaded["close"].drafters == ("model", "ngram", "suffix", "hybrid")
+    assert engine.draft is None and engine.default_drafter == "ngram" and engine.drafters == ("ngram", "suffix", "recycle",
+                                                                                         "ngram+recycle")
+    assert loaded["close"].drafters == ("model", "ngram", "suffix", "hybrid", "recycle", "ngram+recycle")
     assert engine.generate([5, 5, 5, 5], max_new_tokens=4).stats.drafter == "ngram"
 
 

@@ -6,7 +6,15 @@ import pytest
 from fakes import VOCAB, FakeStep
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from specrt.runtime.drafters import HybridDrafter, ModelDrafter, NgramDrafter, SuffixCache, SuffixDrafter
+from specrt.runtime.drafters import (
+    HybridDrafter,
+    ModelDrafter,
+    NgramDrafter,
+    RecycleDrafter,
+    RecycleTable,
+    SuffixCache,
+    SuffixDrafter,
+)
 from specrt.runtime.loop import speculative, target_only
 from specrt.runtime.policy import Adaptive, Budget, Confidence, Fixed
 from specrt.runtime.sampling import SamplingParams
@@ -29,14 +37,16 @@ def make(policy: str, k: int):
 def make_drafter(name: str, draft: FakeStep):
     return {"model": lambda: ModelDrafter(draft), "ngram": lambda: NgramDrafter(1, 3),
             "suffix": lambda: SuffixDrafter(SuffixCache(ngram_max=4)),
-            "hybrid": lambda: HybridDrafter(NgramDrafter(2, 3), ModelDrafter(draft))}[name]()
+            "hybrid": lambda: HybridDrafter(NgramDrafter(2, 3), ModelDrafter(draft)),
+            "recycle": lambda: RecycleDrafter(RecycleTable(VOCAB)),
+            "ngram+recycle": lambda: HybridDrafter(NgramDrafter(1, 3), RecycleDrafter(RecycleTable(VOCAB)), None)}[name]()
 
 
 @settings(max_examples=300, deadline=None)
 @given(k=st.integers(1, 8), agree=st.sampled_from([0.0, 0.3, 0.8, 1.0]), prompt_len=st.integers(1, 20),
        max_new=st.integers(1, 60), max_context=st.integers(22, 64),
        policy=st.sampled_from(["fixed", "confidence", "adaptive", "budget"]),
-       drafter=st.sampled_from(["model", "ngram", "suffix", "hybrid"]))
+       drafter=st.sampled_from(["model", "ngram", "suffix", "hybrid", "recycle", "ngram+recycle"]))
 def test_speculative_equals_target_only(k, agree, prompt_len, max_new, max_context, policy, drafter):
     prompt = np.arange(prompt_len) % VOCAB
     rng = np.random.default_rng(0)
@@ -136,3 +146,32 @@ def test_adaptive_judges_a_tree_by_its_deepest_path():
         tree.observe(16, 4, draft_s=0.0, verify_s=1.0, depth=4)
         chain_view.observe(16, 4, draft_s=0.0, verify_s=1.0)
     assert tree.alpha > 0.9 > chain_view.alpha
+
+
+class LogitsSpy(NgramDrafter):
+    """An n-gram drafter that records what commit() is handed."""
+
+    def __init__(self, needs_logits: bool):
+        super().__init__(1, 3)
+        self.needs_logits = needs_logits
+        self.seen: list[tuple[list[int], int, np.ndarray | None]] = []
+
+    def commit(self, accepted_ids, next_id, features=None, logits=None):
+        self.seen.append((list(accepted_ids), next_id, logits))
+        super().commit(accepted_ids, next_id, features, logits)
+
+
+def test_a_drafter_that_asks_gets_the_target_logits_of_the_committed_rows():
+    """Row r of what commit() gets predicts the r-th emitted token: the accepted ones, then next_id."""
+    prompt = np.array([1, 2, 3, 1, 2, 3, 1, 2])
+    for needs in (True, False):
+        spy = LogitsSpy(needs)
+        target = FakeStep(salt=1, max_context=64)
+        run(speculative(target, spy, prompt, Fixed(4), 30, GREEDY, np.random.default_rng(0), Stats()))
+        assert spy.seen
+        for accepted, next_id, logits in spy.seen:
+            if not needs:
+                assert logits is None
+                continue
+            assert logits.shape == (len(accepted) + 1, VOCAB)
+            assert logits.argmax(axis=-1).tolist() == [*accepted, next_id]

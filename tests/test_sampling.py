@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from specrt.runtime import loop
 from specrt.runtime.acceptance import sample
-from specrt.runtime.drafters import EagleDrafter, ModelDrafter, NgramDrafter, Proposal
+from specrt.runtime.drafters import EagleDrafter, ModelDrafter, NgramDrafter, Proposal, RecycleDrafter, RecycleTable
 from specrt.runtime.drafters import model as model_drafter
 from specrt.runtime.drafters.base import Drafter
 from specrt.runtime.errors import GenerationError
@@ -80,7 +80,7 @@ class FixedDrafter(Drafter):
     def propose(self, k, sampling, rng, keep_drafting=None):
         return Proposal(np.array([2, 3] * k, dtype=np.int64)[:k])
 
-    def commit(self, accepted_ids, next_id, features=None):
+    def commit(self, accepted_ids, next_id, features=None, logits=None):
         pass
 
 
@@ -121,7 +121,7 @@ class FakeHead:
 
 # The Markov target's next token depends only on the last one, so any prompt ending in 0 gives the same
 # joint distribution; this one gives the n-gram drafter earlier matches to propose from.
-PROMPTS = {"model": [0], "ngram": [0, 1, 2, 3, 1, 0, 3, 3, 2, 0], "fixed": [0], "eagle": [2, 0]}
+PROMPTS = {"model": [0], "ngram": [0, 1, 2, 3, 1, 0, 3, 3, 2, 0], "fixed": [0], "eagle": [2, 0], "recycle": [0]}
 
 
 def joint_counts(params: SamplingParams, k: int, seed: int = 0, speculative: bool = True,
@@ -130,9 +130,11 @@ def joint_counts(params: SamplingParams, k: int, seed: int = 0, speculative: boo
     counts = np.zeros((V, V))
     target, draft = (FeatureMarkovStep if drafter == "eagle" else MarkovStep)(P), MarkovStep(Q)
     prompt = np.array(PROMPTS[drafter])
+    table = RecycleTable(V)  # shared by the runs, as an engine's: the recycler proposes from the second on
     for _ in range(N):
         d = {"model": lambda: ModelDrafter(draft), "ngram": lambda: NgramDrafter(1, 3), "fixed": FixedDrafter,
-             "eagle": lambda: EagleDrafter(FakeHead(), FakeHead.DRAFT_VOCAB, V, max_k=4)}[drafter]()
+             "eagle": lambda: EagleDrafter(FakeHead(), FakeHead.DRAFT_VOCAB, V, max_k=4),
+             "recycle": lambda: RecycleDrafter(table)}[drafter]()
         if speculative:
             steps = loop.speculative(target, d, prompt, Fixed(k), 2, params, rng, Stats())
         else:
@@ -158,7 +160,7 @@ def _cells(params):
 
 @pytest.mark.parametrize("params", PARAMS, ids=["t0.7", "topk3", "t1.3-topp0.8"])
 @pytest.mark.parametrize("k", [1, 3])
-@pytest.mark.parametrize("drafter", ["model", "ngram", "fixed", "eagle"])
+@pytest.mark.parametrize("drafter", ["model", "ngram", "fixed", "eagle", "recycle"])
 def test_speculative_sampling_matches_target(params, k, drafter):
     mask, p = _cells(params)
     counts = joint_counts(params, k, drafter=drafter)
@@ -215,7 +217,8 @@ real_choose = EagleDrafter._choose
 
 
 @pytest.mark.parametrize("bug", ["residual removed", "q ignored", "draft temperature not applied",
-                                 "point: residual removed", "point: always accepted", "eagle: q not mapped"])
+                                 "point: residual removed", "point: always accepted", "eagle: q not mapped",
+                                 "recycle: always accepted"])
 def test_broken_acceptors_are_caught(monkeypatch, bug):
     drafter = "model"
     if bug == "residual removed":
@@ -224,6 +227,9 @@ def test_broken_acceptors_are_caught(monkeypatch, bug):
         monkeypatch.setattr(loop, "rejection_verify", _ignore_q)
     elif bug == "draft temperature not applied":
         monkeypatch.setattr(model_drafter, "draft_sample", _untempered_draft)
+    elif bug == "recycle: always accepted":
+        monkeypatch.setattr(loop, "point_rejection_verify", _point_always_accept)
+        drafter = "recycle"
     elif bug.startswith("point"):
         monkeypatch.setattr(loop, "point_rejection_verify",
                             _point_no_residual if bug == "point: residual removed" else _point_always_accept)

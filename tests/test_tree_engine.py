@@ -71,7 +71,7 @@ def test_greedy_trees_equal_transformers(family_engines, family, draft):
         with torch.no_grad():
             want = hf.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False,
                                pad_token_id=0)[0, len(prompt):].tolist()
-        for drafter in ("model", "ngram", "suffix", "hybrid"):
+        for drafter in ("model", "ngram", "suffix", "hybrid", "recycle", "ngram+recycle"):
             for nodes in (4, 12):
                 r = engine.generate(prompt, max_new_tokens=30, k=4, drafter=drafter, tree_nodes=nodes)
                 assert r.token_ids == want, (family, draft, drafter, nodes, prompt)
@@ -161,7 +161,7 @@ class FixedTree(Drafter):
         return Proposal(np.array([3, 1, 2, 0, 3, 1]), None, None, np.array([-1, 0, 0, -1, 3, -1]),
                         np.full(6, 0.5))
 
-    def commit(self, accepted_ids, next_id, features=None):
+    def commit(self, accepted_ids, next_id, features=None, logits=None):
         pass
 
 

@@ -7,6 +7,8 @@
 | ``ngram``  | what followed the longest earlier match of the context's suffix | a few dict lookups | nothing |
 | ``suffix`` | the most frequent continuations seen in this and earlier generations | a few dict lookups per token | nothing |
 | ``hybrid`` | a context match (``ngram``) when there is one, else the engine's model or head | either | either |
+| ``recycle`` | the target's own latest top next tokens after each token, kept from its verification passes | a table walk; a top-8 per committed row | nothing |
+| ``ngram+recycle`` | a context match when there is one, else ``recycle`` (as a tree: both) | both, nearly free | nothing |
 """
 from __future__ import annotations
 
@@ -17,10 +19,11 @@ from specrt.runtime.drafters.eagle import EagleDrafter
 from specrt.runtime.drafters.hybrid import HybridDrafter
 from specrt.runtime.drafters.model import ModelDrafter
 from specrt.runtime.drafters.ngram import NgramDrafter
+from specrt.runtime.drafters.recycle import RecycleDrafter, RecycleTable
 from specrt.runtime.drafters.suffix import SuffixCache, SuffixDrafter
 from specrt.runtime.errors import GenerationError
 
-DRAFTERS = ("model", "eagle", "ngram", "suffix", "hybrid")
+DRAFTERS = ("model", "eagle", "ngram", "suffix", "hybrid", "recycle", "ngram+recycle")
 NEEDS = {"model": ("model",), "eagle": ("feature-head",), "hybrid": ("model", "feature-head")}  # draft kinds
 
 
@@ -38,9 +41,11 @@ class DrafterOptions:
 
 
 def make_drafter(name: str, options: DrafterOptions, draft_step=None, suffix_cache: SuffixCache | None = None,
-                 max_k: int = 8, want_top: bool = False, vocab_map=None, target_vocab: int = 0) -> Drafter:
+                 max_k: int = 8, want_top: bool = False, vocab_map=None, target_vocab: int = 0,
+                 recycle_table: RecycleTable | None = None) -> Drafter:
     """A fresh drafter for one generation.  ``draft_step``: the engine's draft (a model or a feature head,
-    by its ``spec.kind``), or None; ``vocab_map``: a feature head's draft-to-target vocabulary."""
+    by its ``spec.kind``), or None; ``vocab_map``: a feature head's draft-to-target vocabulary;
+    ``suffix_cache`` / ``recycle_table``: the engine's, shared by its generations (a fresh one if None)."""
     if name not in DRAFTERS:
         raise GenerationError(f"unknown drafter {name!r}; choose one of {', '.join(DRAFTERS)}")
     kind = draft_step.spec.kind if draft_step is not None else None
@@ -53,6 +58,12 @@ def make_drafter(name: str, options: DrafterOptions, draft_step=None, suffix_cac
         return NgramDrafter(options.ngram_min, options.ngram_max, options.match)
     if name == "suffix":
         return SuffixDrafter(suffix_cache or SuffixCache(), options.suffix_min_confidence)
+    if name in ("recycle", "ngram+recycle"):
+        recycle = RecycleDrafter(recycle_table or RecycleTable(target_vocab))
+        if name == "recycle":
+            return recycle
+        return HybridDrafter(NgramDrafter(options.ngram_min, options.ngram_max, options.match), recycle,
+                             model_depth=None, name=name)
     if kind == "feature-head":
         neural: Drafter = EagleDrafter(draft_step, vocab_map, target_vocab, max_k=max_k, want_top=want_top)
     else:
@@ -63,4 +74,4 @@ def make_drafter(name: str, options: DrafterOptions, draft_step=None, suffix_cac
 
 
 __all__ = ["DRAFTERS", "Drafter", "DrafterOptions", "EagleDrafter", "HybridDrafter", "ModelDrafter", "NgramDrafter",
-           "Proposal", "SuffixCache", "SuffixDrafter", "available", "make_drafter"]
+           "Proposal", "RecycleDrafter", "RecycleTable", "SuffixCache", "SuffixDrafter", "available", "make_drafter"]

@@ -5,9 +5,12 @@ A drafter follows one generation's context.  The loop calls
     begin(prompt_ids, features)            a new generation; the prompt is the context (features: the
                                            target's hidden states of the prompt, for a feature head)
     propose(k, sampling, rng, keep) -> Proposal   up to k tokens that may follow the context
-    commit(accepted_ids, next_id, features)       the target accepted these proposals and emitted
+    commit(accepted_ids, next_id, features, logits)  the target accepted these proposals and emitted
                                                   next_id (recovered or bonus): the context grew by
-                                                  accepted_ids + [next_id]
+                                                  accepted_ids + [next_id]; ``logits`` are the target's
+                                                  for the committed rows [a + 1, vocab] (their inputs:
+                                                  the old last token and accepted_ids), for a drafter
+                                                  that ``needs_logits``; else None
     end()                                  the generation is over (finished, stopped or abandoned)
 
 A proposal carries, per token, the distribution q it was drawn from (``probs``), or ``None`` for a
@@ -51,6 +54,7 @@ class Drafter:
 
     name = "drafter"
     needs_features = False  # True: commit() wants the target's hidden states of the committed rows
+    needs_logits = False  # True: commit() wants the target's logits of the committed rows
     max_context: int | None = None  # a model drafter's cache capacity; None = no cache of its own
 
     def begin(self, prompt_ids: np.ndarray, features: np.ndarray | None = None) -> None:
@@ -68,7 +72,8 @@ class Drafter:
         return Proposal(chain.token_ids, None, chain.top, np.arange(-1, m - 1, dtype=np.int64),
                         np.full(m, 0.5) ** np.arange(1, m + 1))
 
-    def commit(self, accepted_ids: Sequence[int], next_id: int, features: np.ndarray | None = None) -> None:
+    def commit(self, accepted_ids: Sequence[int], next_id: int, features: np.ndarray | None = None,
+               logits: np.ndarray | None = None) -> None:
         raise NotImplementedError
 
     def end(self) -> None:

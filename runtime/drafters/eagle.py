@@ -144,7 +144,8 @@ class EagleDrafter(Drafter):
         return Proposal(np.array(tokens, dtype=np.int64), None, None, np.array(parents, dtype=np.int64),
                         np.array(scores))
 
-    def commit(self, accepted_ids: Sequence[int], next_id: int, features: np.ndarray | None = None) -> None:
+    def commit(self, accepted_ids: Sequence[int], next_id: int, features: np.ndarray | None = None,
+               logits: np.ndarray | None = None) -> None:
         """``features``: the target's for the verification rows 0 .. len(accepted_ids) [a + 1, F]."""
         assert features is not None and len(features) == len(accepted_ids) + 1, "the head needs the committed features"
         self.head.set_length(self.length)  # drop the slots the proposals ran

@@ -1,4 +1,5 @@
-"""``hybrid``: a context match when there is one, the draft model otherwise.
+"""``hybrid``: a context match when there is one, the draft model otherwise (and ``ngram+recycle``: a context
+match when there is one, the target's recycled predictions otherwise -- the same composition).
 
 Context matching is nearly free and, when it hits, usually right for several tokens; the draft model
 costs a forward pass per token and is right less often but everywhere.  Both follow every commit
@@ -7,7 +8,8 @@ costs a forward pass per token and is right less often but everywhere.  Both fol
 As a tree it takes both: the context's matches as branches, and the model's top choices for the next
 token (each continued ``MODEL_DEPTH`` deep) beside them -- where no match exists or the match is wrong
 at once, which on Spec-Bench is most steps, the model's branches are what a pass can still accept.
-The loop's pruning then keeps the nodes the pass costs pay for.
+The loop's pruning then keeps the nodes the pass costs pay for.  A second drafter that costs nothing
+per node (``recycle``) branches as deep as k (``model_depth=None``).
 """
 from __future__ import annotations
 
@@ -24,10 +26,12 @@ MODEL_DEPTH = 2  # how deep the model's branches go in a hybrid tree: each level
 class HybridDrafter(Drafter):
     name = "hybrid"
 
-    def __init__(self, context: Drafter, model: Drafter):
+    def __init__(self, context: Drafter, model: Drafter, model_depth: int | None = MODEL_DEPTH, name: str = "hybrid"):
         self.context, self.model = context, model
+        self.model_depth, self.name = model_depth, name
         self.max_context = model.max_context
         self.needs_features = model.needs_features  # an eagle head follows every commit too
+        self.needs_logits = context.needs_logits or model.needs_logits
         self.last_source = ""  # "context" | "model" | "context+model" (a tree) | "" (nothing): traces, tests
 
     def begin(self, prompt_ids: np.ndarray, features: np.ndarray | None = None) -> None:
@@ -45,7 +49,7 @@ class HybridDrafter(Drafter):
 
     def propose_tree(self, k: int, nodes: int, sampling: SamplingParams, rng: np.random.Generator) -> Proposal:
         context = self.context.propose_tree(k, nodes, sampling, rng)
-        model = self.model.propose_tree(min(k, MODEL_DEPTH), nodes, sampling, rng)
+        model = self.model.propose_tree(min(k, self.model_depth or k), nodes, sampling, rng)
         parts = [(Tree(p.token_ids, p.parents), p.scores) for p in (context, model) if len(p)]
         self.last_source = "+".join(name for name, p in (("context", context), ("model", model)) if len(p))
         if not parts:
@@ -53,9 +57,10 @@ class HybridDrafter(Drafter):
         tree, scores = merge(parts, nodes)
         return Proposal(tree.token_ids, None, None, tree.parents, scores)
 
-    def commit(self, accepted_ids: Sequence[int], next_id: int, features: np.ndarray | None = None) -> None:
-        self.context.commit(accepted_ids, next_id, features)
-        self.model.commit(accepted_ids, next_id, features)
+    def commit(self, accepted_ids: Sequence[int], next_id: int, features: np.ndarray | None = None,
+               logits: np.ndarray | None = None) -> None:
+        self.context.commit(accepted_ids, next_id, features, logits)
+        self.model.commit(accepted_ids, next_id, features, logits)
 
     def end(self) -> None:
         self.context.end()

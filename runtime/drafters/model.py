@@ -123,7 +123,8 @@ class ModelDrafter(Drafter):
         return Proposal(np.array(tokens, dtype=np.int64), None, None, np.array(parents, dtype=np.int64),
                         np.array(scores))
 
-    def commit(self, accepted_ids: Sequence[int], next_id: int, features: np.ndarray | None = None) -> None:
+    def commit(self, accepted_ids: Sequence[int], next_id: int, features: np.ndarray | None = None,
+               logits: np.ndarray | None = None) -> None:
         accepted, proposed = len(accepted_ids), self._proposed
         if self._tree:  # after a tree the cache holds some branch: back to the root, the rest waits
             self._tree = False

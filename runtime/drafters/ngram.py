@@ -134,7 +134,8 @@ class NgramDrafter(Drafter):
         self._last = (n, ids)
         return Proposal(np.array(ids[:self.depth(n, k)], dtype=np.int64))
 
-    def commit(self, accepted_ids: Sequence[int], next_id: int, features: np.ndarray | None = None) -> None:
+    def commit(self, accepted_ids: Sequence[int], next_id: int, features: np.ndarray | None = None,
+               logits: np.ndarray | None = None) -> None:
         if self._last is not None:
             # The target's own tokens (accepted + next) against the whole continuation of the longest match --
             # also past what was proposed or kept after pruning: greedy, those are the tokens the target would

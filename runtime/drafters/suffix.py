@@ -174,7 +174,8 @@ class SuffixDrafter(Drafter):
         return Proposal(np.array(tokens, dtype=np.int64), None, None, np.array(parents, dtype=np.int64),
                         np.array(scores))
 
-    def commit(self, accepted_ids: Sequence[int], next_id: int, features: np.ndarray | None = None) -> None:
+    def commit(self, accepted_ids: Sequence[int], next_id: int, features: np.ndarray | None = None,
+               logits: np.ndarray | None = None) -> None:
         with self.cache.lock:
             for token in (*accepted_ids, next_id):
                 self.tokens.append(int(token))
