@@ -68,7 +68,7 @@ bench-steps: peers-setup
 ## hybrid chain and tree of 32), the EAGLE head on the fp32 and int8-rows targets, n-gram and hybrid on int4, target-only on each, beside
 ## onnxruntime-genai int4 and OpenVINO GenAI int4 (plain, prompt lookup, draft model)
 bench-spec: peers-setup
-	$(SPECRT) bench .cache/demo/engine --spec-bench $(SPEC_BENCH) --also-engine .cache/demo/engine-eagle --also-engine .cache/demo/engine-q8 --also-engine .cache/demo/engine-int4-eagle --k 8 --policy adaptive --engine-drafters model,ngram,ngram@32,suffix,hybrid,hybrid@32 --engine-drafters eagle,hybrid --engine-drafters eagle,ngram,hybrid --engine-drafters ngram,hybrid --genai-model .cache/genai/int4 --genai-python $(GENAI_VENV)/bin/python --openvino-model .cache/openvino/int4 --openvino-draft .cache/openvino/draft --openvino-python $(OPENVINO_VENV)/bin/python --repeats 1 --max-new-tokens 96 --report .cache/demo/spec_bench.md
+	$(SPECRT) bench .cache/demo/engine --spec-bench $(SPEC_BENCH) --also-engine .cache/demo/engine-eagle --also-engine .cache/demo/engine-q8 --also-engine .cache/demo/engine-int4-eagle --k 8 --policy adaptive --engine-drafters model,ngram,ngram@32,suffix,hybrid,hybrid@32,ngram+recycle,ngram+recycle@32 --engine-drafters eagle,hybrid --engine-drafters eagle,ngram,hybrid,ngram+recycle --engine-drafters ngram,hybrid --genai-model .cache/genai/int4 --genai-python $(GENAI_VENV)/bin/python --openvino-model .cache/openvino/int4 --openvino-draft .cache/openvino/draft --openvino-python $(OPENVINO_VENV)/bin/python --repeats 1 --max-new-tokens 96 --report .cache/demo/spec_bench.md
 
 ## int4 verifier + draft engine (ONNX Runtime MatMulNBits), then its bench
 demo-int4:

@@ -112,13 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--drafter", choices=DRAFTERS, default=None,
                            help="what proposes tokens: model (the engine's draft model), ngram (prompt lookup: what "
                            "followed the last n-gram earlier in the context), suffix (continuations seen in this and "
-                           "earlier generations), hybrid (a context match, else the model). Default: the engine's "
+                           "earlier generations), hybrid (a context match, else the model), eagle (the feature head), "
+                           "recycle (the target's own latest top next tokens after each token, kept from its passes), "
+                           "ngram+recycle (a context match, else recycle; as a tree both). Default: the engine's "
                            "(`specrt info` shows it)")
             g.add_argument("--tree-nodes", type=int, default=0,
                            help="verify trees of up to N candidate tokens per target pass (pruned to what pays by "
                            "this engine's measured pass costs); 0 = chains (default)")
-            g.add_argument("--ngram-min", type=int, default=None, help="shortest context match, ngram/hybrid (default 1)")
-            g.add_argument("--ngram-max", type=int, default=None, help="longest context match, ngram/hybrid (default 8)")
+            g.add_argument("--ngram-min", type=int, default=None, help="shortest context match, ngram/hybrid/ngram+recycle "
+                           "(default 1)")
+            g.add_argument("--ngram-max", type=int, default=None, help="longest context match, ngram/hybrid/ngram+recycle "
+                           "(default 8)")
             g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
             g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
             g.add_argument("--top-k", type=int, default=0)

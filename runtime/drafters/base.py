@@ -49,6 +49,14 @@ def empty() -> Proposal:
     return Proposal(EMPTY)
 
 
+def tree_proposal(tokens: Sequence[int], parents: Sequence[int], scores: Sequence[float]) -> Proposal:
+    """A deterministic tree proposal from its nodes in topological order; no nodes: the empty proposal."""
+    if not len(tokens):
+        return empty()
+    return Proposal(np.array(tokens, dtype=np.int64), None, None, np.array(parents, dtype=np.int64),
+                    np.array(scores, dtype=np.float64))
+
+
 class Drafter:
     """Base class; see the module docstring for the protocol."""
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from specrt.runtime.backend import PREFILL_CHUNK
-from specrt.runtime.drafters.base import Drafter, KeepDrafting, Proposal, empty
+from specrt.runtime.drafters.base import Drafter, KeepDrafting, Proposal, empty, tree_proposal
 from specrt.runtime.drafters.model import BRANCHES, _softmax, check_finite, draft_sample, top_prob
 from specrt.runtime.sampling import SamplingParams
 
@@ -141,8 +141,7 @@ class EagleDrafter(Drafter):
                 j = int(probs.argmax())
                 score *= float(probs[j])
                 pos += 1
-        return Proposal(np.array(tokens, dtype=np.int64), None, None, np.array(parents, dtype=np.int64),
-                        np.array(scores))
+        return tree_proposal(tokens, parents, scores)
 
     def commit(self, accepted_ids: Sequence[int], next_id: int, features: np.ndarray | None = None,
                logits: np.ndarray | None = None) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 from specrt.runtime.acceptance import sample
 from specrt.runtime.backend import ModelStep
-from specrt.runtime.drafters.base import Drafter, KeepDrafting, Proposal, empty
+from specrt.runtime.drafters.base import Drafter, KeepDrafting, Proposal, empty, tree_proposal
 from specrt.runtime.errors import GenerationError
 from specrt.runtime.sampling import SamplingParams, warp
 
@@ -120,8 +120,7 @@ class ModelDrafter(Drafter):
                 score *= float(probs[t])
                 depth += 1
         self._tree = True
-        return Proposal(np.array(tokens, dtype=np.int64), None, None, np.array(parents, dtype=np.int64),
-                        np.array(scores))
+        return tree_proposal(tokens, parents, scores)
 
     def commit(self, accepted_ids: Sequence[int], next_id: int, features: np.ndarray | None = None,
                logits: np.ndarray | None = None) -> None:

@@ -7,9 +7,9 @@ for every token id, the top ``WIDTH`` of the latest such prediction -- a [vocab,
 for a 49k vocabulary.  A proposal walks the table from the last token: a chain follows each token's
 first candidate; a tree expands best-first by the product of per-rank acceptance rates (how often the
 table's rank-r candidate turned out to be the target's next token, counted as the drafter runs, from
-priors measured by a replay of the demo verifier's Spec-Bench outputs), up to ``nodes`` nodes and k
-deep.  Luo et al., "Turning Trash into Treasure: Accelerating Inference of Large Language Models with
-Token Recycling" (arXiv 2408.08696), do the same with a static tree.
+priors measured by ``benchmarks/recycle_replay.py``), up to ``nodes`` nodes and k deep.  Luo et al.,
+"Turning Trash into Treasure: Accelerating Inference of Large Language Models with Token Recycling"
+(arXiv 2408.08696), do the same with a static tree.
 
 It needs nothing but the target: no draft model, no training.  The table is stale by design (a
 prediction made in another context), which verification makes harmless: it only costs rows.  Costs
@@ -25,15 +25,16 @@ import threading
 from collections.abc import Sequence
 
 import numpy as np
-from specrt.runtime.drafters.base import Drafter, KeepDrafting, Proposal, empty
+from specrt.runtime.drafters.base import Drafter, KeepDrafting, Proposal, empty, tree_proposal
 from specrt.runtime.drafters.ngram import MIN_NODE_P
 from specrt.runtime.errors import GenerationError
 from specrt.runtime.sampling import SamplingParams
 
 WIDTH = 8  # candidates kept per token id
-# How often the rank-r candidate was the target's next token, before this table has seen any (replay of the
-# demo verifier's greedy outputs on the Spec-Bench dev set, README "Drafters"), and how much that prior weighs.
-PRIOR_RATES = (0.3, 0.1, 0.05, 0.03, 0.02, 0.015, 0.01, 0.01)
+# How often the rank-r candidate was the target's next token, before this table has seen any (measured by
+# benchmarks/recycle_replay.py over the demo verifier's greedy Spec-Bench outputs), and what that prior weighs:
+# 20 observations, washed out within the first generation.
+PRIOR_RATES = (0.43, 0.09, 0.04, 0.025, 0.02, 0.02, 0.015, 0.013)
 PRIOR_WEIGHT = 20.0
 MIN_TREE_SCORE = 1e-3  # a tree node scored below this is not worth a row anywhere
 
@@ -158,10 +159,7 @@ class RecycleDrafter(Drafter):
             scores.append(-neg)
             if depth < k:
                 push(len(tokens) - 1, token, -neg, depth + 1)
-        if not tokens:
-            return empty()
-        return Proposal(np.array(tokens, dtype=np.int64), None, None, np.array(parents, dtype=np.int64),
-                        np.array(scores))
+        return tree_proposal(tokens, parents, scores)
 
     def commit(self, accepted_ids: Sequence[int], next_id: int, features: np.ndarray | None = None,
                logits: np.ndarray | None = None) -> None:

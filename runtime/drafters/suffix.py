@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Sequence
 
 import numpy as np
-from specrt.runtime.drafters.base import Drafter, KeepDrafting, Proposal, empty
+from specrt.runtime.drafters.base import Drafter, KeepDrafting, Proposal, empty, tree_proposal
 from specrt.runtime.errors import GenerationError
 from specrt.runtime.sampling import SamplingParams
 
@@ -169,10 +169,7 @@ class SuffixDrafter(Drafter):
                     scores.append(score)
                     paths.append(path + [token])
                     heapq.heappush(heap, (-score, len(tokens) - 1))
-        if not tokens:
-            return empty()
-        return Proposal(np.array(tokens, dtype=np.int64), None, None, np.array(parents, dtype=np.int64),
-                        np.array(scores))
+        return tree_proposal(tokens, parents, scores)
 
     def commit(self, accepted_ids: Sequence[int], next_id: int, features: np.ndarray | None = None,
                logits: np.ndarray | None = None) -> None:
