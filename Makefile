@@ -65,7 +65,8 @@ bench-steps: peers-setup
 	$(PYTHON) benchmarks/step_cost.py .cache/demo/engine .cache/demo/engine-int4 .cache/demo/engine-int4-acc1
 
 ## Spec-Bench (48 questions, 6 categories), one run: the demo pair (draft model, n-gram chain and tree of 32, suffix,
-## hybrid chain and tree of 32), the EAGLE head on the fp32 and int8-rows targets, n-gram and hybrid on int4, target-only on each, beside
+## hybrid chain and tree of 32, ngram+recycle chain and tree of 32), the EAGLE head on the fp32 and int8-rows targets
+## (ngram+recycle on int8-rows), n-gram and hybrid on int4, target-only on each, beside
 ## onnxruntime-genai int4 and OpenVINO GenAI int4 (plain, prompt lookup, draft model)
 bench-spec: peers-setup
 	$(SPECRT) bench .cache/demo/engine --spec-bench $(SPEC_BENCH) --also-engine .cache/demo/engine-eagle --also-engine .cache/demo/engine-q8 --also-engine .cache/demo/engine-int4-eagle --k 8 --policy adaptive --engine-drafters model,ngram,ngram@32,suffix,hybrid,hybrid@32,ngram+recycle,ngram+recycle@32 --engine-drafters eagle,hybrid --engine-drafters eagle,ngram,hybrid,ngram+recycle --engine-drafters ngram,hybrid --genai-model .cache/genai/int4 --genai-python $(GENAI_VENV)/bin/python --openvino-model .cache/openvino/int4 --openvino-draft .cache/openvino/draft --openvino-python $(OPENVINO_VENV)/bin/python --repeats 1 --max-new-tokens 96 --report .cache/demo/spec_bench.md

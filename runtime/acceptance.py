@@ -43,7 +43,7 @@ def rejection_verify(draft_ids: np.ndarray, draft_probs: np.ndarray, target_prob
     for i in range(k):
         x = int(draft_ids[i])
         q = float(draft_probs[i, x])
-        p = float(target_probs[i, x]) if x < target_probs.shape[-1] else 0.0
+        p = float(target_probs[i, x]) if 0 <= x < target_probs.shape[-1] else 0.0
         if q > 0.0 and rng.random() * q < p:  # u < p/q without dividing
             continue
         # over the target's whole vocabulary: where the draft's is smaller, q = 0 past it and p stays
@@ -68,11 +68,11 @@ def point_rejection_verify(draft_ids: np.ndarray, target_probs: np.ndarray,
     for i in range(k):
         x = int(draft_ids[i])
         p = target_probs[i]
-        px = float(p[x]) if x < p.shape[-1] else 0.0
+        px = float(p[x]) if 0 <= x < p.shape[-1] else 0.0  # an id outside p: probability 0
         if rng.random() < px:
             continue
         residual = p.copy()
-        if x < residual.shape[-1]:
+        if 0 <= x < residual.shape[-1]:
             residual[x] = 0.0
         total = residual.sum()
         if total <= 0.0:  # p was one-hot at x and x was still rejected: a measure-zero event

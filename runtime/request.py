@@ -72,7 +72,7 @@ class Request:
     max_draft_per_token: float | None = None
     acceptance: str = "strict"  # "relaxed" = LOSSY (greedy only)
     accept_tau: float | None = None
-    drafter: str | None = None  # model | ngram | suffix | hybrid; None = the engine's default
+    drafter: str | None = None  # one of drafters.DRAFTERS; None = the engine's default
     ngram_min: int | None = None  # context drafters' n-gram sizes; None = the engine's
     ngram_max: int | None = None
     tree_nodes: int = 0  # > 0: propose trees of up to this many nodes (pruned by measured pass costs); 0 = chains

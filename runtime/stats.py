@@ -21,7 +21,7 @@ class Stats:
     total_s: float = 0.0
     stop_reason: str = ""
     policy: str = "fixed"
-    drafter: str = ""  # model | ngram | suffix | hybrid ("" = target only)
+    drafter: str = ""  # one of drafters.DRAFTERS ("" = target only)
     acceptance: str = "strict"  # "relaxed" = LOSSY: output may differ from the target's own
     accept_tau: float | None = None
 

@@ -191,6 +191,8 @@ def sampled_tree_verify(tree: Tree, target_probs: np.ndarray | Callable[[int], n
         accepted = None
         for c in kids[row]:
             x = int(tree.token_ids[c - 1])
+            if not 0 <= x < len(p):  # an id outside the vocabulary has probability 0: never accepted
+                continue
             total = p.sum()
             if total <= 0.0:
                 break

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--target", required=True, help="local checkpoint directory of the target (verification) model")
     e.add_argument("--draft", default=None,
                    help="local checkpoint directory of the draft model (same tokenizer); without it the engine is "
-                   "target-only and drafts from the context (--drafter ngram | suffix)")
+                   "target-only and drafts from the context and the target's own predictions (--drafter ngram | suffix | recycle | "
+                   "ngram+recycle)")
     e.add_argument("--draft-head", type=Path, default=None,
                    help="a feature-level draft head trained on this target (scripts/train_head.py --export), instead "
                    "of --draft: the target graph also outputs the hidden states the head reads (--drafter eagle)")
@@ -493,7 +494,8 @@ def _info(args) -> int:
         print(f"        attention {raw['kv_cache'].get('attention', 'concat')}, KV update "
               f"{spec.kv.update}, {quant}{rows}")
     if m.draft is None:
-        print("   draft: none (target-only engine: drafts from the context, --drafter ngram | suffix)")
+        print("   draft: none (target-only engine: drafts from the context and the target's own predictions, "
+              "--drafter ngram | suffix | recycle | ngram+recycle)")
     from specrt.runtime.drafters import available
     from specrt.runtime.engine import DEFAULT_DRAFTER
 

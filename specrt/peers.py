@@ -94,6 +94,14 @@ def specrt_run(engine: Engine, max_new_tokens: int, **params) -> RunFn:
     return go
 
 
+def _with_table(engine: Engine, table: RecycleTable, run: RunFn) -> RunFn:
+    """``run`` with ``table`` as the engine's recycle table (runs are sequential: swapping it is enough)."""
+    def go(ids: list[int], temperature: float, seed: int) -> Run:
+        engine.recycle_table = table
+        return run(ids, temperature, seed)
+    return go
+
+
 def specrt_systems(engine: Engine, ks: Sequence[int], max_new_tokens: int, label: str | None = None,
                    drafters: Sequence[str] = ("model",), policy: str = "fixed",
                    tree_nodes: Sequence[int] = (0,), plan: Sequence[tuple[str, int]] | None = None) -> list[System]:
@@ -113,17 +121,14 @@ def specrt_systems(engine: Engine, ks: Sequence[int], max_new_tokens: int, label
                 name = f"specrt k={k}{suffix}"
             # speculative rows are checked against their own engine's target-only decoding (losslessness);
             # the suffix and recycle drafters learn from earlier generations: emptied before every repeat, so
-            # a repeat never drafts from its own earlier answer to the same prompt -- and a recycling system
-            # runs on a fork with a table of its own, so it never drafts from another system's run of the
-            # same prompt either (it still learns from the earlier prompts, as a deployed engine would)
-            runner, reset = engine, (lambda: None)
-            if drafter == "suffix":
-                reset = engine.suffix_cache.clear
-            elif "recycle" in drafter:
-                runner = engine.fork()
-                runner.recycle_table = RecycleTable(engine.manifest.target.vocab_size)
-                reset = runner.recycle_table.clear
-            run = specrt_run(runner, max_new_tokens, k=k, drafter=drafter, policy=policy, tree_nodes=nodes)
+            # a repeat never drafts from its own earlier answer to the same prompt -- and each recycling system
+            # has a table of its own, so it never drafts from another system's run of the same prompt either
+            # (it still learns from the earlier prompts, as a deployed engine would)
+            reset = engine.suffix_cache.clear if drafter == "suffix" else (lambda: None)
+            run = specrt_run(engine, max_new_tokens, k=k, drafter=drafter, policy=policy, tree_nodes=nodes)
+            if "recycle" in drafter:
+                table = RecycleTable(engine.manifest.target.vocab_size)
+                run, reset = _with_table(engine, table, run), table.clear
             systems.append(System(name, run, reference=base, reset=reset))
     return systems
 

@@ -39,10 +39,10 @@ NO_OP = {"presence_penalty": 0, "frequency_penalty": 0, "logprobs": (None, False
          "logit_bias": (None, {}), "echo": False, "best_of": (None, 1), "suffix": None, "response_format": None,
          "parallel_tool_calls": None, "tools": (None, []), "tool_choice": (None, "none")}
 EXTRA = {"k": "draft tokens per target pass (one of the engine's k values; any with policy adaptive)",
-         "drafter": "model | eagle | ngram | suffix | hybrid (default: the engine's)",
+         "drafter": "model | eagle | ngram | suffix | hybrid | recycle | ngram+recycle (default: the engine's)",
          "policy": "fixed | confidence | adaptive | budget",
          "top_k": "sample among the k most likely tokens (0 = off)",
-         "ngram_min": "shortest context match (ngram, hybrid)", "ngram_max": "longest context match"}
+         "ngram_min": "shortest context match (ngram, hybrid, ngram+recycle)", "ngram_max": "longest context match"}
 DEFAULT_MAX_TOKENS = 256
 
 

@@ -7,6 +7,7 @@ from fakes import VOCAB, FakeStep
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from specrt.runtime.drafters import (
+    Drafter,
     HybridDrafter,
     ModelDrafter,
     NgramDrafter,
@@ -148,27 +149,34 @@ def test_adaptive_judges_a_tree_by_its_deepest_path():
     assert tree.alpha > 0.9 > chain_view.alpha
 
 
-class LogitsSpy(NgramDrafter):
-    """An n-gram drafter that records what commit() is handed."""
+class LogitsSpy(Drafter):
+    """Wraps a drafter, asks for the target's logits (or not) and records what commit() is handed."""
 
-    def __init__(self, needs_logits: bool):
-        super().__init__(1, 3)
-        self.needs_logits = needs_logits
+    def __init__(self, inner: Drafter, needs_logits: bool):
+        self.inner, self.needs_logits = inner, needs_logits
+        self.max_context = inner.max_context
         self.seen: list[tuple[list[int], int, np.ndarray | None]] = []
 
+    def begin(self, prompt_ids, features=None):
+        self.inner.begin(prompt_ids, features)
+
+    def propose(self, k, sampling, rng, keep_drafting=None):
+        return self.inner.propose(k, sampling, rng, keep_drafting)
+
     def commit(self, accepted_ids, next_id, features=None, logits=None):
-        self.seen.append((list(accepted_ids), next_id, logits))
-        super().commit(accepted_ids, next_id, features, logits)
+        self.seen.append((list(accepted_ids), next_id, None if logits is None else logits.copy()))
+        self.inner.commit(accepted_ids, next_id, features)
 
 
 def test_a_drafter_that_asks_gets_the_target_logits_of_the_committed_rows():
     """Row r of what commit() gets predicts the r-th emitted token: the accepted ones, then next_id."""
     prompt = np.array([1, 2, 3, 1, 2, 3, 1, 2])
     for needs in (True, False):
-        spy = LogitsSpy(needs)
         target = FakeStep(salt=1, max_context=64)
-        run(speculative(target, spy, prompt, Fixed(4), 30, GREEDY, np.random.default_rng(0), Stats()))
-        assert spy.seen
+        draft = FakeStep(salt=0, max_context=64, agree_with=target, agree=0.7)  # accepts some, rejects some
+        spy = LogitsSpy(ModelDrafter(draft), needs)
+        run(speculative(target, spy, prompt, Fixed(4), 40, GREEDY, np.random.default_rng(0), Stats()))
+        assert max(len(a) for a, _, _ in spy.seen) >= 2 and min(len(a) for a, _, _ in spy.seen) < 4
         for accepted, next_id, logits in spy.seen:
             if not needs:
                 assert logits is None

@@ -165,6 +165,31 @@ class FixedTree(Drafter):
         pass
 
 
+class LogitsOfFixedTree(FixedTree):
+    """The fixed tree, asking for the target's logits of the committed rows."""
+
+    needs_logits = True
+
+    def __init__(self):
+        self.seen = []
+
+    def commit(self, accepted_ids, next_id, features=None, logits=None):
+        self.seen.append((list(accepted_ids), next_id, logits.copy()))
+
+
+def test_a_tree_pass_hands_the_drafter_the_rows_of_its_accepted_path():
+    """Greedy from token 0 the target's next token is always 0, which is node 3 of the fixed tree (row 4, not
+    row 1): the committed rows are 0 and 4, and the Markov target's row for a token is P's row for it."""
+    drafter = LogitsOfFixedTree()
+    steps = list(loop_mod.speculative(MarkovTreeStep(), drafter, np.array([0, 0]), Fixed(3), 12, SamplingParams(),
+                                      np.random.default_rng(0), Stats(), tree_nodes=6))
+    assert all(s.accepted == 1 for s in steps[:-1]) and drafter.seen
+    last = 0
+    for accepted, next_id, logits in drafter.seen:
+        assert np.allclose(logits, np.log(P)[[last, *accepted]])
+        last = next_id
+
+
 def joint(params, n=12000, seed=0):
     rng = np.random.default_rng(seed)
     counts = np.zeros((V, V))

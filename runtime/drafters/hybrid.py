@@ -32,7 +32,9 @@ class HybridDrafter(Drafter):
         self.max_context = model.max_context
         self.needs_features = model.needs_features  # an eagle head follows every commit too
         self.needs_logits = context.needs_logits or model.needs_logits
-        self.last_source = ""  # "context" | "model" | "context+model" (a tree) | "" (nothing): traces, tests
+        # "context" | the second drafter's name ("model", "eagle", "recycle") | "context+<name>" (a tree) | ""
+        # (nothing): traces, tests
+        self.last_source = ""
 
     def begin(self, prompt_ids: np.ndarray, features: np.ndarray | None = None) -> None:
         self.context.begin(prompt_ids)
@@ -44,14 +46,14 @@ class HybridDrafter(Drafter):
         self.last_source = "context"
         if not len(proposal):
             proposal = self.model.propose(k, sampling, rng, keep_drafting)
-            self.last_source = "model" if len(proposal) else ""
+            self.last_source = self.model.name if len(proposal) else ""
         return proposal
 
     def propose_tree(self, k: int, nodes: int, sampling: SamplingParams, rng: np.random.Generator) -> Proposal:
         context = self.context.propose_tree(k, nodes, sampling, rng)
         model = self.model.propose_tree(min(k, self.model_depth or k), nodes, sampling, rng)
         parts = [(Tree(p.token_ids, p.parents), p.scores) for p in (context, model) if len(p)]
-        self.last_source = "+".join(name for name, p in (("context", context), ("model", model)) if len(p))
+        self.last_source = "+".join(name for name, p in (("context", context), (self.model.name, model)) if len(p))
         if not parts:
             return context
         tree, scores = merge(parts, nodes)

@@ -50,9 +50,9 @@ class RecycleTable:
         if width is None and isinstance(vocab_size, int):
             width = max(1, min(WIDTH, vocab_size))
         if not (isinstance(vocab_size, int) and vocab_size >= 1 and isinstance(width, int) and
-                1 <= width <= len(PRIOR_RATES)):
-            raise GenerationError(f"a recycle table needs vocab_size >= 1 and 1 <= width <= {len(PRIOR_RATES)}, "
-                                  f"got {vocab_size!r}, {width!r}")
+                1 <= width <= min(len(PRIOR_RATES), vocab_size)):
+            raise GenerationError(f"a recycle table needs vocab_size >= 1 and 1 <= width <= min({len(PRIOR_RATES)}, "
+                                  f"vocab_size), got {vocab_size!r}, {width!r}")
         self.vocab_size, self.width = vocab_size, width
         self._none = np.full(width, -1, dtype=np.int32)
         # [vocab, width], allocated when the first prediction is recorded (engines that never recycle never hold it)
@@ -67,9 +67,10 @@ class RecycleTable:
             self._tries = np.full(self.width, PRIOR_WEIGHT)
 
     def candidates(self, token: int) -> np.ndarray:
-        """[width] the latest top next tokens after ``token`` (-1: none)."""
+        """[width] the latest top next tokens after ``token`` (-1: none) -- a copy: a concurrent ``record`` or
+        ``clear`` cannot change it under the caller."""
         table = self.next_ids
-        return table[token] if 0 <= token < len(table) else self._none
+        return table[token].copy() if 0 <= token < len(table) else self._none
 
     def rates(self) -> np.ndarray:
         """[width]: the running rate at which the rank-r candidate was the target's next token."""
@@ -79,8 +80,8 @@ class RecycleTable:
         """The target's logits [rows, vocab] for rows whose input tokens were ``input_ids``: keep each row's top
         ``width`` as that token's candidates (a later row for the same token wins: it is the more recent)."""
         ids = np.asarray(input_ids, dtype=np.int64)
-        if len(ids) == 0 or logits.ndim != 2 or logits.shape != (len(ids), self.vocab_size) or \
-                self.vocab_size < self.width:
+        # a shape that does not fit records nothing (the loop's logits are [rows, the manifest's vocab_size])
+        if len(ids) == 0 or logits.ndim != 2 or logits.shape != (len(ids), self.vocab_size):
             return
         top = np.argpartition(logits, -self.width, axis=-1)[:, -self.width:] if self.width < self.vocab_size else \
             np.broadcast_to(np.arange(self.vocab_size), logits.shape)

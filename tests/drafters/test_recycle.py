@@ -43,7 +43,7 @@ def test_a_vocabulary_smaller_than_the_width_keeps_it_all():
     assert table.candidates(0).tolist() == [1, 2, 0]
 
 
-@pytest.mark.parametrize("vocab, width", [(0, 2), (10, 0), (10, 99), ("10", 2)])
+@pytest.mark.parametrize("vocab, width", [(0, 2), (10, 0), (10, 99), (3, 8), ("10", 2)])
 def test_bad_table_sizes_are_clear_errors(vocab, width):
     with pytest.raises(GenerationError, match="recycle table"):
         RecycleTable(vocab, width)
@@ -112,7 +112,7 @@ def test_ngram_recycle_is_the_hybrid_with_unlimited_branches():
     assert d.model_depth is None and isinstance(d.model, RecycleDrafter) and d.model.table is table
     d.begin(np.array([1, 9, 7, 1]))  # the context's 1 -> 9 and the table's 1 -> 2 -> 3 -> 4
     p = d.propose_tree(4, 16, GREEDY, RNG)
-    assert d.last_source == "context+model"
+    assert d.last_source == "context+recycle"
     roots = {int(p.token_ids[i]) for i in range(len(p)) if p.parents[i] < 0}
     assert {9, 2} <= roots and 4 in p.token_ids.tolist()  # the recycled branch goes three deep
     assert make_drafter("recycle", DrafterOptions(), target_vocab=V).name == "recycle"
