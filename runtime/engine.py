@@ -72,9 +72,10 @@ class Stream:
 
 # The default drafter per kind of draft in the engine (None: no draft), chosen by the Spec-Bench run in
 # the README ("Measured", fp32 demo pair): n-gram lookup 1.45x overall against the 11M draft model's
-# 0.98x and hybrid's 1.34x; on a feature-head engine hybrid (n-gram first, then the head) 1.26x against
-# the head alone 0.98x.  A request's `drafter` overrides it.  (Chains by default: an n-gram tree of 32 ran
-# 1.49x in the same run, within this machine's run-to-run noise of the chain; `tree_nodes` asks for one.)
+# 1.01x and hybrid's 1.35x; on a feature-head engine hybrid (n-gram first, then the head) 1.26x against
+# the head alone 0.98x.  A request's `drafter` overrides it.  (Chains by default: ngram+recycle as a tree
+# of 32 ran 1.50x in the same run, 3% over the chain -- within this machine's run-to-run noise, and a
+# first tree use measures pass costs; `drafter="ngram+recycle", tree_nodes=32` asks for it.)
 DEFAULT_DRAFTER = {"model": "ngram", "feature-head": "hybrid", None: "ngram"}
 
 
