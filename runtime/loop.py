@@ -169,8 +169,11 @@ def speculative(target: ModelStep, drafter: Drafter, prompt_ids: np.ndarray, pol
             target.set_length(length + accepted)
         else:
             target.compact(length - 1, rows)
+        committed_logits = None
+        if drafter.needs_logits:  # a chain's committed rows are a prefix: a view, no per-step copy
+            committed_logits = target_logits[:accepted + 1] if tree is None or tree.is_chain else target_logits[rows]
         drafter.commit(accepted_ids, next_id, target.features()[rows] if drafter.needs_features else None,
-                       target_logits[rows] if drafter.needs_logits else None)
+                       committed_logits)
         stats.draft_s += t1 - t0
         stats.verify_s += t2 - t1
         # a tree's acceptance is that of its deepest path: its m nodes are not m chances in a row
