@@ -46,9 +46,9 @@ peers-setup:
 	for p in fp32 int4; do test -f .cache/genai/$$p/model.onnx || $(GENAI_VENV)/bin/python -m onnxruntime_genai.models.builder -i .cache/demo/verifier-hf -o .cache/genai/$$p -p $$p -e cpu -c .cache/genai/hfcache > .cache/genai/build_$$p.log 2>&1 || exit 1; done
 	test -f .cache/demo/engine-dq4/manifest.json || $(SPECRT) export $(DEMO_PAIR) --out .cache/demo/engine-dq4 --draft-quant int4
 	test -f .cache/demo/engine-int4/manifest.json || $(SPECRT) export $(DEMO_PAIR) --out .cache/demo/engine-int4 --quant int4
-	test -f .cache/demo/engine-eagle/manifest.json || $(SPECRT) export $(HEAD_PAIR) --out .cache/demo/engine-eagle
-	test -f .cache/demo/engine-q8/manifest.json || $(SPECRT) export $(HEAD_PAIR) --out .cache/demo/engine-q8 --quant
-	test -f .cache/demo/engine-int4-eagle/manifest.json || $(SPECRT) export $(HEAD_PAIR) --out .cache/demo/engine-int4-eagle --quant int4
+	test .cache/demo/engine-eagle/manifest.json -nt engines/demo/head/head.safetensors || $(SPECRT) export $(HEAD_PAIR) --out .cache/demo/engine-eagle
+	test .cache/demo/engine-q8/manifest.json -nt engines/demo/head/head.safetensors || $(SPECRT) export $(HEAD_PAIR) --out .cache/demo/engine-q8 --quant
+	test .cache/demo/engine-int4-eagle/manifest.json -nt engines/demo/head/head.safetensors || $(SPECRT) export $(HEAD_PAIR) --out .cache/demo/engine-int4-eagle --quant int4
 	test -x $(OPENVINO_VENV)/bin/python || $(PYTHON) -m venv $(OPENVINO_VENV)
 	$(OPENVINO_VENV)/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 openvino-genai==2026.4.1.0 "optimum-intel[openvino]"
 	$(OPENVINO_VENV)/bin/python -m pip uninstall --quiet --yes torchvision 2>/dev/null || true  # built for another torch: breaks optimum-cli
