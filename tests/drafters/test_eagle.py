@@ -111,3 +111,57 @@ def test_a_tampered_draft_vocabulary_is_refused(engines, tmp_path, ids):
 
 def test_head_prompts_are_the_ones_tested():
     assert all(p in tiny.HEAD_PROMPTS for p in PROMPTS[:4])
+
+
+class CountingHead:
+    """A stand-in feature head fed target ids 100 + j: its logits favour draft id j + 1, then j + 2; counts calls."""
+
+    V = 16
+
+    def __init__(self):
+        self.spec = type("Spec", (), {"feature_head": {
+            "hidden_input": "h", "features_input": "f", "select_input": "s", "hidden_output": "o",
+            "hidden_size": 4, "feature_size": 6}})()
+        self.max_context = 64
+        self.calls = 0
+
+    def step(self, ids, pos, extra):
+        self.calls += 1
+        logits = np.full((len(ids), self.V), -10.0, np.float32)
+        for r, t in enumerate(np.asarray(ids) - 100):
+            logits[r, (t + 1) % self.V], logits[r, (t + 2) % self.V], logits[r, (t + 3) % self.V] = 3.0, 2.0, -4.0
+        return logits
+
+    def output(self, name):
+        return np.zeros((1, 4), np.float32)
+
+    def set_length(self, n):
+        pass
+
+
+def test_a_head_tree_costs_its_chains_head_calls_and_no_more():
+    """The head's tree: its greedy chain, with runners-up (probability >= MIN_BRANCH_P) as leaves beside each
+    chain node -- taken from logits the chain computes anyway, so k - 1 head calls whatever the branching."""
+    from specrt.runtime.drafters.eagle import EagleDrafter
+    from specrt.runtime.drafters.model import MIN_BRANCH_P
+
+    head = CountingHead()
+    vocab_map = np.arange(100, 100 + CountingHead.V)  # draft index j is target id 100 + j
+    d = EagleDrafter(head, vocab_map, target_vocab=200, max_k=8)
+    d._logits, d.length = head.step(np.array([100]), 0, {})[0], 1  # as after begin(): proposal 1 is draft id 1
+    head.calls = 0
+    for k, nodes in ((4, 32), (1, 32), (4, 5)):
+        head.calls = 0
+        p = d.propose_tree(k, nodes, SamplingParams(), np.random.default_rng(0))
+        assert head.calls == min(k, (nodes + 1) // 2) - 1, (k, nodes, head.calls)
+        assert len(p) == min(2 * k, nodes)  # per depth: the chain's node and one runner-up (the third is too unlikely)
+        chain = [i for i in range(len(p)) if i == 0 or p.parents[i] != p.parents[i - 1]]
+        # the chain follows the head's first choices: 1, 2, 3, ... (draft ids), each the child of the one before
+        assert [int(p.token_ids[i]) - 100 for i in chain] == list(range(1, len(chain) + 1))
+        for i in range(len(p)):
+            assert p.parents[i] < i and (p.parents[i] == -1 or p.scores[i] <= p.scores[p.parents[i]])
+            if i not in chain:  # a leaf: the runner-up beside the chain node just before it
+                assert p.parents[i] == p.parents[i - 1] and p.token_ids[i] == p.token_ids[i - 1] + 1
+                assert not any(p.parents[j] == i for j in range(len(p)))
+        probs = np.exp([3.0, 2.0, -4.0]) / (np.exp([3.0, 2.0, -4.0]).sum() + 13 * np.exp(-10.0))
+        assert probs[2] < MIN_BRANCH_P < probs[1]
