@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from specrt.runtime.drafters.base import Drafter, Proposal
 from specrt.runtime.drafters.eagle import EagleDrafter
-from specrt.runtime.drafters.hybrid import HybridDrafter
+from specrt.runtime.drafters.hybrid import HEAD_DEPTH, MODEL_DEPTH, HybridDrafter
 from specrt.runtime.drafters.model import ModelDrafter
 from specrt.runtime.drafters.ngram import NgramDrafter
 from specrt.runtime.drafters.recycle import RecycleDrafter, RecycleTable
@@ -70,7 +70,8 @@ def make_drafter(name: str, options: DrafterOptions, draft_step=None, suffix_cac
         neural = ModelDrafter(draft_step, max_k=max_k, want_top=want_top)
     if name in ("model", "eagle"):
         return neural
-    return HybridDrafter(NgramDrafter(options.ngram_min, options.ngram_max, options.match), neural)
+    return HybridDrafter(NgramDrafter(options.ngram_min, options.ngram_max, options.match), neural,
+                         model_depth=HEAD_DEPTH if kind == "feature-head" else MODEL_DEPTH)
 
 
 __all__ = ["DRAFTERS", "Drafter", "DrafterOptions", "EagleDrafter", "HybridDrafter", "ModelDrafter", "NgramDrafter",

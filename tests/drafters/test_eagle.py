@@ -165,3 +165,20 @@ def test_a_head_tree_costs_its_chains_head_calls_and_no_more():
                 assert not any(p.parents[j] == i for j in range(len(p)))
         probs = np.exp([3.0, 2.0, -4.0]) / (np.exp([3.0, 2.0, -4.0]).sum() + 13 * np.exp(-10.0))
         assert probs[2] < MIN_BRANCH_P < probs[1]
+
+
+def test_a_hybrid_tree_takes_the_heads_first_position_only_at_no_head_call():
+    """HEAD_DEPTH = 1: beside the context's matches, the head's first choice and its runners-up, all read from
+    the logits of the last commit -- a hybrid tree pass makes no head call of its own."""
+    from specrt.runtime.drafters import DrafterOptions, make_drafter
+
+    head = CountingHead()
+    head.spec.kind = "feature-head"
+    d = make_drafter("hybrid", DrafterOptions(), head, vocab_map=np.arange(100, 100 + CountingHead.V),
+                     target_vocab=200)
+    d.context.begin(np.array([7, 8, 9]))  # nothing repeats: no context match
+    d.model._logits, d.model.length = head.step(np.array([100]), 0, {})[0], 1
+    head.calls = 0
+    p = d.propose_tree(4, 32, SamplingParams(), np.random.default_rng(0))
+    assert head.calls == 0 and d.last_source == "eagle"
+    assert p.token_ids.tolist() == [101, 102] and p.parents.tolist() == [-1, -1]
