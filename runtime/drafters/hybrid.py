@@ -6,7 +6,7 @@ costs a forward pass per token and is right less often but everywhere.  Both fol
 (the model's cache catches up on the tokens it did not propose, through its prefill stage).
 
 As a tree it takes both: the context's matches as branches, and the model's top choices for the next
-token (each continued ``MODEL_DEPTH`` deep) beside them -- where no match exists or the match is wrong
+token (each continued ``MODEL_DEPTH`` deep; a feature head's ``HEAD_DEPTH``) beside them -- where no match exists or the match is wrong
 at once, which on Spec-Bench is most steps, the model's branches are what a pass can still accept.
 The loop's pruning then keeps the nodes the pass costs pay for.  A second drafter that costs nothing
 per node (``recycle``) branches as deep as k (``model_depth=None``).
