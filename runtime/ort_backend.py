@@ -221,10 +221,12 @@ class OrtModelStep:
         self.cache.compact(pos, rows)
 
     def step(self, token_ids: np.ndarray, pos: int, inputs: dict[str, np.ndarray] | None = None,
-             tree: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+             tree: tuple[np.ndarray, np.ndarray] | None = None, last_only: bool = False) -> np.ndarray:
         """``inputs``: a feature head's extra inputs, each [1, n, width] (or [1] for its selector).  ``tree``:
-        (positions [n], bias [n, n]) of a tree pass (``runtime/tree.py``); None is a chain."""
-        return self._step(token_ids, pos, inputs, tree, last_only=False)
+        (positions [n], bias [n, n]) of a tree pass (``runtime/tree.py``); None is a chain.  ``last_only``: only
+        the last row's logits are read (a feature head following the context): [1, vocab] where the graph can
+        skip the other rows' LM head, [n, vocab] where it cannot -- the last row is ``[-1]`` either way."""
+        return self._step(token_ids, pos, inputs, tree, last_only)
 
     def _step(self, token_ids: np.ndarray, pos: int, inputs: dict[str, np.ndarray] | None,
               tree: tuple[np.ndarray, np.ndarray] | None, last_only: bool) -> np.ndarray:

@@ -183,3 +183,29 @@ def test_a_drafter_that_asks_gets_the_target_logits_of_the_committed_rows():
                 continue
             assert logits.shape == (len(accepted) + 1, VOCAB)
             assert logits.argmax(axis=-1).tolist() == [*accepted, next_id]
+
+
+class FeaturedStep(FakeStep):
+    """A fake target with a features output: each row's feature is its position."""
+
+    def step(self, token_ids, pos):
+        self._rows = np.arange(pos, pos + len(token_ids), dtype=np.float32)[:, None]
+        return super().step(token_ids, pos)
+
+    def features(self):
+        return self._rows
+
+
+def test_a_feature_heads_prefill_keeps_every_rows_features_from_prefill_stage_passes():
+    """The head needs the features of every prompt token but the last; the logits of none but each chunk's last
+    row -- so the target runs prefill-stage passes (``extend``), whose LM head skips the other rows (on the demo
+    target every row's LM head made its prefill 10-15% slower)."""
+    from specrt.runtime.backend import PREFILL_CHUNK
+    from specrt.runtime.loop import _prefill_features
+
+    n = 2 * PREFILL_CHUNK + 43
+    target = FeaturedStep(salt=1, max_context=n + 8)
+    features = _prefill_features(target, np.arange(n + 1) % VOCAB)
+    assert target.widths == []  # no decode-stage pass
+    assert target.extends == [(PREFILL_CHUNK, 0), (PREFILL_CHUNK, PREFILL_CHUNK), (43, 2 * PREFILL_CHUNK)]
+    np.testing.assert_array_equal(features[:, 0], np.arange(n))

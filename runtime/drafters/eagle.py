@@ -57,7 +57,7 @@ class EagleDrafter(Drafter):
             n = len(ids)
             logits = self.head.step(ids, pos + start, {
                 self._hidden_in: self._no_hidden[:, :n], self._features_in: features[None, start:start + n],
-                self._select: self._use_target})
+                self._select: self._use_target}, last_only=True)  # the next proposal reads the last row only
         check_finite(logits[-1], "draft head", pos)
         self._logits = logits[-1].copy()
         self._hidden[0, 0] = self.head.output(self._hidden_out)[-1]

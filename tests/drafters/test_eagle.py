@@ -109,6 +109,25 @@ def test_a_tampered_draft_vocabulary_is_refused(engines, tmp_path, ids):
         Engine.load(d)
 
 
+def test_a_pass_over_real_features_computes_the_last_rows_logits_alone(engine):
+    """The head's graph takes ``logits_from``, as the target's: following the prompt or a commit, the drafter reads
+    the last row's logits only, and the LM head over the draft vocabulary is half the head's work per row."""
+    head = engine.draft
+    assert head.spec.kv.logits_from
+    fh = head.spec.feature_head
+    n = 6
+    inputs = {fh["hidden_input"]: np.zeros((1, n, fh["hidden_size"]), np.float32),
+              fh["features_input"]: np.random.default_rng(0).standard_normal((1, n, fh["feature_size"]), np.float32),
+              fh["select_input"]: np.ones(1, np.int64)}
+    ids = np.arange(3, 3 + n)
+    every = head.step(ids, 0, inputs).copy()
+    hidden = head.output(fh["hidden_output"]).copy()
+    last = head.step(ids, 0, inputs, last_only=True)
+    assert len(every) == n and last.shape == (1, every.shape[1])
+    np.testing.assert_allclose(last[0], every[-1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(head.output(fh["hidden_output"]), hidden)  # every row's hidden state still out
+
+
 def test_head_prompts_are_the_ones_tested():
     assert all(p in tiny.HEAD_PROMPTS for p in PROMPTS[:4])
 
@@ -125,10 +144,11 @@ class CountingHead:
         self.max_context = 64
         self.calls = 0
 
-    def step(self, ids, pos, extra):
+    def step(self, ids, pos, extra, last_only=False):
         self.calls += 1
+        ids = np.asarray(ids)[-1:] if last_only else np.asarray(ids)
         logits = np.full((len(ids), self.V), -10.0, np.float32)
-        for r, t in enumerate(np.asarray(ids) - 100):
+        for r, t in enumerate(ids - 100):
             logits[r, (t + 1) % self.V], logits[r, (t + 2) % self.V], logits[r, (t + 3) % self.V] = 3.0, 2.0, -4.0
         return logits
 
