@@ -77,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "expected speculative tokens/s, README 'Quantized verification'); int4 / int8: ONNX Runtime's "
                    "MatMulNBits (weight-only, blockwise)")
     e.add_argument("--target-quant", choices=quants, default=None, help="override --quant for the target")
-    e.add_argument("--draft-quant", choices=quants, default=None, help="override --quant for the draft")
+    e.add_argument("--draft-quant", choices=quants, default=None,
+                   help="override --quant for the draft (default: --quant; a --draft-head with an fp32 target: int4 -- "
+                   "a draft's weights change only what is proposed, never the output, and the head's are read on "
+                   "every pass)")
     e.add_argument("--block-size", type=int, default=32, help="int4/int8 quantization block size (default 32)")
     e.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
                    help="the target's MatMulNBits compute: 4 = int8 activations (default, ~3x faster on CPU; "

@@ -39,6 +39,8 @@ def test_export_verified_the_features_and_the_head(engines):
     assert head["kind"] == "feature-head" and target["features"]["layers"] == head["feature_head"]["layers"]
     assert max(head["verification"].values()) < 1e-4, head["verification"]
     assert head["vocab_size"] == 256 and len(json.loads((engines["eagle"] / "draft_vocab.json").read_text())) == 256
+    # an fp32 target's head is int4 unless asked otherwise: it changes only the proposals (export.pair)
+    assert head["quantization"]["bits"] == 4 and "quantization" not in target
 
 
 @pytest.mark.parametrize("drafter", ["eagle", "hybrid"])
