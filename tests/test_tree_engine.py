@@ -111,6 +111,13 @@ def test_pruning_reads_this_engines_pass_costs(engines):
     costs = engine.pass_costs(9)
     assert sorted(costs) == list(range(1, 10)) and all(c > 0 for c in costs.values())
     assert engine.fork().pass_costs(5) is costs  # measured once, shared
+    # a wide tree's costs come from a few row counts, interpolated: a first tree request does not wait for 3 x 33 passes
+    wide = Engine.load(engines["close"])
+    before = wide.target.calls
+    costs = wide.pass_costs(33)
+    rows = len(costs)  # 33, or what the context leaves (the tiny engines': 64 - 32 - 1)
+    assert rows >= 24 and sorted(costs) == list(range(1, rows + 1)) and wide.target.calls - before <= 3 * 11 + 1
+    assert all(costs[n] > 0 for n in costs)
 
 
 # ---- sampling through the loop, with a target that takes tree passes ---------------------------------------
