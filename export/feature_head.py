@@ -358,6 +358,8 @@ def verify(target_spec, head_spec, target_checkpoint: Path, head_dir: Path, n: i
                                    fh["select_input"]: np.ones(1, np.int64)}).copy()
     hidden = step.output(fh["hidden_output"]).copy()
     diffs["head_real"] = float(np.abs(real - logits[0][0, :n - 1].numpy()).max())
+    # what a quantized head's drift means for drafting: the share of slots whose first choice is unchanged
+    diffs["head_real_argmax_equal"] = float((real.argmax(-1) == logits[0][0, :n - 1].numpy().argmax(-1)).mean())
     diffs["head_hidden"] = float(np.abs(hidden - outs[0][0, :n - 1].numpy()).max())
     own = step.step(ids[n:n + 1], n - 1, {fh["hidden_input"]: hidden[None, -1:],
                                           fh["features_input"]: np.zeros((1, 1, cfg.feature_size), np.float32),

@@ -44,5 +44,6 @@ class ModelStep(Protocol):
 
     def extend(self, token_ids: np.ndarray, pos: int) -> np.ndarray:
         """Run token_ids at [pos, ...) in prefill-sized chunks (the prefill stage: on TensorRT the one
-        dynamic profile, so any length is planned for); return logits of the last token [vocab]."""
+        dynamic profile, so any length is planned for); return logits of the last token [vocab].  Up to
+        ``PREFILL_CHUNK`` tokens are one pass (a feature head's prefill reads that pass's features)."""
         ...

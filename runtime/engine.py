@@ -183,7 +183,8 @@ class Engine:
 
     def pass_costs(self, rows: int) -> dict[int, float]:
         """Seconds of a target pass by number of rows (1 .. ``rows``), measured once on this machine at a middle
-        context -- what a tree's size is chosen from (``runtime.tree.prune``)."""
+        context at a few row counts and interpolated (``_measure_pass_costs``) -- what a tree's size is chosen from
+        (``runtime.tree.prune``)."""
         have = self._pass_costs
         if have and self._pass_costs_rows >= rows:
             return have
@@ -200,7 +201,7 @@ class Engine:
     def _measure_pass_costs(self, rows: int) -> dict[int, float]:
         """Every row count 1 .. ``rows``, from passes at a few of them (1-4 each, then ~1.4x apart, and ``rows``)
         linearly interpolated: a pass's cost is nearly linear in its rows past the first few, and measuring all
-        33 of a 32-node tree's counts took ~4 s before a first tree request could start (now ~1 s)."""
+        33 of a 32-node tree's counts took ~4.5 s before a first tree request could start (now 1.4 s)."""
         import statistics
 
         ctx = min(256, self.max_context // 2)

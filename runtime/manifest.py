@@ -181,8 +181,10 @@ def validate_manifest(data: Any) -> None:
             if data["format_version"] < 4 or kv.get("update") != "in-place":
                 raise EngineDirError(f"manifest.json: models/{role}/kv_cache/logits_from needs format version 4 "
                                      f"and an in-place graph. {_REEXPORT}")
+            head = m.get("feature_head") or {}
             others = [kv["input_ids"], kv["past_length"], *kv["key_buffers"], *kv["value_buffers"],
-                      *(kv.get("tree") or {}).values()]
+                      *(kv.get("tree") or {}).values(),
+                      *(head.get(k) for k in ("hidden_input", "features_input", "select_input") if head.get(k))]
             if kv["logits_from"] in others:
                 raise EngineDirError(f"manifest.json: models/{role}/kv_cache/logits_from names another input "
                                      f"({kv['logits_from']!r}). {_REEXPORT}")

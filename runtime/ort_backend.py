@@ -142,7 +142,8 @@ class OrtModelStep:
                 self.binding.bind_ortvalue_output(out_name, value)
         self._past = np.zeros(1, dtype=np.int64)
         # graphs with kv_cache.logits_from compute the LM head for rows [logits_from, n) only: 0 on every pass
-        # whose logits are read, n - 1 on prefill chunks (``extend``), whose logits nobody reads
+        # whose rows' logits are all read, n - 1 where only the last row's are (prefill chunks through ``extend``,
+        # a feature head's passes over the target's features: ``last_only``)
         self._logits_from = np.zeros(1, dtype=np.int64) if kv.logits_from else None
         # A model whose 1-token passes compute differently from multi-token passes (measured at export,
         # manifest batch_invariance.min_rows = 2: MatMulNBits with int8 activations on this CPU) runs
@@ -251,7 +252,7 @@ class OrtModelStep:
             if inputs:  # the padding row repeats the last one
                 inputs = {k: v if v.ndim < 3 else np.concatenate([v] + [v[:, -1:]] * (self._min_rows - n), 1)
                           for k, v in inputs.items()}
-            logits = self._run(padded, pos, inputs)
+            logits = self._run(padded, pos, inputs)  # every row's logits: logits_from = n - 1 would give a pad's
             self.cache.set_length(pos + n)
             self._last = {k: v[:n] for k, v in self._last.items()}
             return logits[:n]

@@ -145,7 +145,8 @@ class TrtModelStep:
             logits = self._run(token_ids[start:start + chunk], pos + start, prefill=True)
         return logits[-1]
 
-    def step(self, token_ids: np.ndarray, pos: int, inputs: dict | None = None) -> np.ndarray:
+    def step(self, token_ids: np.ndarray, pos: int, inputs: dict | None = None, last_only: bool = False) -> np.ndarray:
+        """``last_only`` is accepted for the ONNX Runtime step's signature and ignored: every row's logits."""
         if inputs:
             raise EngineDirError("feature-head engines run on ONNX Runtime only: TensorRT builds the concat "
                                  "graphs, and a feature head needs the in-place one")

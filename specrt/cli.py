@@ -72,13 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     quants = ("fp32", "int8-rows", "int4", "int8")
     e.add_argument("--quant", nargs="?", const="int8-rows", choices=quants, default="fp32",
                    help="quantize both models after the fp32 graphs are verified (the drift is measured and "
-                   "recorded). --quant alone = int8-rows: 7-bit weights and int8 activations per row on an integer "
+                   "recorded; a --draft-head is int4 unless --quant or --draft-quant quantizes it otherwise). "
+                   "--quant alone = int8-rows: 7-bit weights and int8 activations per row on an integer "
                    "GEMM -- multi-row passes row-invariant, extra verification rows nearly free (measured: the best "
                    "expected speculative tokens/s, README 'Quantized verification'); int4 / int8: ONNX Runtime's "
                    "MatMulNBits (weight-only, blockwise)")
     e.add_argument("--target-quant", choices=quants, default=None, help="override --quant for the target")
     e.add_argument("--draft-quant", choices=quants, default=None,
-                   help="override --quant for the draft (default: --quant; a --draft-head with an fp32 target: int4 -- "
+                   help="override --quant for the draft (default: --quant; a --draft-head with --quant fp32: int4 -- "
                    "a draft's weights change only what is proposed, never the output, and the head's are read on "
                    "every pass)")
     e.add_argument("--block-size", type=int, default=32, help="int4/int8 quantization block size (default 32)")
@@ -295,10 +296,15 @@ def _export(args) -> int:
                          draft_head=args.draft_head)
     for role, diffs in report.max_abs_diff.items():
         shown = ", ".join(f"{k} {v:.1e}" for k, v in diffs.items() if not k.endswith("argmax_equal"))
-        print(f"{role}: max |ONNX - PyTorch| logits: {shown}")
+        same = ", ".join(f"{k.removesuffix('_argmax_equal')} {v:.1%}" for k, v in diffs.items()
+                         if k.endswith("argmax_equal") and v < 1)
+        print(f"{role}: max |ONNX - PyTorch| logits: {shown}" + (f"; same first choice: {same}" if same else ""))
     for role, d in report.text_drift.items():
         print(f"{role} quantized, on {d['tokens']} held-out tokens: top-1 agreement with fp32 "
               f"{d['top1_agreement']:.1%}, perplexity {d['perplexity_quantized']:.2f} (fp32 {d['perplexity_fp32']:.2f})")
+    if args.draft_head is not None and args.draft_quant is None and args.quant == "fp32":
+        print("draft head quantized to int4 (the default with --quant fp32: it changes only what is proposed; "
+              "--draft-quant fp32 keeps it fp32)")
     print(f"wrote {report.out}")
     return 0
 

@@ -76,10 +76,11 @@ def engines(tmp_path_factory, checkpoints):
     export_pair(checkpoints["target"], None, root / "target_only", max_context=MAX_CONTEXT, tolerance=1e-4,
                 progress=False)
     out["target_only"] = root / "target_only"
-    # ... and with a feature-level draft head (EAGLE-style), briefly trained on the target's own features
+    # ... and with a feature-level draft head (EAGLE-style), briefly trained on the target's own features; kept
+    # fp32 (the default is int4) so the head's graph can be compared with PyTorch exactly
     head = tiny.make_head(root / "head", checkpoints["target"])
     export_pair(checkpoints["target"], None, root / "eagle", max_context=MAX_CONTEXT, tolerance=1e-4,
-                progress=False, draft_head=head)
+                progress=False, draft_head=head, draft_quant="fp32")
     out["eagle"] = root / "eagle"
     return out
 
