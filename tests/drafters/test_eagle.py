@@ -230,3 +230,26 @@ def test_a_hybrid_tree_takes_the_heads_first_position_only_at_no_head_call():
     p = d.propose_tree(4, 32, SamplingParams(), np.random.default_rng(0))
     assert head.calls == 0 and d.last_source == "eagle"
     assert p.token_ids.tolist() == [101, 102] and p.parents.tolist() == [-1, -1]
+
+
+@pytest.mark.parametrize("window", [1, 3, 11, None])
+def test_a_head_following_the_prompts_last_slots_only_stays_lossless_and_still_drafts(engine, hf_target, window):
+    """PROMPT_WINDOW: the head runs over the prompt's last slots only, at head positions counted from there (rotary
+    attention depends on distances alone).  Its cache holds just those slots; output equals transformers."""
+    from specrt.runtime import loop
+    from specrt.runtime.drafters.eagle import EagleDrafter
+    from specrt.runtime.policy import Fixed
+    from specrt.runtime.stats import Stats
+
+    prompt = PROMPTS[2]  # 12 tokens: 11 slots
+    accepted = 0
+    for k in (2, 4):
+        d = EagleDrafter(engine.draft, engine.draft_vocab, engine.manifest.target.vocab_size, max_k=8,
+                         prompt_window=window)
+        steps = list(loop.speculative(engine.target, d, np.array(prompt), Fixed(k), 30, SamplingParams(),
+                                      np.random.default_rng(0), Stats()))
+        assert [t for s in steps for t in s.token_ids] == hf_greedy(hf_target, prompt, 30), (window, k)
+        accepted += sum(s.accepted for s in steps)
+    assert accepted > 0
+    d.begin(np.array(prompt), np.zeros((len(prompt) - 1, engine.draft.spec.feature_head["feature_size"]), np.float32))
+    assert d.length == min(window or 11, 11)
