@@ -38,17 +38,20 @@ SPECRT := $(PYTHON) -m specrt.cli
 DEMO_PAIR := --target .cache/demo/verifier-hf --draft engines/demo/draft --max-context 2048 --force
 HEAD_PAIR := --target .cache/demo/verifier-hf --draft-head engines/demo/head --max-context 2048 --force
 OPENVINO_VENV := .cache/openvino-venv
+# $(call current,ENGINE_DIR,INPUTS): true when ENGINE_DIR was exported after every change to the exporter's source and
+# to INPUTS (a draft or head folder), so a .cache built by an older checkout is exported again, as `make demo` does
+current = test -f $(1)/manifest.json && test -z "$$(find export -name '*.py' -newer $(1)/manifest.json; find $(2) -type f -newer $(1)/manifest.json)"
 SPEC_BENCH ?= ../shared/benchmarks/spec_bench/dev.jsonl
 peers-setup:
 	mkdir -p .cache/genai .cache/openvino
 	test -x $(GENAI_VENV)/bin/python || $(PYTHON) -m venv $(GENAI_VENV)
 	$(GENAI_VENV)/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 onnxruntime-genai==0.18.0 "transformers>=5" onnx onnx_ir sentencepiece protobuf
 	for p in fp32 int4; do test -f .cache/genai/$$p/model.onnx || $(GENAI_VENV)/bin/python -m onnxruntime_genai.models.builder -i .cache/demo/verifier-hf -o .cache/genai/$$p -p $$p -e cpu -c .cache/genai/hfcache > .cache/genai/build_$$p.log 2>&1 || exit 1; done
-	test -f .cache/demo/engine-dq4/manifest.json || $(SPECRT) export $(DEMO_PAIR) --out .cache/demo/engine-dq4 --draft-quant int4
-	test -f .cache/demo/engine-int4/manifest.json || $(SPECRT) export $(DEMO_PAIR) --out .cache/demo/engine-int4 --quant int4
-	test .cache/demo/engine-eagle/manifest.json -nt engines/demo/head/head.safetensors || $(SPECRT) export $(HEAD_PAIR) --out .cache/demo/engine-eagle
-	test .cache/demo/engine-q8/manifest.json -nt engines/demo/head/head.safetensors || $(SPECRT) export $(HEAD_PAIR) --out .cache/demo/engine-q8 --quant
-	test .cache/demo/engine-int4-eagle/manifest.json -nt engines/demo/head/head.safetensors || $(SPECRT) export $(HEAD_PAIR) --out .cache/demo/engine-int4-eagle --quant int4
+	$(call current,.cache/demo/engine-dq4,engines/demo/draft) || $(SPECRT) export $(DEMO_PAIR) --out .cache/demo/engine-dq4 --draft-quant int4
+	$(call current,.cache/demo/engine-int4,engines/demo/draft) || $(SPECRT) export $(DEMO_PAIR) --out .cache/demo/engine-int4 --quant int4
+	$(call current,.cache/demo/engine-eagle,engines/demo/head) || $(SPECRT) export $(HEAD_PAIR) --out .cache/demo/engine-eagle
+	$(call current,.cache/demo/engine-q8,engines/demo/head) || $(SPECRT) export $(HEAD_PAIR) --out .cache/demo/engine-q8 --quant
+	$(call current,.cache/demo/engine-int4-eagle,engines/demo/head) || $(SPECRT) export $(HEAD_PAIR) --out .cache/demo/engine-int4-eagle --quant int4
 	test -x $(OPENVINO_VENV)/bin/python || $(PYTHON) -m venv $(OPENVINO_VENV)
 	$(OPENVINO_VENV)/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 openvino-genai==2026.4.1.0 "optimum-intel[openvino]"
 	$(OPENVINO_VENV)/bin/python -m pip uninstall --quiet --yes torchvision 2>/dev/null || true  # built for another torch: breaks optimum-cli
@@ -61,15 +64,16 @@ bench-peers: peers-setup
 
 ## per-pass cost (n = 1, 2, 3, 5) and row invariance: fp32, int4 (accuracy level 4), int4 at level 1
 bench-steps: peers-setup
-	test -f .cache/demo/engine-int4-acc1/manifest.json || $(SPECRT) export $(DEMO_PAIR) --out .cache/demo/engine-int4-acc1 --quant int4 --accuracy-level 1
+	$(call current,.cache/demo/engine-int4-acc1,engines/demo/draft) || $(SPECRT) export $(DEMO_PAIR) --out .cache/demo/engine-int4-acc1 --quant int4 --accuracy-level 1
 	$(PYTHON) benchmarks/step_cost.py .cache/demo/engine .cache/demo/engine-int4 .cache/demo/engine-int4-acc1
 
 ## Spec-Bench (48 questions, 6 categories), one run: the demo pair (draft model, n-gram chain and tree of 32, suffix,
-## hybrid chain and tree of 32, ngram+recycle chain and tree of 32), the EAGLE head on the fp32 and int8-rows targets
+## hybrid chain and tree of 32, ngram+recycle chain and tree of 32), the EAGLE head on the fp32 target (alone, hybrid
+## chain and tree of 32) and the int8-rows target
 ## (ngram+recycle on int8-rows), n-gram and hybrid on int4, target-only on each, beside
 ## onnxruntime-genai int4 and OpenVINO GenAI int4 (plain, prompt lookup, draft model)
 bench-spec: peers-setup
-	$(SPECRT) bench .cache/demo/engine --spec-bench $(SPEC_BENCH) --also-engine .cache/demo/engine-eagle --also-engine .cache/demo/engine-q8 --also-engine .cache/demo/engine-int4-eagle --k 8 --policy adaptive --engine-drafters model,ngram,ngram@32,suffix,hybrid,hybrid@32,ngram+recycle,ngram+recycle@32 --engine-drafters eagle,hybrid --engine-drafters eagle,ngram,hybrid,ngram+recycle --engine-drafters ngram,hybrid --genai-model .cache/genai/int4 --genai-python $(GENAI_VENV)/bin/python --openvino-model .cache/openvino/int4 --openvino-draft .cache/openvino/draft --openvino-python $(OPENVINO_VENV)/bin/python --repeats 1 --max-new-tokens 96 --report .cache/demo/spec_bench.md
+	$(SPECRT) bench .cache/demo/engine --spec-bench $(SPEC_BENCH) --also-engine .cache/demo/engine-eagle --also-engine .cache/demo/engine-q8 --also-engine .cache/demo/engine-int4-eagle --k 8 --policy adaptive --engine-drafters model,ngram,ngram@32,suffix,hybrid,hybrid@32,ngram+recycle,ngram+recycle@32 --engine-drafters eagle,hybrid,hybrid@32 --engine-drafters eagle,ngram,hybrid,ngram+recycle --engine-drafters ngram,hybrid --genai-model .cache/genai/int4 --genai-python $(GENAI_VENV)/bin/python --openvino-model .cache/openvino/int4 --openvino-draft .cache/openvino/draft --openvino-python $(OPENVINO_VENV)/bin/python --repeats 1 --max-new-tokens 96 --report .cache/demo/spec_bench.md
 
 ## int4 verifier + draft engine (ONNX Runtime MatMulNBits), then its bench
 demo-int4:
