@@ -273,3 +273,14 @@ def test_which_quantized_targets_multiply_integer_activations():
     assert invariance.integer_activations({"bits": 4, "accuracy_level": 4})
     assert not invariance.integer_activations({"bits": 4, "accuracy_level": 1})
     assert not invariance.integer_activations(None)
+
+
+def test_first_choice_agreement_is_a_share_of_rows():
+    # printed as "same first choice: N%" by `specrt export`: a share of the rows, not all-or-nothing
+    from specrt.export.verify import first_choice_agreement
+
+    ref = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    got = ref.copy()
+    got[1] = [0.0, 2.0, 0.0]  # one row of four picks another token
+    assert first_choice_agreement(got, ref) == 0.75
+    assert first_choice_agreement(ref, ref) == 1.0
