@@ -28,17 +28,20 @@ import json
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Self
+from typing import TYPE_CHECKING
 
 from specrt.runtime import Engine
 from specrt.runtime import loop as spec_loop
 from specrt.runtime.tree import Tree
 from tqdm.auto import tqdm
 
-from specrt.spec_bench import build_prompts, load_questions
+from specrt.spec_bench import build_prompts, category, load_questions
 
 sys.path.insert(0, str(Path(__file__).parent))
 from head_acceptance import passes  # the trace's step records
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11+; annotations are not evaluated at run time
 
 
 def deepest_match(tree: Tree, emitted: list[int]) -> int:
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     questions = load_questions(args.questions)
     if args.categories:
         wanted = set(args.categories.split(","))
-        questions = [q for q in questions if q.get("category") in wanted]
+        questions = [q for q in questions if category(q) in wanted]  # as reported: MT-bench's kinds are mt_bench
     prompts = build_prompts(engine, questions, args.max_new_tokens)
     row_cost = engine.pass_costs(args.tree_nodes + 1)
     top = max(row_cost)
@@ -119,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             pos = pass_pos + 1 - len(p.ids)  # tokens emitted before this pass
             run, whole = deepest_match(kept, emitted[pos:]), deepest_match(offered, emitted[pos:])
             if run != accepted_at.get(pass_pos) and pos + run == len(emitted):
-                # the walk ran out of output: the pass accepted the end-of-sequence token or text a stop string
-                # cut, which the result leaves out; the loop's count is the truth there
+                # the walk ran out of output: the pass's last tokens came after the end-of-sequence token or the
+                # stop string, which the result leaves out; the loop's count is the truth there
                 run = accepted_at.get(pass_pos, run)
                 whole = max(whole, run)
             if run != accepted_at.get(pass_pos):
