@@ -110,7 +110,8 @@ class _Graph:
         return y
 
 
-def build(model, max_context: int, feature_layers: tuple[int, ...] = (), tree: bool = False) -> onnx.ModelProto:
+def build(model, max_context: int, feature_layers: tuple[int, ...] = (), tree: bool = False,
+          batch: bool = False) -> onnx.ModelProto:
     """The in-place-cache ONNX graph of a transformers ``*ForCausalLM`` (fp32).
 
     ``feature_layers``: also output ``hidden_states`` [1, n, len(layers) * hidden], the residual stream
@@ -149,7 +150,9 @@ def build(model, max_context: int, feature_layers: tuple[int, ...] = (), tree: b
     seq = g.op("Slice", [g.op("Shape", [INPUT_IDS], "ids_shape")[0], one, g.const("two", [2])], "seq")[0]
     total = g.op("Add", [PAST_LENGTH, seq], "total")[0]
     seqlens_k = g.op("Cast", [g.op("Sub", [total, one], "last_pos")[0]], "seqlens_k", to=TensorProto.INT32)[0]
-    total_len = g.op("Cast", [g.op("Squeeze", [total], "total_scalar")[0]], "total_len", to=TensorProto.INT32)[0]
+    # total_sequence_length: the longest sequence's (a batch's slots have lengths of their own)
+    total_len = g.op("Cast", [g.op("ReduceMax", [total], "total_scalar", keepdims=0)[0]], "total_len",
+                     to=TensorProto.INT32)[0]
 
     position_ids = bias = ""
     if tree:
@@ -206,6 +209,7 @@ def build(model, max_context: int, feature_layers: tuple[int, ...] = (), tree: b
     g.linear(x, [model.lm_head.weight], [getattr(model.lm_head, "bias", None)], "lm_head")
     g.nodes[-1].output[0] = LOGITS  # the last MatMul (or its bias Add) is the graph output
 
+    b = "batch" if batch else 1  # the batch dimension of every input and output
     extra_outputs = []
     if feature_layers:
         parts = [stream[i] for i in feature_layers]
@@ -214,18 +218,18 @@ def build(model, max_context: int, feature_layers: tuple[int, ...] = (), tree: b
         else:
             g.op("Identity", parts, HIDDEN_STATES)
         extra_outputs.append(helper.make_tensor_value_info(HIDDEN_STATES, TensorProto.FLOAT,
-                                                           [1, "sequence_length", len(feature_layers) * cfg.hidden_size]))
-    buffer = [1, kv_heads, max_context, head_dim]
+                                                           [b, "sequence_length", len(feature_layers) * cfg.hidden_size]))
+    buffer = [b, kv_heads, max_context, head_dim]
     tree_inputs = [helper.make_tensor_value_info(POSITION_IDS, TensorProto.INT64, [1, "sequence_length"]),
                    helper.make_tensor_value_info(TREE_BIAS, TensorProto.FLOAT,
                                                  [1, 1, "sequence_length", "sequence_length"])] if tree else []
     graph = helper.make_graph(
         g.nodes, "specrt_inplace_decoder",
-        [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, [1, "sequence_length"]),
-         helper.make_tensor_value_info(PAST_LENGTH, TensorProto.INT64, [1]),
+        [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, [b, "sequence_length"]),
+         helper.make_tensor_value_info(PAST_LENGTH, TensorProto.INT64, [b]),
          helper.make_tensor_value_info(LOGITS_FROM, TensorProto.INT64, [1])] + tree_inputs
         + [helper.make_tensor_value_info(b, TensorProto.FLOAT, buffer) for b in n["key_buffers"] + n["value_buffers"]],
-        [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, [1, "logits_rows", cfg.vocab_size])]
+        [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, [b, "logits_rows", cfg.vocab_size])]
         + [helper.make_tensor_value_info(o, TensorProto.FLOAT, buffer) for o in n["new_keys"] + n["new_values"]]
         + extra_outputs,
         g.inits,
