@@ -3,19 +3,23 @@
 The draft head has to predict what the *verifier* writes, so its training data is the verifier's own
 answers to prompts of the kinds users send: chat, writing, code, summarisation, answering from a
 passage, translation, maths.  Nothing here comes from Spec-Bench (our benchmark): its questions stay
-out of training.  Sources, all local (see ``--help`` of ``scripts/head_data.py``):
+out of training and out of checkpoint selection.
 
-* ``magpie``: user turns the verifier writes itself when given only the start of a user message
-  (the Magpie trick: the instruct model's own distribution of requests);
-* templates over hand-written topic lists (writing, roleplay, STEM, humanities, reasoning, QA, maths
-  word problems with random numbers);
-* code: functions from the Python standard library's source on this machine;
-* passages: the Python documentation sources (Debian ``python3.11-doc``) for summaries, questions
-  about a passage and extraction;
-* German text to translate: Debian ``fortunes-de``; English quotes to explain: Debian ``fortunes``.
+Every prompt is ``{"id", "source", "family", "kind", "turns": [user message, optional follow-up]}``:
 
-Every prompt is ``{"id", "kind", "turns": [user message, optional follow-up]}``; the follow-up is
-sent after the verifier's own first answer, as Spec-Bench's two-turn questions are.
+* ``source``: where its text comes from -- one of ``SOURCES`` (each a Debian package or a template set)
+  or, added by ``head_data.py`` with the model, ``magpie`` (user turns the verifier writes itself from the
+  bare start of a user message) and ``verifier-passages`` (texts the verifier writes, then summarised and
+  questioned);
+* ``family``: the template or document it was made from -- the unit of the held-out split (a whole
+  family is either trained on or held out, never both), and no source or family holds more than
+  ``MAX_SHARE`` of the set;
+* ``kind``: the task (chat kinds, ``code``, ``summarization``, ``rag``, ``extraction``, ``translation``,
+  ``math``), so every Spec-Bench category has its counterpart.
+
+Near-duplicates (MinHash over word 5-grams, Jaccard >= 0.8) are removed.  The Debian packages are
+``python3.11-doc fortunes fortunes-de fortunes-es fortunes-it debian-reference-en perl-doc`` and the man
+pages already on the machine; a missing package's source is skipped with a warning.
 """
 from __future__ import annotations
 
@@ -25,8 +29,11 @@ import re
 from pathlib import Path
 
 DOC_SOURCES = Path("/usr/share/doc/python3.11/html/_sources")
-FORTUNES_DE = Path("/usr/share/games/fortunes/de")
-FORTUNES_EN = Path("/usr/share/games/fortunes")
+FORTUNES = Path("/usr/share/games/fortunes")
+MAN_PAGES = Path("/usr/share/man/man1")
+PERL_POD = Path("/usr/share/perl/5.36.0/pod")
+DEBIAN_REFERENCE = Path("/usr/share/doc/debian-reference-en/docs")
+MAX_SHARE = 0.10  # no source and no family above this share of the prompts
 
 TOPICS = """the water cycle; photosynthesis; black holes; the French Revolution; the printing press; vaccines;
 climate change; plate tectonics; the Roman Empire; machine learning; the stock market; inflation; democracy;
@@ -151,52 +158,215 @@ FOLLOW_UPS = ["Can you make your answer shorter?", "Now explain it to a ten-year
               "Rewrite it without using the letter 'e' where possible."]
 
 
+MATH_MORE = [
+    ("{name} buys {x} packs of {y} pencils and shares them equally among {z} friends. How many pencils does each "
+     "friend get, and how many are left over?"),
+    ("A baker makes {big} cookies. She sells {p}% of them in the morning and half of the rest in the afternoon. "
+     "How many cookies are left?"),
+    "{name} is {x} years old. {name}'s mother is {y} years older than three times {name}'s age. How old is she?",
+    ("A farmer has {x} cows and {y} chickens. How many legs do the animals have in total? Show your "
+     "reasoning step by step."),
+    ("A tank holds {big} litres. It is filled at {x} litres per minute and drains at {z} litres per minute. "
+     "How long does it take to fill the empty tank?"),
+    ("{name} earns ${x} per hour and works {y} hours a week. After paying {p}% tax, how much does {name} keep "
+     "each week?"),
+    "The sum of two numbers is {big} and their difference is {x}. What are the two numbers?",
+    ("A recipe needs {x} grams of flour for {z} people. How much flour is needed for {y} people? Round to the "
+     "nearest gram."),
+    ("A bus has {big} seats. On the first stop {x} people get on, on the second {y} get on and {z} get off. "
+     "How many empty seats remain if the bus started empty?"),
+    "What is {p}% of {big}, and what is {big} increased by {p}%?",
+    "Convert {big} minutes into hours and minutes.",
+    ("{name} runs {x} km on Monday, twice as far on Tuesday and {z} km less than Tuesday on Wednesday. "
+     "How far did {name} run in total?"),
+]
+STEM_MORE = ["Write a short explanation of {topic} for a school newsletter.",
+             "Summarize what scientists know about {topic}.", "What are three open questions about {topic}?",
+             "How has {topic} changed over time?",
+             "Teach me the basics of {topic} in five steps."]
+CODE_MORE = [
+    "Explain the time complexity of this function:\n\n```python\n{src}\n```",
+    "Translate this Python function into JavaScript:\n\n```python\n{src}\n```",
+    "Write a short usage example for this function:\n\n```python\n{src}\n```",
+]
+CODE_FOLLOW = ["Now add error handling.", "Can you write tests for it?", "Make it faster.",
+               "Explain the code line by line."]
+MATH_FOLLOW = ["Now solve the same problem if all the numbers were doubled.", "Explain each step more simply.",
+               "Check your answer another way."]
+TRANSLATE_FOLLOW = ["Now translate it into French.", "Explain any idioms in the original.",
+                    "Give a more literal translation."]
+TRANSLATE_T2 = {
+    "de": TRANSLATE_T,
+    "es": ["Translate the following Spanish text into English:\n\n{text}", "Spanish: {text}\nEnglish translation:",
+           "Please translate this into English:\n{text}", "What does this Spanish text mean in English?\n\n{text}"],
+    "it": ["Translate the following Italian text into English:\n\n{text}", "Italian: {text}\nEnglish translation:",
+           "Please translate this into English:\n{text}", "What does this Italian text mean in English?\n\n{text}"],
+}
+PASSAGE_T = {"summarization": SUMMARY_T + ["Summarize this in two sentences:\n\n{passage}",
+                                           "What is this text about? Answer briefly.\n\n{passage}"],
+             "rag": RAG_T + ["Context:\n{passage}\n\nUsing the context, answer: {question}"],
+             "extraction": EXTRACT_T + ["List the commands, options or names this text mentions:\n\n{passage}"]}
+QUESTIONS = ["What does the passage say about {heading}?", "What is the purpose of {heading}?",
+             "How is {heading} used, according to the text?", "What is the main point of the passage?",
+             "What problem does {heading} solve?", "What should a beginner know about {heading}, based on the text?",
+             "Which details in the text matter most for {heading}?"]
+# The Magpie trick with a nudge: the user turn starts with one of these words (or nothing) and the
+# verifier writes the rest of the request.  Each seed is a family.
+MAGPIE_SEEDS = ["", "", "", "Write", "Explain", "How", "What", "Why", "Can you", "Give me", "Create", "Describe",
+                "Help me", "Compare", "List", "Solve", "Calculate", "Summarize", "Translate", "I need", "Tell me",
+                "Write a Python", "Suggest", "Is it", "Plan", "Rewrite", "Generate", "Which"]
+# Texts the verifier writes (sampled) and is later asked to summarise or answer from: news-like prose that
+# no Debian package has.  Each genre is a family.
+PASSAGE_GENRES = ["Write a news report about {topic}.", "Write a short encyclopedia article about {topic}.",
+                  "Write a product review of something related to {topic}.",
+                  "Write a meeting summary for a team working on {topic}.",
+                  "Write a letter to a newspaper editor about {topic}.",
+                  "Write a short story about {topic}.", "Write an interview with an expert on {topic}.",
+                  "Write a press release announcing a discovery about {topic}."]
+
+
 def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(";") if t.strip()]
 
 
-def passages(rng: random.Random, count: int, min_chars: int = 600, max_chars: int = 3400) -> list[tuple[str, str]]:
-    """(heading, passage) pairs from the Python documentation's reStructuredText sources."""
-    files = sorted(DOC_SOURCES.rglob("*.rst.txt")) if DOC_SOURCES.is_dir() else []
-    out: list[tuple[str, str]] = []
+def _sections(text: str, heading_re: str, min_chars: int, max_chars: int) -> list[tuple[str, str]]:
+    parts = re.split(heading_re, text)
+    out = []
+    for i in range(1, len(parts) - 1, 2):
+        heading, body = parts[i].strip(), re.sub(r"\n{3,}", "\n\n", parts[i + 1]).strip()
+        if len(body) >= min_chars:
+            out.append((heading, body[:max_chars].rsplit("\n", 1)[0] if len(body) > max_chars else body))
+    return out
+
+
+def rst_text(path: Path) -> str:
+    text = path.read_text(encoding="utf-8", errors="replace")
+    text = re.sub(r"^\.\. [^\n]*(\n   [^\n]*)*", "", text, flags=re.MULTILINE)  # directives and their options
+    return re.sub(r":[a-z:]+:`~?([^`<]+?)(?: <[^>]+>)?`", r"\1", text)  # :func:`x` -> x
+
+
+def man_text(path: Path) -> str:
+    """A man page's roff source as plain text (headings as '== NAME' lines): good enough to read."""
+    import gzip
+
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
+            raw = f.read()
+    else:
+        raw = path.read_text(encoding="utf-8", errors="replace")
+    lines = []
+    for line in raw.splitlines():
+        if line.startswith((".SH", ".SS")):
+            lines.append("\n== " + line[3:].strip().strip('"') + "\n")
+        elif line.startswith((".B ", ".I ", ".BR ", ".IR ", ".BI ", ".RB ", ".IB ", ".RI ")):
+            lines.append(re.sub(r'"', "", line.split(" ", 1)[1]))
+        elif line.startswith((".", "'")):
+            if line.startswith((".PP", ".P", ".LP", ".TP", ".IP", ".sp")):
+                lines.append("")
+            continue
+        else:
+            lines.append(line)
+    text = "\n".join(lines)
+    text = re.sub(r"\\f[BIRP]|\\f\[[A-Z]*\]|\\&|\\\(em|\\\(en", "", text)
+    text = text.replace("\\-", "-").replace("\\(aq", "'").replace("\\(dq", '"').replace("\\e", "\\")
+    return re.sub(r"\\[(*][a-zA-Z]{1,2}|\\.", "", text)
+
+
+def pod_text(path: Path) -> str:
+    text = path.read_text(encoding="utf-8", errors="replace")
+    text = re.sub(r"^=head\d\s+(.*)$", r"\n== \1\n", text, flags=re.MULTILINE)
+    text = re.sub(r"^=(over|back|item|pod|cut|for|begin|end|encoding)[^\n]*$", "", text, flags=re.MULTILINE)
+    for _ in range(3):
+        text = re.sub(r"[CBIFLESX]<<+\s*(.*?)\s*>>+|[CBIFLESX]<([^<>]*)>", lambda m: m.group(1) or m.group(2) or "",
+                      text)
+    return text
+
+
+def html_text(path: Path) -> str:
+    import html
+
+    text = path.read_text(encoding="utf-8", errors="replace")
+    text = re.sub(r"(?s)<(script|style)\b.*?</\1>", "", text)
+    text = re.sub(r"(?s)<h[1-4][^>]*>(.*?)</h[1-4]>", lambda m: "\n== " + re.sub("<[^>]+>", "", m.group(1)) + "\n",
+                  text)
+    text = re.sub(r"<(p|div|br|li|tr|pre)\b[^>]*>", "\n", text)
+    text = html.unescape(re.sub(r"<[^>]+>", "", text))
+    lines = [re.sub(r"[ \t]+", " ", line).strip() for line in text.splitlines()]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines))
+
+
+DOC_KINDS = {  # source -> (files, text extractor, section heading pattern, sections per file)
+    "python-docs": (lambda: sorted(DOC_SOURCES.rglob("*.rst.txt")), rst_text, r"\n([^\n]+)\n[=\-~^*]{3,}\n", 6),
+    "manpages": (lambda: sorted(MAN_PAGES.glob("*.1*")), man_text, r"\n== ([^\n]+)\n", 2),
+    "perl-doc": (lambda: sorted(PERL_POD.glob("*.pod")), pod_text, r"\n== ([^\n]+)\n", 12),
+    "debian-reference": (lambda: sorted(DEBIAN_REFERENCE.glob("*.en.html")), html_text, r"\n== ([^\n]+)\n", 200),
+}
+
+
+def passages(source: str, rng: random.Random, count: int, min_chars: int = 400,
+             max_chars: int = 2000) -> list[tuple[str, str, str]]:
+    """(file, heading, passage) from one documentation source, a few sections of each file."""
+    files_of, extract, heading_re, per_file = DOC_KINDS[source]
+    files = files_of()
     rng.shuffle(files)
+    out: list[tuple[str, str, str]] = []
     for f in files:
-        text = f.read_text(encoding="utf-8", errors="replace")
-        text = re.sub(r"^\.\. [^\n]*(\n   [^\n]*)*", "", text, flags=re.MULTILINE)  # directives and their options
-        text = re.sub(r":[a-z:]+:`~?([^`<]+?)(?: <[^>]+>)?`", r"\1", text)   # :func:`x` -> x
-        sections = re.split(r"\n([^\n]+)\n[=\-~^*]{3,}\n", text)
-        for i in range(1, len(sections) - 1, 2):
-            heading, body = sections[i].strip(), re.sub(r"\n{3,}", "\n\n", sections[i + 1]).strip()
-            if len(body) >= min_chars:
-                out.append((heading, body[:max_chars].rsplit("\n", 1)[0] if len(body) > max_chars else body))
-        if len(out) >= count * 3:
+        try:
+            secs = _sections("\n" + extract(f), heading_re, min_chars, max_chars)
+        except (OSError, EOFError, ValueError):
+            continue
+        rng.shuffle(secs)
+        out += [(f.name, h, b) for h, b in secs[:per_file] if sum(c.isalpha() for c in b) > 0.5 * len(b)]
+        if len(out) >= count:
             break
-    rng.shuffle(out)
     return out[:count]
 
 
-def fortunes(folder: Path, rng: random.Random, count: int, max_lines: int = 6) -> list[str]:
-    items: list[str] = []
-    if folder.is_dir():
-        for f in sorted(folder.iterdir()):
-            if f.is_file() and not f.suffix and "asciiart" not in f.name and "art" != f.name:
-                for chunk in f.read_text(encoding="utf-8", errors="replace").split("\n%\n"):
-                    chunk = chunk.strip()
-                    if 20 < len(chunk) < 600 and chunk.count("\n") < max_lines:
-                        items.append(chunk)
+def fortune_files(lang: str) -> list[Path]:
+    if lang == "en":
+        italian = {p.name for p in (FORTUNES / "it").iterdir()} if (FORTUNES / "it").is_dir() else set()
+        return [p for p in sorted(FORTUNES.iterdir()) if p.is_file() and not p.suffix and p.name not in italian
+                and "art" not in p.name and p.name not in ("banner", "translate-me")]
+    folder = FORTUNES / lang
+    if not folder.is_dir():
+        return []
+    return [p for p in sorted(folder.iterdir()) if p.is_file() and (not p.suffix or p.suffix == ".fortunes")
+            and "art" not in p.name]
+
+
+def fortunes(lang: str, rng: random.Random, count: int, max_lines: int = 6) -> list[tuple[str, str]]:
+    """(file, text) items of one language's fortunes."""
+    items: list[tuple[str, str]] = []
+    for f in fortune_files(lang):
+        for chunk in f.read_text(encoding="utf-8", errors="replace").split("\n%\n"):
+            chunk = chunk.strip()
+            if 20 < len(chunk) < 600 and chunk.count("\n") < max_lines:
+                items.append((f.name, chunk))
     rng.shuffle(items)
     return items[:count]
 
 
-def stdlib_functions(rng: random.Random, count: int, min_lines: int = 5, max_lines: int = 40) -> list[tuple[str, str]]:
-    """(source, first docstring line) of standard-library functions."""
+def python_files(where: str) -> list[Path]:
+    """The standard library's modules (``stdlib``) or third-party packages' (``site``), tests left out."""
     import sysconfig
 
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in sorted(root.glob("*.py")) + sorted(root.glob("*/*.py")) if "test" not in p.parts[-2:][0]
-             and "test" not in p.name]
+    if where == "stdlib":
+        root = Path(sysconfig.get_paths()["stdlib"])
+        files = sorted(root.glob("*.py")) + sorted(root.glob("*/*.py"))
+    else:
+        root = Path(sysconfig.get_paths()["purelib"])
+        files = sorted(root.glob("*/*.py")) + sorted(root.glob("*/*/*.py"))
+    return [p for p in files if not any("test" in part for part in p.relative_to(root).parts)]
+
+
+def python_functions(where: str, rng: random.Random, count: int, min_lines: int = 5,
+                     max_lines: int = 40) -> list[tuple[str, str, str]]:
+    """(module path, source, first docstring line) of functions of ``python_files(where)``."""
+    import textwrap
+
+    files = python_files(where)
     rng.shuffle(files)
-    out: list[tuple[str, str]] = []
+    out: list[tuple[str, str, str]] = []
     for f in files:
         try:
             src = f.read_text(encoding="utf-8")
@@ -204,83 +374,215 @@ def stdlib_functions(rng: random.Random, count: int, min_lines: int = 5, max_lin
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
         lines = src.splitlines()
+        found = []
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef) and node.end_lineno:
                 n = node.end_lineno - node.lineno + 1
                 if min_lines <= n <= max_lines:
-                    body = "\n".join(lines[node.lineno - 1:node.end_lineno])
-                    import textwrap
-
+                    body = textwrap.dedent("\n".join(lines[node.lineno - 1:node.end_lineno]))
                     doc = (ast.get_docstring(node) or "").strip().split("\n")[0]
-                    out.append((textwrap.dedent(body), doc))
-        if len(out) >= count * 4:
+                    found.append(("/".join(f.parts[-2:]), body, doc))
+        rng.shuffle(found)
+        out += found[:6]  # a few per module: many modules, not a few big ones
+        if len(out) >= count:
             break
-    rng.shuffle(out)
     return out[:count]
 
 
-def build(seed: int = 0, scale: float = 1.0) -> list[dict]:
-    """The templated prompts (Magpie prompts are added by head_data.py, which needs the model)."""
-    rng = random.Random(seed)
+def _family(source: str, template: list[str], text_template: str) -> str:
+    return f"{source}/t{template.index(text_template)}"
+
+
+def templated(rng: random.Random, counts: dict[str, int]) -> list[dict]:
+    """Prompts of the template sources (source = ``template-<kind>``, family = the template)."""
     topics, people, roles, tasks = _split(TOPICS), _split(PEOPLE), _split(ROLES), _split(TASKS)
+    out: list[dict] = []
+
+    def add(kind: str, templates: list[str], text: str, t: str, source: str | None = None) -> None:
+        source = source or f"template-{kind}"
+        out.append({"source": source, "family": _family(source, templates, t), "kind": kind, "turns": [text]})
+
+    stem = STEM + STEM_MORE
+    for _ in range(counts.get("stem", 0)):
+        t = rng.choice(stem)
+        a, b = rng.sample(topics, 2)
+        add("stem", stem, t.format(topic=a, other=b), t)
+    for _ in range(counts.get("writing", 0)):
+        t = rng.choice(WRITING)
+        add("writing", WRITING, t.format(topic=rng.choice(topics)), t)
+    for _ in range(counts.get("humanities", 0)):
+        t = rng.choice(PEOPLE_T)
+        add("humanities", PEOPLE_T, t.format(person=rng.choice(people)), t)
+    for _ in range(counts.get("roleplay", 0)):
+        t = rng.choice(ROLEPLAY)
+        add("roleplay", ROLEPLAY, t.format(role=rng.choice(roles), topic=rng.choice(topics)), t)
+    for _ in range(counts.get("reasoning", 0)):
+        t = rng.choice(REASONING)
+        a, b, c = rng.sample(["cats", "dogs", "birds", "mammals", "animals", "pets", "feathers", "bricks", "robots",
+                              "poets", "teachers", "engineers", "apples", "fruits", "stones"], 3)
+        start = rng.randint(1, 9)
+        seq = ", ".join(str(start * (i + 1) ** rng.choice([1, 2])) for i in range(5))
+        add("reasoning", REASONING, t.format(a=a, b=b, c=c, n=rng.randint(4, 30), h=rng.randint(6, 11),
+                                             s=rng.randint(50, 90), s2=rng.randint(95, 160), seq=seq), t)
+    maths = MATH + MATH_MORE
+    for _ in range(counts.get("math", 0)):
+        t = rng.choice(maths)
+        x, y, z = rng.randint(2, 60), rng.randint(2, 40), rng.randint(1, 20)
+        add("math", maths, t.format(name=rng.choice(NAMES), x=x, y=y, z=min(z, x + y), big=rng.randint(100, 900),
+                                    p=rng.choice([10, 15, 20, 25, 30, 40, 60, 75])), t)
+    for _ in range(counts.get("qa", 0)):
+        t = rng.choice(QA)
+        add("qa", QA, t.format(country=rng.choice(COUNTRIES), topic=rng.choice(topics)), t)
+    for _ in range(counts.get("code", 0)):
+        t = rng.choice(CODE_TASK)
+        add("code", CODE_TASK, t.format(task=rng.choice(tasks)), t)
+    return out
+
+
+def documents(rng: random.Random, source: str, count: int) -> list[dict]:
+    """Summarise / answer from / extract from passages of a documentation source (family = the document)."""
+    out = []
+    for i, (fname, heading, body) in enumerate(passages(source, rng, count)):
+        kind = ("summarization", "rag", "extraction")[i % 3] if i % 7 else "rag"
+        t = rng.choice(PASSAGE_T[kind])
+        q = rng.choice(QUESTIONS).format(heading=heading.strip("= ")[:80])
+        text = t.format(passage=body, question=q, question_lc=q[0].lower() + q[1:])
+        out.append({"source": source, "family": f"{source}/{fname}", "kind": kind, "turns": [text]})
+    return out
+
+
+def passage_prompts(rng: random.Random, items: list[dict]) -> list[dict]:
+    """Prompts over texts the verifier wrote (``items``: {"family", "text", "topic"})."""
+    out = []
+    for i, it in enumerate(items):
+        kind = ("summarization", "rag", "summarization", "extraction", "rag")[i % 5]
+        t = rng.choice(PASSAGE_T[kind])
+        q = rng.choice(QUESTIONS).format(heading=it["topic"])
+        text = t.format(passage=it["text"], question=q, question_lc=q[0].lower() + q[1:])
+        out.append({"source": "verifier-passages", "family": it["family"], "kind": kind, "turns": [text]})
+    return out
+
+
+def build(seed: int = 0, scale: float = 1.0) -> list[dict]:
+    """The prompts of every offline source (``magpie`` and ``verifier-passages`` are added by head_data.py,
+    which needs the model), before near-duplicate removal and share caps (``finish``)."""
+    rng = random.Random(seed)
 
     def n(x: int) -> int:
         return max(1, int(x * scale))
 
-    prompts: list[tuple[str, str]] = []
-    for _ in range(n(500)):
-        t, o = rng.sample(topics, 2)
-        prompts.append(("stem", rng.choice(STEM).format(topic=t, other=o)))
-    for _ in range(n(300)):
-        prompts.append(("writing", rng.choice(WRITING).format(topic=rng.choice(topics))))
-    for _ in range(n(120)):
-        prompts.append(("humanities", rng.choice(PEOPLE_T).format(person=rng.choice(people))))
-    for _ in range(n(150)):
-        prompts.append(("roleplay", rng.choice(ROLEPLAY).format(role=rng.choice(roles), topic=rng.choice(topics))))
-    for _ in range(n(120)):
-        a, b, c = rng.sample(["cats", "dogs", "birds", "mammals", "animals", "pets", "feathers", "bricks", "robots"], 3)
-        start = rng.randint(1, 9)
-        seq = ", ".join(str(start * (i + 1) ** rng.choice([1, 2])) for i in range(5))
-        prompts.append(("reasoning", rng.choice(REASONING).format(a=a, b=b, c=c, n=rng.randint(4, 30),
-                                                                  h=rng.randint(6, 11), s=rng.randint(50, 90),
-                                                                  s2=rng.randint(95, 160), seq=seq)))
-    for _ in range(n(350)):
-        x, y, z = rng.randint(2, 60), rng.randint(2, 40), rng.randint(1, 20)
-        prompts.append(("math", rng.choice(MATH).format(name=rng.choice(NAMES), x=x, y=y, z=min(z, x + y),
-                                                        big=rng.randint(100, 900), p=rng.choice([10, 15, 20, 25, 30, 40]))))
-    for _ in range(n(250)):
-        prompts.append(("qa", rng.choice(QA).format(country=rng.choice(COUNTRIES), topic=rng.choice(topics))))
-    for src, doc in stdlib_functions(rng, n(300)):
-        prompts.append(("code", rng.choice(CODE_T).format(src=src)))
-        if doc and len(doc) > 15 and rng.random() < 0.5:
-            task = doc[0].lower() + doc[1:].rstrip(".")
-            prompts.append(("code", f"Write a Python function that does the following: {task}."))
-    for _ in range(n(250)):
-        prompts.append(("code", rng.choice(CODE_TASK).format(task=rng.choice(tasks))))
-    docs = passages(rng, n(600))
-    for i, (heading, body) in enumerate(docs):
-        kind = ("summarization", "rag", "extraction")[i % 3]
-        if kind == "summarization":
-            text = rng.choice(SUMMARY_T).format(passage=body)
-        elif kind == "rag":
-            q = rng.choice([f"What does the passage say about {heading}?", f"What is the purpose of {heading}?",
-                            f"How is {heading} used, according to the text?", "What is the main point of the passage?"])
-            text = rng.choice(RAG_T).format(passage=body, question=q, question_lc=q[0].lower() + q[1:])
-        else:
-            text = rng.choice(EXTRACT_T).format(passage=body)
-        prompts.append((kind, text))
-    for de in fortunes(FORTUNES_DE, rng, n(500)):
-        prompts.append(("translation", rng.choice(TRANSLATE_T).format(de=de)))
-    for quote in fortunes(FORTUNES_EN, rng, n(200)):
-        prompts.append(("quotes", rng.choice(QUOTE_T).format(quote=quote)))
-    out = []
-    for i, (kind, text) in enumerate(prompts):
-        turns = [text]
-        if kind not in ("translation", "extraction") and rng.random() < 0.25:
-            turns.append(rng.choice(FOLLOW_UPS))
-        out.append({"id": f"{kind}-{i}", "kind": kind, "turns": turns})
-    rng.shuffle(out)
+    out = templated(rng, {"stem": n(2000), "writing": n(1800), "humanities": n(600), "roleplay": n(1000),
+                          "reasoning": n(900), "math": n(2400), "qa": n(1400), "code": n(1200)})
+    for source, count in (("python-docs", 2200), ("manpages", 2400), ("perl-doc", 1600), ("debian-reference", 700)):
+        got = documents(rng, source, n(count))
+        if not got:
+            print(f"warning: no passages from {source} (is its Debian package installed?)")
+        out += got
+    for where, source in (("stdlib", "python-stdlib"), ("site", "python-packages")):
+        for fname, src, doc in python_functions(where, rng, n(2500)):
+            t = rng.choice(CODE_T + CODE_MORE)
+            family = f"{source}/{fname}"
+            out.append({"source": source, "family": family, "kind": "code", "turns": [t.format(src=src)]})
+            if doc and len(doc) > 15 and rng.random() < 0.3:
+                task = doc[0].lower() + doc[1:].rstrip(".")
+                out.append({"source": source, "family": family, "kind": "code",
+                            "turns": [f"Write a Python function that does the following: {task}."]})
+    for lang, count in (("de", 2400), ("es", 900), ("it", 1200)):
+        items = fortunes(lang, rng, n(count))
+        if not items:
+            print(f"warning: no fortunes in {lang} (is fortunes-{lang} installed?)")
+        for fname, text in items:
+            t = rng.choice(TRANSLATE_T2[lang])
+            out.append({"source": f"fortunes-{lang}", "family": f"fortunes-{lang}/{fname}", "kind": "translation",
+                        "turns": [t.format(de=text, text=text)]})
+    for fname, quote in fortunes("en", rng, n(1500)):
+        t = rng.choice(QUOTE_T + ["What is funny about this?\n\n{quote}", "Rewrite this in plain words:\n\n{quote}"])
+        out.append({"source": "fortunes-en", "family": f"fortunes-en/{fname}", "kind": "quotes",
+                    "turns": [t.format(quote=quote)]})
     return out
+
+
+def add_follow_ups(rng: random.Random, prompts: list[dict], share: float = 0.25) -> None:
+    """A second user turn on ``share`` of the prompts (not extraction), sent after the verifier's first answer."""
+    for p in prompts:
+        if p["kind"] == "extraction" or len(p["turns"]) > 1 or rng.random() >= share:
+            continue
+        pool = {"code": CODE_FOLLOW + FOLLOW_UPS[:4], "math": MATH_FOLLOW, "translation": TRANSLATE_FOLLOW}.get(
+            p["kind"], FOLLOW_UPS)
+        p["turns"].append(rng.choice(pool))
+
+
+def _shingles(text: str, n: int = 5) -> set[int]:
+    words = re.findall(r"\w+", text.lower())
+    return {hash(" ".join(words[i:i + n])) for i in range(max(1, len(words) - n + 1))}
+
+
+def dedup(prompts: list[dict], threshold: float = 0.8, bands: int = 16, rows: int = 4) -> list[dict]:
+    """Drop near-duplicates (MinHash LSH over word 5-grams, Jaccard >= threshold against a kept prompt)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(1, 2**31 - 1, bands * rows, dtype=np.int64)
+    b = rng.integers(0, 2**31 - 1, bands * rows, dtype=np.int64)
+    prime = (1 << 61) - 1
+    buckets: dict[tuple, list[int]] = {}
+    kept: list[dict] = []
+    kept_sets: list[set[int]] = []
+    for p in prompts:
+        sh = _shingles(p["turns"][0])
+        h = np.array([x & 0x7FFFFFFF for x in sh], dtype=np.int64)
+        sig = ((h[None, :] * a[:, None] + b[:, None]) % prime).min(1)
+        keys = [(band, *sig[band * rows:(band + 1) * rows].tolist()) for band in range(bands)]
+        dup = False
+        for key in keys:
+            for j in buckets.get(key, ()):
+                other = kept_sets[j]
+                if len(sh & other) / max(1, len(sh | other)) >= threshold:
+                    dup = True
+                    break
+            if dup:
+                break
+        if dup:
+            continue
+        for key in keys:
+            buckets.setdefault(key, []).append(len(kept))
+        kept.append(p)
+        kept_sets.append(sh)
+    return kept
+
+
+def cap_shares(prompts: list[dict], rng: random.Random, max_share: float = MAX_SHARE) -> list[dict]:
+    """Drop prompts at random from any source or family above ``max_share`` of the final set."""
+    import collections
+
+    prompts = list(prompts)
+    for key in ("source", "family"):
+        for _ in range(10):  # dropping some shrinks the total: repeat until stable
+            limit = int(max_share * len(prompts))
+            counts = collections.Counter(p[key] for p in prompts)
+            over = {k for k, c in counts.items() if c > limit}
+            if not over:
+                break
+            rng.shuffle(prompts)
+            seen: collections.Counter = collections.Counter()
+            kept = []
+            for p in prompts:
+                seen[p[key]] += 1
+                if p[key] not in over or seen[p[key]] <= limit:
+                    kept.append(p)
+            prompts = kept
+    return prompts
+
+
+def finish(prompts: list[dict], seed: int = 0) -> list[dict]:
+    """Near-duplicates removed, follow-ups added, shares capped, ids given, shuffled."""
+    rng = random.Random(seed + 1)
+    prompts = cap_shares(dedup(prompts), rng)
+    add_follow_ups(rng, prompts)
+    rng.shuffle(prompts)
+    for i, p in enumerate(prompts):
+        p["id"] = f"{p['source']}-{i}"
+    return prompts
 
 
 if __name__ == "__main__":
@@ -288,7 +590,7 @@ if __name__ == "__main__":
     import json
     import sys
 
-    ps = build()
-    print(json.dumps(collections.Counter(p["kind"] for p in ps)), len(ps), file=sys.stderr)
+    ps = finish(build())
+    print(json.dumps(collections.Counter(p["source"] for p in ps), indent=0), len(ps), file=sys.stderr)
     for p in ps[:5]:
         print(json.dumps(p)[:300])

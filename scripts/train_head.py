@@ -32,34 +32,65 @@ from pathlib import Path
 
 import numpy as np
 
-FEATURE_LAYERS_STORED = (3, 15, 27, 30)  # what head_data.py stores, in this order
+LEGACY_LAYERS = (3, 15, 27, 30)  # what shards without meta.json store (an earlier head_data.py), in this order
 
 
-def load_shards(dirs: list[Path]) -> list[dict]:
+def load_shards(dirs: list[Path], layers: list[int]) -> list[dict]:
+    """Every finished shard, memory-mapped; ``layers_idx``: where ``layers`` sit in its features."""
     shards = []
     for d in dirs:
         for s in sorted(Path(d).glob("shard_*")):
-            if (s / "done").is_file():
-                shards.append({name: np.load(s / f"{name}.npy", mmap_mode="r") for name in
-                               ("features", "top_ids", "top_logp", "tokens", "roles", "starts")})
+            if not (s / "done").is_file():
+                continue
+            sh = {name: np.load(s / f"{name}.npy", mmap_mode="r") for name in
+                  ("features", "top_ids", "top_logp", "tokens", "roles", "starts")}
+            meta = json.loads((s / "meta.json").read_text()) if (s / "meta.json").is_file() else {}
+            stored = tuple(meta.get("feature_layers", LEGACY_LAYERS))
+            if not set(layers) <= set(stored):
+                raise SystemExit(f"{s} stores the features of layers {stored}, not {layers}")
+            sh["layers_idx"] = [stored.index(x) for x in layers]
+            # who each conversation is: its source and family (the held-out split's unit); none in legacy shards
+            sh["convs"] = json.loads((s / "convs.json").read_text()) if (s / "convs.json").is_file() else None
+            shards.append(sh)
     if not shards:
         raise SystemExit(f"no finished shards under {', '.join(map(str, dirs))}: run scripts/head_data.py first")
     return shards
 
 
-def sequences(shards: list[dict], min_len: int) -> list[tuple[int, int, int]]:
-    """(shard, start, end) of every conversation long enough for one window."""
+def sequences(shards: list[dict], min_len: int) -> list[tuple[int, int, int, str, str]]:
+    """(shard, start, end, source, family) of every conversation long enough for one window."""
     out = []
     for i, sh in enumerate(shards):
-        st = sh["starts"]
-        out += [(i, int(a), int(b)) for a, b in itertools.pairwise(st) if b - a >= min_len]
+        convs = sh["convs"] or [{}] * (len(sh["starts"]) - 1)
+        for (a, b), c in zip(itertools.pairwise(sh["starts"]), convs):
+            if b - a >= min_len:
+                out.append((i, int(a), int(b), c.get("source", "legacy"), c.get("family", f"legacy/{i}/{a}")))
     return out
+
+
+def held_out_families(seqs, share: float) -> set[str]:
+    """About ``share`` of the families of every source, chosen by a stable hash of the family's name: a template
+    or a document is either all trained on or all held out, so the held-out score measures prompts the head
+    has not seen the like of (a split by rows put conversations of one template on both sides)."""
+    import hashlib
+
+    def h(name: str) -> float:
+        return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 16**8
+
+    families: dict[str, set[str]] = {}
+    for *_, source, family in seqs:
+        families.setdefault(source, set()).add(family)
+    held = set()
+    for fams in families.values():
+        ranked = sorted(fams, key=h)
+        held |= set(ranked[:max(1, round(share * len(ranked)))]) if len(ranked) > 1 else set()
+    return held
 
 
 def draft_vocabulary(shards: list[dict], seqs, size: int) -> np.ndarray:
     """The ``size`` most frequent next-token choices of the verifier in the training data (its top-1s)."""
     counts = None
-    for i, a, b in seqs:
+    for i, a, b, *_ in seqs:
         ids = np.asarray(shards[i]["top_ids"][a:b, 0])
         c = np.bincount(ids, minlength=1)
         counts = c if counts is None else (np.pad(counts, (0, max(0, len(c) - len(counts))))
@@ -72,15 +103,15 @@ class Batches:
     """Random windows of T slots: slot t reads features at p + t and token p + t + 1, and is trained on the
     verifier's distribution at p + t + 1 (the token after it)."""
 
-    def __init__(self, shards, seqs, layers_idx, to_draft, T, B, seed):
-        self.shards, self.seqs, self.layers_idx, self.to_draft, self.T, self.B = shards, seqs, layers_idx, to_draft, T, B
+    def __init__(self, shards, seqs, to_draft, T, B, seed):
+        self.shards, self.seqs, self.to_draft, self.T, self.B = shards, seqs, to_draft, T, B
         self.rng = np.random.default_rng(seed)
-        self.weights = np.array([b - a - 1 for _, a, b in seqs], dtype=np.float64)
+        self.weights = np.array([s[2] - s[1] - 1 for s in seqs], dtype=np.float64)
         self.weights /= self.weights.sum()
 
     def window(self, i, a, b, p, T):
         sh = self.shards[i]
-        feats = np.asarray(sh["features"][a + p:a + p + T][:, self.layers_idx], dtype=np.float32).reshape(T, -1)
+        feats = np.asarray(sh["features"][a + p:a + p + T][:, sh["layers_idx"]], dtype=np.float32).reshape(T, -1)
         next_ids = np.asarray(sh["tokens"][a + p + 1:a + p + T + 1], dtype=np.int64)
         tid = np.asarray(sh["top_ids"][a + p + 1:a + p + T + 1], dtype=np.int64)
         tlp = np.asarray(sh["top_logp"][a + p + 1:a + p + T + 1], dtype=np.float32)
@@ -96,7 +127,7 @@ class Batches:
         T, B = self.T, self.B
         rows = []
         for s in self.rng.choice(len(self.seqs), size=B, p=self.weights):
-            i, a, b = self.seqs[s]
+            i, a, b = self.seqs[s][:3]
             length = b - a
             t = min(T, length - 1)
             p = int(self.rng.integers(0, length - t)) if length - t > 0 else 0
@@ -131,7 +162,7 @@ def loss_fn(logits_steps, d, w, weight, decay=0.8):
     return total, parts
 
 
-def evaluate(head, shards, seqs, layers_idx, to_draft, draft_vocab, steps: int, max_tokens: int, T: int = 512):
+def evaluate(head, shards, seqs, to_draft, draft_vocab, steps: int, max_tokens: int, T: int = 512):
     """Greedy chain acceptance by draft position on held-out conversations (assistant tokens only)."""
     import torch
 
@@ -142,11 +173,11 @@ def evaluate(head, shards, seqs, layers_idx, to_draft, draft_vocab, steps: int, 
     # mostly right after a rejection, where the text is harder (Spec-Bench, the demo head: 0.33 there against 0.40
     # over every position, and 0.31 live), so this is the number that predicts live acceptance.
     after_miss = [0, 0]  # [hits, tried]
-    batches = Batches(shards, seqs, layers_idx, to_draft, T, 1, 0)
+    batches = Batches(shards, seqs, to_draft, T, 1, 0)
     seen = 0
     head.eval()
     with torch.no_grad():
-        for i, a, b in seqs:
+        for i, a, b, *_ in seqs:
             for p in range(0, b - a - 2, T):
                 t = min(T, b - a - 1 - p)
                 f, nx, tid, _, _, role2, _ = batches.window(i, a, b, p, t)
@@ -198,7 +229,12 @@ def main() -> int:
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--eval-tokens", type=int, default=30000)
-    ap.add_argument("--held-out", type=float, default=0.03)
+    ap.add_argument("--held-out", type=float, default=0.05,
+                    help="share of every source's families (templates, documents) held out (default 0.05)")
+    ap.add_argument("--eval-conversations", type=int, default=600,
+                    help="held-out conversations evaluated during training (a fixed sample; default 600)")
+    ap.add_argument("--patience", type=int, default=None,
+                    help="stop after this many evaluations without a better held-out score (early stopping)")
     ap.add_argument("--eval-data", type=Path, default=None,
                     help="evaluate on this data set's held-out split instead (e.g. the verifier's answers when "
                     "training on a corpus)")
@@ -226,20 +262,24 @@ def main() -> int:
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     layers = [3, 15, 27] if args.features == "eagle3" else [30]
-    layers_idx = [FEATURE_LAYERS_STORED.index(x) for x in layers]
-    shards = load_shards(args.data)
+    shards = load_shards(args.data, layers)
     seqs = sequences(shards, 16)
-    rng = np.random.default_rng(12345)  # the held-out split never changes between runs
-    held = set(rng.choice(len(seqs), max(1, int(args.held_out * len(seqs))), replace=False).tolist())
-    train_seqs = [s for i, s in enumerate(seqs) if i not in held]
-    eval_seqs = [s for i, s in enumerate(seqs) if i in held]
+    # the held-out split never changes between runs: whole families by a hash of their names (legacy shards,
+    # without families, fall back to single conversations -- the split that overstated generalisation)
+    held = held_out_families(seqs, args.held_out)
+    train_seqs = [s for s in seqs if s[4] not in held]
+    eval_seqs = [s for s in seqs if s[4] in held]
+    if len(eval_seqs) > args.eval_conversations:  # a fixed sample, spread over every held-out family
+        pick = np.random.default_rng(12345).choice(len(eval_seqs), args.eval_conversations, replace=False)
+        eval_seqs = [eval_seqs[i] for i in sorted(pick)]
     eval_shards = shards
     if args.eval_data:  # evaluate on another data set's held-out split (the same split as when it trains)
-        eval_shards = load_shards([args.eval_data])
+        eval_shards = load_shards([args.eval_data], layers)
         other = sequences(eval_shards, 16)
-        held_other = set(np.random.default_rng(12345).choice(len(other), max(1, int(args.held_out * len(other))),
-                                                             replace=False).tolist())
-        eval_seqs = [s for i, s in enumerate(other) if i in held_other]
+        held_other = held_out_families(other, args.held_out)
+        eval_seqs = [s for s in other if s[4] in held_other]
+    print(f"{len(train_seqs):,} conversations to train on, {len(eval_seqs):,} held out "
+          f"({len(held):,} families)", file=sys.stderr)
     vocab_path = args.out / DRAFT_VOCAB
     if vocab_path.is_file():
         draft_vocab = np.array(json.loads(vocab_path.read_text()), dtype=np.int64)
@@ -274,7 +314,7 @@ def main() -> int:
         print(f"resumed from step {step} ({seconds / 60:.0f} min of training)", file=sys.stderr)
 
     if args.export:
-        return export(args, cfg, head, draft_vocab, eval_shards, eval_seqs, layers_idx, to_draft, step, seconds,
+        return export(args, cfg, head, draft_vocab, eval_shards, eval_seqs, to_draft, step, seconds,
                       tokens_seen, train_seqs, trained_args)
 
     def save(path: Path = ckpt):
@@ -288,10 +328,11 @@ def main() -> int:
 
     best = args.out / "best.pt"
     best_tpp = torch.load(best, weights_only=False).get("tokens_per_pass", 0.0) if best.is_file() else 0.0
+    since_best = 0
     stop = {"now": False}
     signal.signal(signal.SIGINT, lambda *_: stop.__setitem__("now", True))
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("now", True))
-    batches = Batches(shards, train_seqs, layers_idx, to_draft, args.window, args.batch, args.seed + step)
+    batches = Batches(shards, train_seqs, to_draft, args.window, args.batch, args.seed + step)
     curve = (args.out / "curve.jsonl").open("a")
     deadline = time.time() + 60 * args.minutes if args.minutes else None
     bar = tqdm(total=args.total_steps, initial=step, desc="train head", unit="step")
@@ -319,7 +360,7 @@ def main() -> int:
         if step % args.save_every == 0:
             save()
         if step % args.eval_every == 0:
-            ev = evaluate(head, eval_shards, eval_seqs, layers_idx, to_draft, draft_vocab, 4, args.eval_tokens)
+            ev = evaluate(head, eval_shards, eval_seqs, to_draft, draft_vocab, 4, args.eval_tokens)
             rec = {"step": step, "minutes": round(seconds / 60, 1), "tokens": tokens_seen, "loss": float(loss), **ev}
             curve.write(json.dumps(rec) + "\n")
             curve.flush()
@@ -327,8 +368,14 @@ def main() -> int:
             # the best held-out tokens per pass so far is kept apart: a small data set overfits late in a run
             tpp = ev["tokens_per_pass"][max(ev["tokens_per_pass"])]
             if tpp > best_tpp:
-                best_tpp = tpp
+                best_tpp, since_best = tpp, 0
                 save(best)
+            else:
+                since_best += 1
+                if args.patience and since_best >= args.patience:
+                    bar.write(f"early stop: {since_best} evaluations without a better held-out score "
+                              f"(best {best_tpp:.3f} tokens per pass)")
+                    break
             t_last = time.time()  # evaluation is not training time
     bar.close()
     save()
@@ -341,7 +388,7 @@ def json_safe(args: dict) -> dict:
             for k, v in args.items()}
 
 
-def export(args, cfg, head, draft_vocab, shards, eval_seqs, layers_idx, to_draft, step, seconds, tokens_seen,
+def export(args, cfg, head, draft_vocab, shards, eval_seqs, to_draft, step, seconds, tokens_seen,
            train_seqs, trained_args: dict | None = None) -> int:
     import torch
     from safetensors.torch import save_file
@@ -353,7 +400,7 @@ def export(args, cfg, head, draft_vocab, shards, eval_seqs, layers_idx, to_draft
     save_file({k: v.to(torch.float16) for k, v in weights.items()}, str(out / HEAD_WEIGHTS))
     cfg.save(out / HEAD_CONFIG)
     (out / DRAFT_VOCAB).write_text(json.dumps(draft_vocab.tolist()))
-    ev = evaluate(head, shards, eval_seqs, layers_idx, to_draft, draft_vocab, 4, 10**9)
+    ev = evaluate(head, shards, eval_seqs, to_draft, draft_vocab, 4, 10**9)
     curve = [json.loads(line) for line in (args.out / "curve.jsonl").read_text().splitlines()] \
         if (args.out / "curve.jsonl").is_file() else []
     record = {"step": step, "training_minutes": round(seconds / 60, 1), "tokens_trained": tokens_seen,

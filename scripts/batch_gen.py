@@ -1,0 +1,270 @@
+"""Batched generation on the CPU through the verifier's own in-place ONNX graph: many sequences per pass.
+
+A pass over 32 rows costs little more than a pass over one (the weights are read once), so generating the
+head's training data 32 sequences at a time runs ~9x faster here than one at a time (demo verifier, fp32,
+2 threads, context 300: 22.7 ms per 1-sequence pass, 79 ms per 32-sequence pass).  The graph is
+``export.gqa_graph.build(..., batch=True)``: one cache slot per sequence, each with its own length; a
+sequence's prompt is prefilled alone over its slot (a contiguous [1, ...] view of the buffers), and every
+slot decodes one token per pass.  Decoding in a batch scores each sequence exactly as decoding it alone
+does (checked bit for bit by ``check``).  A slot whose sequence finishes takes the next prompt at once
+(continuous batching), so the batch stays full.
+
+This is data tooling (``scripts/head_data.py``), not the serving runtime.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+PREFILL_CHUNK = 128
+
+
+def export_batch_graph(verifier: Path, out: Path, max_context: int, feature_layers: tuple[int, ...]) -> Path:
+    """Write the verifier's batched in-place graph (with the features a head reads) to ``out`` once."""
+    path = out / "target-batch.onnx"
+    if path.is_file():
+        return path
+    import onnx
+    import torch
+    from specrt.export import gqa_graph
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(verifier, dtype=torch.float32).eval()
+    graph = gqa_graph.build(model, max_context, feature_layers=feature_layers, batch=True)
+    tmp = out / "target-batch.partial.onnx"
+    onnx.save(graph, tmp, save_as_external_data=True, location="target-batch.onnx.data")
+    tmp.replace(path)
+    return path
+
+
+class BatchedTarget:
+    """The batched graph with ``slots`` preallocated cache slots of ``max_context`` entries."""
+
+    def __init__(self, path: Path, slots: int, num_layers: int, kv_heads: int, head_dim: int, max_context: int,
+                 threads: int | None = None):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
+        so.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.slots, self.max_context, self.num_layers = slots, max_context, num_layers
+        shape = (slots, kv_heads, max_context, head_dim)
+        self.keys = [np.zeros(shape, np.float32) for _ in range(num_layers)]
+        self.values = [np.zeros(shape, np.float32) for _ in range(num_layers)]
+        self.has_features = any(o.name == "hidden_states" for o in self.session.get_outputs())
+        self._all = self._binding(slice(0, slots))
+        self._one = [self._binding(slice(s, s + 1)) for s in range(slots)]
+        self._from = np.zeros(1, np.int64)
+
+    def _binding(self, rows: slice):
+        b = self.session.io_binding()
+        for i in range(self.num_layers):
+            for kind, bufs in (("key", self.keys), ("value", self.values)):
+                v = ort.OrtValue.ortvalue_from_numpy(bufs[i][rows])  # a contiguous view: written in place
+                b.bind_ortvalue_input(f"cache_{kind}.{i}", v)
+                b.bind_ortvalue_output(f"present_{kind}.{i}", v)
+        return b
+
+    def _run(self, b, ids: np.ndarray, past: np.ndarray, logits_from: int) -> tuple[np.ndarray, np.ndarray | None]:
+        self._from[0] = logits_from
+        b.bind_cpu_input("input_ids", ids)
+        b.bind_cpu_input("past_length", past)
+        b.bind_cpu_input("logits_from", self._from)
+        b.bind_output("logits")
+        if self.has_features:
+            b.bind_output("hidden_states")
+        self.session.run_with_iobinding(b)
+        out = b.get_outputs()  # in binding order: the caches, then logits (and hidden_states)
+        if self.has_features:
+            return out[-2].numpy(), out[-1].numpy()
+        return out[-1].numpy(), None
+
+    def extend(self, slot: int, ids: np.ndarray, pos: int, rows_from: int | None = None):
+        """Run ``ids`` at [pos, ...) in ``slot`` alone, in chunks; return (logits, features) of the rows from
+        ``rows_from`` (offset into ids; default: the last row only) to the end."""
+        rows_from = len(ids) - 1 if rows_from is None else rows_from
+        logits, feats = [], []
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            chunk = np.asarray(ids[start:start + PREFILL_CHUNK], np.int64)[None]
+            first = max(0, rows_from - start)  # rows of this chunk whose logits are wanted
+            if first >= chunk.shape[1]:
+                first = chunk.shape[1] - 1  # the LM head on one row only; nothing of it is kept
+                keep = False
+            else:
+                keep = True
+            lg, hs = self._run(self._one[slot], chunk, np.array([pos + start], np.int64), first)
+            if keep:
+                logits.append(lg[0])
+                if hs is not None:
+                    feats.append(hs[0, first:])
+        return np.concatenate(logits), (np.concatenate(feats) if feats else None)
+
+    def decode(self, ids: np.ndarray, past: np.ndarray):
+        """One token per slot: ids [slots], past [slots] -> (logits [slots, vocab], features [slots, F] | None)."""
+        lg, hs = self._run(self._all, ids.reshape(-1, 1), past, 0)
+        return lg[:, 0], (hs[:, 0] if hs is not None else None)
+
+
+def log_softmax_top(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k ids (descending) and their log-probabilities of each row of ``logits`` [n, vocab]."""
+    idx = np.argpartition(logits, -k, axis=-1)[:, -k:]
+    vals = np.take_along_axis(logits, idx, -1)
+    order = np.argsort(-vals, axis=-1)
+    idx, vals = np.take_along_axis(idx, order, -1), np.take_along_axis(vals, order, -1)
+    m = logits.max(-1, keepdims=True)
+    lse = m + np.log(np.exp(logits - m).sum(-1, keepdims=True))
+    return idx.astype(np.int32), (vals - lse).astype(np.float32)
+
+
+@dataclass
+class Job:
+    """One conversation: its turns' prompt ids are produced by ``next_turn`` (given the ids so far)."""
+    key: str
+    first_ids: list[int]
+    follow_ups: list[list[int]] = field(default_factory=list)  # token ids appended before each later turn
+    temperature: float = 0.0  # 0: greedy
+    keep_from: int = 0  # record rows (features, top-k) from this offset of first_ids on
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Done:
+    job: Job
+    ids: list[int]  # the recorded tokens: first_ids[keep_from:], answers, follow-ups
+    roles: list[int]  # 1 where the verifier wrote the token
+    answers: list[list[int]]
+    features: np.ndarray | None  # [len(ids), F] float16 (the last row zero: never read)
+    top_ids: np.ndarray | None  # [len(ids), k]
+    top_logp: np.ndarray | None
+
+
+class _Slot:
+    def __init__(self, job: Job):
+        self.job, self.turn, self.answers = job, 0, [[]]
+        self.ids = list(job.first_ids[job.keep_from:])
+        self.roles = [0] * len(self.ids)
+        self.feats: list[np.ndarray] = []
+        self.tops: list[np.ndarray] = []
+        self.logps: list[np.ndarray] = []
+        self.length = 0  # cache entries
+
+
+def generate(target: BatchedTarget, jobs: Iterable[Job], max_new_tokens: int, eos: set[int],
+             turn_end: int | None = None, top_k: int = 8, record: bool = True, seed: int = 0,
+             progress: Callable[[int], None] | None = None) -> Iterator[Done]:
+    """Greedy (or sampled, per job) answers of every job, ``target.slots`` at a time; yields each finished job.
+    A job's follow-up turns (token ids after ``turn_end``, the end of an assistant turn) run in its slot after
+    its answer ends with ``turn_end``; jobs too long for a slot are skipped.
+
+    ``record``: keep each recorded row's features and the verifier's top-k log-probabilities (the head's
+    training targets); the prompt rows before ``keep_from`` are run but not kept."""
+    rng = np.random.default_rng(seed)
+    queue = iter(jobs)
+    slots: list[_Slot | None] = [None] * target.slots
+    last = np.zeros(target.slots, np.int64)
+    past = np.zeros(target.slots, np.int64)
+
+    def record_rows(s: _Slot, logits: np.ndarray, feats: np.ndarray | None):
+        if record:
+            t, lp = log_softmax_top(logits, top_k)
+            s.tops.append(t)
+            s.logps.append(lp)
+            if feats is not None:
+                s.feats.append(feats.astype(np.float16))
+
+    def choose(s: _Slot, logits_row: np.ndarray) -> int:
+        if s.job.temperature <= 0:
+            return int(logits_row.argmax())
+        g = rng.gumbel(size=logits_row.shape).astype(np.float32)
+        return int((logits_row / s.job.temperature + g).argmax())
+
+    def start(i: int) -> bool:
+        """Give slot i the next job and prefill it; False when there is none."""
+        for job in queue:
+            if len(job.first_ids) + max_new_tokens >= target.max_context:
+                continue  # too long for a slot: skipped (the caller counts what came back)
+            s = _Slot(job)
+            prompt = job.first_ids
+            logits, feats = target.extend(i, np.asarray(prompt[:-1], np.int64), 0,
+                                          rows_from=job.keep_from) if len(prompt) > 1 else (None, None)
+            if logits is not None and job.keep_from < len(prompt) - 1:
+                record_rows(s, logits, feats)
+            s.length = len(prompt) - 1
+            slots[i] = s
+            last[i], past[i] = prompt[-1], s.length
+            return True
+        slots[i] = None
+        last[i], past[i] = 0, 0
+        return False
+
+    def finish(i: int) -> Done:
+        s = slots[i]
+        feats = tops = logps = None
+        if record:
+            n = len(s.ids)
+            tops = np.concatenate(s.tops + [np.zeros((n - sum(len(t) for t in s.tops), top_k), np.int32)])
+            logps = np.concatenate(s.logps + [np.full((n - sum(len(t) for t in s.logps), top_k), -30, np.float32)])
+            if s.feats:
+                width = s.feats[0].shape[1]
+                feats = np.concatenate(s.feats + [np.zeros((n - sum(len(f) for f in s.feats), width), np.float16)])
+        return Done(s.job, s.ids, s.roles, s.answers, feats, tops, logps.astype(np.float16) if logps is not None
+                    else None)
+
+    for i in range(target.slots):
+        start(i)
+    while any(s is not None for s in slots):
+        logits, feats = target.decode(last, past)
+        if progress:
+            progress(sum(s is not None for s in slots))
+        for i, s in enumerate(slots):
+            if s is None:
+                continue
+            s.length += 1  # `last` is now in the cache
+            record_rows(s, logits[i:i + 1], None if feats is None else feats[i:i + 1])  # the pending token's row
+            nxt = choose(s, logits[i])
+            s.answers[-1].append(nxt)
+            s.ids.append(nxt)
+            s.roles.append(1)
+            ended = nxt in eos or len(s.answers[-1]) >= max_new_tokens
+            if nxt == turn_end and s.turn < len(s.job.follow_ups) and \
+                    s.length + 1 + len(s.job.follow_ups[s.turn]) + max_new_tokens < target.max_context:
+                # the next user turn, in this slot after the answer (an answer cut at max_new_tokens ends the
+                # conversation: its turn was never closed)
+                follow = [nxt, *s.job.follow_ups[s.turn]]
+                lg, fs = target.extend(i, np.asarray(follow[:-1], np.int64), s.length, rows_from=0)
+                record_rows(s, lg, fs)
+                s.length += len(follow) - 1
+                s.ids.extend(follow[1:])
+                s.roles.extend([0] * (len(follow) - 1))
+                s.turn += 1
+                s.answers.append([])
+                last[i], past[i] = follow[-1], s.length
+                continue
+            if ended:
+                yield finish(i)
+                start(i)
+                continue
+            last[i], past[i] = nxt, s.length
+
+
+def check(target: BatchedTarget, prompts: list[list[int]], steps: int = 4) -> None:
+    """Decoding in a batch scores each sequence exactly as decoding it alone (raises otherwise)."""
+    alone = []
+    for i, p in enumerate(prompts[:target.slots]):
+        target.extend(i, np.asarray(p[:-1], np.int64), 0)
+        lg, _ = target.extend(i, np.asarray(p[-1:], np.int64), len(p) - 1)
+        alone.append(lg[-1].copy())
+    n = min(len(prompts), target.slots)
+    last = np.zeros(target.slots, np.int64)
+    past = np.zeros(target.slots, np.int64)
+    for i, p in enumerate(prompts[:n]):
+        last[i], past[i] = p[-1], len(p) - 1
+    lg, _ = target.decode(last, past)
+    for i in range(n):
+        if not np.array_equal(lg[i], alone[i]):
+            raise AssertionError(f"slot {i}: a batched pass differs from the same sequence alone "
+                                 f"(max |diff| {np.abs(lg[i] - alone[i]).max():.2e})")
