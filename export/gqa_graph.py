@@ -126,6 +126,8 @@ def build(model, max_context: int, feature_layers: tuple[int, ...] = (), tree: b
     caller's work per step stays O(n^2).  A chain pass gives positions past_length .. + n - 1 and a zero
     bias (the attention is causal anyway).
     """
+    if batch and tree:
+        raise ValueError("batch graphs take chain passes only")
     cfg = model.config
     reason = unsupported_reason(cfg, max_context)
     if reason:
