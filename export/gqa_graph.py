@@ -45,6 +45,7 @@ INPUT_IDS, PAST_LENGTH, LOGITS = "input_ids", "past_length", "logits"
 HIDDEN_STATES = "hidden_states"  # [1, n, len(feature_layers) * hidden]: what a feature-level draft head reads
 POSITION_IDS, TREE_BIAS = "position_ids", "tree_bias"  # tree passes: each row's position, the rows' mutual mask
 LOGITS_FROM = "logits_from"  # int64 [1]: logits only for rows [logits_from, n) (a prefill chunk asks for its last)
+TOP_IDS, TOP_LOGP = "top_ids", "top_logp"  # each logits row's top-k ids and log-probabilities (``top_k``)
 FAMILIES = ("llama", "mistral", "qwen2")
 _MS = "com.microsoft"
 
@@ -111,7 +112,7 @@ class _Graph:
 
 
 def build(model, max_context: int, feature_layers: tuple[int, ...] = (), tree: bool = False,
-          batch: bool = False) -> onnx.ModelProto:
+          batch: bool = False, top_k: int = 0) -> onnx.ModelProto:
     """The in-place-cache ONNX graph of a transformers ``*ForCausalLM`` (fp32).
 
     ``feature_layers``: also output ``hidden_states`` [1, n, len(layers) * hidden], the residual stream
@@ -213,6 +214,12 @@ def build(model, max_context: int, feature_layers: tuple[int, ...] = (), tree: b
 
     b = "batch" if batch else 1  # the batch dimension of every input and output
     extra_outputs = []
+    if top_k:
+        values, _ = g.op("TopK", [LOGITS, g.const("top_k", [top_k])], ["top_values", TOP_IDS], axis=-1)
+        lse = g.op("ReduceLogSumExp", [LOGITS], "logsumexp", axes=[-1], keepdims=1)[0]
+        g.op("Sub", [values, lse], TOP_LOGP)
+        extra_outputs += [helper.make_tensor_value_info(TOP_IDS, TensorProto.INT64, [b, "logits_rows", top_k]),
+                          helper.make_tensor_value_info(TOP_LOGP, TensorProto.FLOAT, [b, "logits_rows", top_k])]
     if feature_layers:
         parts = [stream[i] for i in feature_layers]
         if len(parts) > 1:

@@ -24,9 +24,11 @@ import onnxruntime as ort
 PREFILL_CHUNK = 128
 
 
-def export_batch_graph(verifier: Path, out: Path, max_context: int, feature_layers: tuple[int, ...]) -> Path:
-    """Write the verifier's batched in-place graph (with the features a head reads) to ``out`` once."""
-    path = out / "target-batch.onnx"
+def export_batch_graph(verifier: Path, out: Path, max_context: int, feature_layers: tuple[int, ...],
+                       top_k: int = 8) -> Path:
+    """Write the verifier's batched in-place graph (with the features a head reads and each row's top-k) to
+    ``out`` once."""
+    path = out / f"target-batch-top{top_k}.onnx"
     if path.is_file():
         return path
     import onnx
@@ -35,9 +37,9 @@ def export_batch_graph(verifier: Path, out: Path, max_context: int, feature_laye
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(verifier, dtype=torch.float32).eval()
-    graph = gqa_graph.build(model, max_context, feature_layers=feature_layers, batch=True)
+    graph = gqa_graph.build(model, max_context, feature_layers=feature_layers, batch=True, top_k=top_k)
     tmp = out / "target-batch.partial.onnx"
-    onnx.save(graph, tmp, save_as_external_data=True, location="target-batch.onnx.data")
+    onnx.save(graph, tmp, save_as_external_data=True, location=f"{path.name}.data")
     tmp.replace(path)
     return path
 
@@ -55,7 +57,9 @@ class BatchedTarget:
         shape = (slots, kv_heads, max_context, head_dim)
         self.keys = [np.zeros(shape, np.float32) for _ in range(num_layers)]
         self.values = [np.zeros(shape, np.float32) for _ in range(num_layers)]
-        self.has_features = any(o.name == "hidden_states" for o in self.session.get_outputs())
+        self.outputs = [o.name for o in self.session.get_outputs() if not o.name.startswith("present_")]
+        self.has_features = "hidden_states" in self.outputs
+        self.has_top = "top_ids" in self.outputs
         self._all = self._binding(slice(0, slots))
         self._one = [self._binding(slice(s, s + 1)) for s in range(slots)]
         self._from = np.zeros(1, np.int64)
@@ -69,44 +73,38 @@ class BatchedTarget:
                 b.bind_ortvalue_output(f"present_{kind}.{i}", v)
         return b
 
-    def _run(self, b, ids: np.ndarray, past: np.ndarray, logits_from: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def _run(self, b, ids: np.ndarray, past: np.ndarray, logits_from: int) -> dict[str, np.ndarray]:
         self._from[0] = logits_from
         b.bind_cpu_input("input_ids", ids)
         b.bind_cpu_input("past_length", past)
         b.bind_cpu_input("logits_from", self._from)
-        b.bind_output("logits")
-        if self.has_features:
-            b.bind_output("hidden_states")
+        for name in self.outputs:
+            b.bind_output(name)
         self.session.run_with_iobinding(b)
-        out = b.get_outputs()  # in binding order: the caches, then logits (and hidden_states)
-        if self.has_features:
-            return out[-2].numpy(), out[-1].numpy()
-        return out[-1].numpy(), None
+        out = b.get_outputs()  # in binding order: the caches, then ours
+        return {name: v.numpy() for name, v in zip(self.outputs, out[-len(self.outputs):])}
 
-    def extend(self, slot: int, ids: np.ndarray, pos: int, rows_from: int | None = None):
-        """Run ``ids`` at [pos, ...) in ``slot`` alone, in chunks; return (logits, features) of the rows from
-        ``rows_from`` (offset into ids; default: the last row only) to the end."""
+    def extend(self, slot: int, ids: np.ndarray, pos: int, rows_from: int | None = None) -> dict[str, np.ndarray]:
+        """Run ``ids`` at [pos, ...) in ``slot`` alone, in chunks; return the outputs (logits [rows, vocab],
+        hidden_states, top_ids, top_logp) of the rows from ``rows_from`` (offset into ids; default: the last row
+        only) to the end."""
         rows_from = len(ids) - 1 if rows_from is None else rows_from
-        logits, feats = [], []
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in self.outputs}
         for start in range(0, len(ids), PREFILL_CHUNK):
             chunk = np.asarray(ids[start:start + PREFILL_CHUNK], np.int64)[None]
             first = max(0, rows_from - start)  # rows of this chunk whose logits are wanted
             if first >= chunk.shape[1]:
-                first = chunk.shape[1] - 1  # the LM head on one row only; nothing of it is kept
-                keep = False
-            else:
-                keep = True
-            lg, hs = self._run(self._one[slot], chunk, np.array([pos + start], np.int64), first)
-            if keep:
-                logits.append(lg[0])
-                if hs is not None:
-                    feats.append(hs[0, first:])
-        return np.concatenate(logits), (np.concatenate(feats) if feats else None)
+                # the LM head on one row only; nothing of this chunk is kept
+                self._run(self._one[slot], chunk, np.array([pos + start], np.int64), chunk.shape[1] - 1)
+                continue
+            out = self._run(self._one[slot], chunk, np.array([pos + start], np.int64), first)
+            for name, value in out.items():  # hidden_states has every row of the chunk, the others rows first..
+                parts[name].append(value[0, first:] if name == "hidden_states" else value[0])
+        return {name: np.concatenate(v) for name, v in parts.items() if v}
 
-    def decode(self, ids: np.ndarray, past: np.ndarray):
-        """One token per slot: ids [slots], past [slots] -> (logits [slots, vocab], features [slots, F] | None)."""
-        lg, hs = self._run(self._all, ids.reshape(-1, 1), past, 0)
-        return lg[:, 0], (hs[:, 0] if hs is not None else None)
+    def decode(self, ids: np.ndarray, past: np.ndarray) -> dict[str, np.ndarray]:
+        """One token per slot: ids [slots], past [slots] -> each output's row per slot ([slots, ...])."""
+        return {name: v[:, 0] for name, v in self._run(self._all, ids.reshape(-1, 1), past, 0).items()}
 
 
 def log_softmax_top(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -168,19 +166,24 @@ def generate(target: BatchedTarget, jobs: Iterable[Job], max_new_tokens: int, eo
     last = np.zeros(target.slots, np.int64)
     past = np.zeros(target.slots, np.int64)
 
-    def record_rows(s: _Slot, logits: np.ndarray, feats: np.ndarray | None):
+    def record_rows(s: _Slot, out: dict[str, np.ndarray], rows: slice = slice(None)):
         if record:
-            t, lp = log_softmax_top(logits, top_k)
+            if "top_ids" in out:  # computed in the graph
+                t, lp = out["top_ids"][rows].astype(np.int32), out["top_logp"][rows]
+            else:
+                t, lp = log_softmax_top(out["logits"][rows], top_k)
             s.tops.append(t)
             s.logps.append(lp)
-            if feats is not None:
-                s.feats.append(feats.astype(np.float16))
+            if "hidden_states" in out:
+                s.feats.append(out["hidden_states"][rows].astype(np.float16))
 
     def choose(s: _Slot, logits_row: np.ndarray) -> int:
         if s.job.temperature <= 0:
             return int(logits_row.argmax())
-        g = rng.gumbel(size=logits_row.shape).astype(np.float32)
-        return int((logits_row / s.job.temperature + g).argmax())
+        z = logits_row / s.job.temperature
+        p = np.exp(z - z.max())
+        cdf = np.cumsum(p, dtype=np.float64)  # inverse-CDF sampling: a uniform per token, no vocab of Gumbels
+        return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(p) - 1))
 
     def start(i: int) -> bool:
         """Give slot i the next job and prefill it; False when there is none."""
@@ -189,10 +192,10 @@ def generate(target: BatchedTarget, jobs: Iterable[Job], max_new_tokens: int, eo
                 continue  # too long for a slot: skipped (the caller counts what came back)
             s = _Slot(job)
             prompt = job.first_ids
-            logits, feats = target.extend(i, np.asarray(prompt[:-1], np.int64), 0,
-                                          rows_from=job.keep_from) if len(prompt) > 1 else (None, None)
-            if logits is not None and job.keep_from < len(prompt) - 1:
-                record_rows(s, logits, feats)
+            if len(prompt) > 1:
+                out = target.extend(i, np.asarray(prompt[:-1], np.int64), 0, rows_from=job.keep_from)
+                if job.keep_from < len(prompt) - 1:
+                    record_rows(s, out)
             s.length = len(prompt) - 1
             slots[i] = s
             last[i], past[i] = prompt[-1], s.length
@@ -217,14 +220,15 @@ def generate(target: BatchedTarget, jobs: Iterable[Job], max_new_tokens: int, eo
     for i in range(target.slots):
         start(i)
     while any(s is not None for s in slots):
-        logits, feats = target.decode(last, past)
+        out = target.decode(last, past)
+        logits = out["logits"]
         if progress:
             progress(sum(s is not None for s in slots))
         for i, s in enumerate(slots):
             if s is None:
                 continue
             s.length += 1  # `last` is now in the cache
-            record_rows(s, logits[i:i + 1], None if feats is None else feats[i:i + 1])  # the pending token's row
+            record_rows(s, out, slice(i, i + 1))  # the pending token's row
             nxt = choose(s, logits[i])
             s.answers[-1].append(nxt)
             s.ids.append(nxt)
@@ -235,8 +239,7 @@ def generate(target: BatchedTarget, jobs: Iterable[Job], max_new_tokens: int, eo
                 # the next user turn, in this slot after the answer (an answer cut at max_new_tokens ends the
                 # conversation: its turn was never closed)
                 follow = [nxt, *s.job.follow_ups[s.turn]]
-                lg, fs = target.extend(i, np.asarray(follow[:-1], np.int64), s.length, rows_from=0)
-                record_rows(s, lg, fs)
+                record_rows(s, target.extend(i, np.asarray(follow[:-1], np.int64), s.length, rows_from=0))
                 s.length += len(follow) - 1
                 s.ids.extend(follow[1:])
                 s.roles.extend([0] * (len(follow) - 1))
@@ -256,14 +259,13 @@ def check(target: BatchedTarget, prompts: list[list[int]], steps: int = 4) -> No
     alone = []
     for i, p in enumerate(prompts[:target.slots]):
         target.extend(i, np.asarray(p[:-1], np.int64), 0)
-        lg, _ = target.extend(i, np.asarray(p[-1:], np.int64), len(p) - 1)
-        alone.append(lg[-1].copy())
+        alone.append(target.extend(i, np.asarray(p[-1:], np.int64), len(p) - 1)["logits"][-1].copy())
     n = min(len(prompts), target.slots)
     last = np.zeros(target.slots, np.int64)
     past = np.zeros(target.slots, np.int64)
     for i, p in enumerate(prompts[:n]):
         last[i], past[i] = p[-1], len(p) - 1
-    lg, _ = target.decode(last, past)
+    lg = target.decode(last, past)["logits"]
     for i in range(n):
         if not np.array_equal(lg[i], alone[i]):
             raise AssertionError(f"slot {i}: a batched pass differs from the same sequence alone "
