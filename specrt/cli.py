@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from specrt import __version__
@@ -16,9 +17,14 @@ from specrt.server import EXTRA as SERVER_EXTRA_FIELDS
 EPILOG = """examples:
   specrt export --target ./SmolLM2-135M --draft ./draft --out ./engine
   specrt generate ./engine --prompt "def fib(n):" --k 4
-  specrt generate ./engine --chat "What is a hash table?" --json
+  specrt generate ./engine --chat "What is a hash table?" --drafter ngram --json
+  specrt serve ./engine --port 8000
   specrt bench ./engine --k 2,4,8 --json-out bench.json
+  specrt bench ./engine --spec-bench question.jsonl --report reports/spec_bench.md
 """
+# Where `specrt bench --peers` / `--spec-bench` write their report when --report is not given: a folder of its own
+# under the current directory, one time-stamped file set per run, never loose files beside the user's own.
+REPORT_DIR = Path("specrt-reports")
 
 
 def _engine_plan(text: str) -> list[tuple[str, int]]:
@@ -42,9 +48,12 @@ def _ints(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="specrt", description="Speculative decoding runtime: a small draft model "
-                                "proposes k tokens, the target (verification) model checks them in one pass; the "
-                                "output is exactly the target's own.", epilog=EPILOG,
+    p = argparse.ArgumentParser(prog="specrt", description="Speculative decoding runtime. A drafter proposes "
+                                "tokens -- a draft model, a feature head reading the target's hidden states (EAGLE), "
+                                "n-gram prompt lookup, a suffix cache, the target's own recycled predictions, or a "
+                                "hybrid of these -- as a chain or a tree of candidates; the target (verification) "
+                                "model checks them all in one pass. The output is exactly the target's own (greedy: "
+                                "the same tokens; sampling: the same distribution).", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"specrt {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -75,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "recorded; a --draft-head is int4 unless --quant or --draft-quant quantizes it otherwise). "
                    "--quant alone = int8-rows: 7-bit weights and int8 activations per row on an integer "
                    "GEMM -- multi-row passes row-invariant, extra verification rows nearly free (measured: the best "
-                   "expected speculative tokens/s, README 'Quantized verification'); int4 / int8: ONNX Runtime's "
+                   "expected speculative tokens/s, docs/quantization.md); int4 / int8: ONNX Runtime's "
                    "MatMulNBits (weight-only, blockwise)")
     e.add_argument("--target-quant", choices=quants, default=None, help="override --quant for the target")
     e.add_argument("--draft-quant", choices=quants, default=None,
@@ -98,9 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "shapes are fixed per bucket (for TensorRT + CUDA graphs); auto (default) = gqa where the "
                    "checkpoint allows")
 
+    bench_outputs = (" Output: the plain bench prints its table and writes only --json-out; --peers and "
+                     "--spec-bench print theirs and write a report, REPORT.md with REPORT.json (the rows) and "
+                     f"REPORT.png (the chart) beside it, at --report (default: {REPORT_DIR}/peers-DATE-TIME.md or "
+                     f"{REPORT_DIR}/spec_bench-DATE-TIME.md under the current directory).")
     for name, helptext in (("generate", "generate text with speculative decoding"),
                            ("bench", "target-only vs speculative tokens/s, side by side")):
-        g = sub.add_parser(name, help=helptext, description=helptext)
+        g = sub.add_parser(name, help=helptext, description=helptext + ("." + bench_outputs if name == "bench" else ""))
         g.add_argument("engine", type=Path, help="engine directory (from `specrt export`)")
         g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores, max 8)")
         g.add_argument("--draft-threads", type=int, default=None, help="threads for the draft (default 1)")
@@ -158,10 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
                            help="compare the policies (fixed, confidence, adaptive, budget), greedy and at T=0.8")
             g.add_argument("--relaxed", type=lambda t: [float(x) for x in t.split(",")], default=None,
                            metavar="TAUS", help="also measure LOSSY relaxed acceptance at these thresholds, e.g. 0.1,0.3")
-            g.add_argument("--json-out", type=Path, default=None, help="also write the rows as JSON here")
+            g.add_argument("--json-out", type=Path, default=None,
+                           help="the plain bench: also write the rows as JSON to this file (nothing is written "
+                           "without it; --peers and --spec-bench write --report instead)")
             peers = g.add_argument_group(
                 "peers", "--peers: specrt beside transformers generate()/assisted generation and onnxruntime-genai on "
-                "the same checkpoint and prompts, in one run (see README 'Peers')")
+                "the same checkpoint and prompts, in one run (see docs/usage.md, 'Bench')")
             peers.add_argument("--peers", action="store_true",
                                help="run the peer comparison (k = the first --k value, default 2) and write a report")
             peers.add_argument("--also-engine", type=Path, action="append", default=[],
@@ -183,9 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
                                help="an OpenVINO IR folder of the draft: adds OpenVINO GenAI's draft-model speculation")
             peers.add_argument("--openvino-python", default=None,
                                help="the Python that has openvino-genai installed (default: this one)")
-            peers.add_argument("--report", type=Path, default=None,
-                               help="markdown report (rows as .json and a .png chart beside it; default peers.md, "
-                               "or spec_bench.md with --spec-bench)")
+            peers.add_argument("--report", type=Path, default=None, metavar="REPORT.md",
+                               help="--peers / --spec-bench: the markdown report to write, with the rows as .json "
+                               "and a .png chart beside it (folders are created; an existing folder gets the default "
+                               f"name inside). Default: {REPORT_DIR}/peers-DATE-TIME.md or "
+                               f"{REPORT_DIR}/spec_bench-DATE-TIME.md under the current directory")
             sb = g.add_argument_group(
                 "spec-bench", "--spec-bench FILE: Spec-Bench questions through the chat template, per category, every "
                 "system (specrt drafters on this engine and --also-engine, and the peers above) side by side in one run")
@@ -239,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-name", default=None, help="the model id clients use (default: the directory's name)")
     s.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads for the target")
     s.add_argument("--ray", action="store_true",
-                   help="serve through Ray Serve instead (one engine per replica; needs ray[serve]; see README)")
+                   help="serve through Ray Serve instead (one engine per replica; needs ray[serve]; see docs/serving.md)")
     s.add_argument("--replicas", default="1",
                    help="with --ray: a number of replicas, or MIN:MAX to autoscale between (default 1)")
 
@@ -362,6 +379,20 @@ def _bench(args) -> int:
         relaxed_configs,
     )
 
+    # where the results go, settled (and its folder made) before any engine loads: a bad path fails now, not after
+    # an hour of benchmarking
+    if args.spec_bench and args.peers:
+        raise ValueError("--peers and --spec-bench are two different runs: give one of them")
+    if args.spec_bench or args.peers:
+        if args.json_out:
+            raise ValueError("--json-out is for the plain bench: --peers and --spec-bench write their rows to "
+                             "REPORT.json beside --report REPORT.md")
+        args.report = _report_path(args.report, "spec_bench" if args.spec_bench else "peers")
+    elif args.report:
+        raise ValueError("--report is for --peers and --spec-bench: the plain bench prints its table and writes "
+                         "its rows with --json-out FILE")
+    elif args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
     engine = Engine.load(args.engine, threads=args.threads, draft_threads=args.draft_threads, spin=not args.no_spin)
     prompts = json.loads(args.prompts.read_text()) if args.prompts else DEFAULT_PROMPTS
     if engine.manifest.chat_template is None:
@@ -383,7 +414,17 @@ def _bench(args) -> int:
     print(format_table(rows))
     if args.json_out:
         args.json_out.write_text(json.dumps(rows, indent=1))
+        print(f"\nwrote {args.json_out}")
     return 0
+
+
+def _report_path(report: Path | None, kind: str) -> Path:
+    """--report as given, or REPORT_DIR/<kind>-<date>-<time>.md (an existing folder gets that name inside); its
+    folder is created here."""
+    name = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.md"
+    path = REPORT_DIR / name if report is None else report / name if report.is_dir() else report
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _bench_spec(args, engine) -> int:
@@ -423,7 +464,7 @@ def _bench_spec(args, engine) -> int:
     for model_dir in args.openvino_model:
         systems += peers.openvino_systems(args.openvino_python or sys.executable, model_dir, args.max_new_tokens,
                                           args.openvino_draft)
-    report = args.report or Path("spec_bench.md")
+    report = args.report
     try:
         prompts = spec_bench.build_prompts(engine, questions, args.max_new_tokens)
         rows = spec_bench.run_spec_bench(systems, prompts, args.repeats)
@@ -473,7 +514,7 @@ def _bench_peers(args, engine, prompts) -> int:
             s.close()
     report = peers.format_report(rows, systems[0].name)
     print(report)
-    path = args.report or Path("peers.md")
+    path = args.report
     path.write_text(report + "\n")
     path.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     png = path.with_suffix(".png")

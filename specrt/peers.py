@@ -213,7 +213,7 @@ class Worker:
 def genai_system(python: str, model_dir: Path, vocab_size: int, max_new_tokens: int) -> System:
     worker = Worker(python, "genai_worker.py", {"model": str(Path(model_dir).resolve())}, "onnxruntime-genai",
                     "Check that --genai-python is a Python with onnxruntime-genai installed and --genai-model a "
-                    "directory made by its model builder (see README, 'Peers').")
+                    "directory made by its model builder (see docs/usage.md, 'Bench').")
     return System(f"onnxruntime-genai {Path(model_dir).name}",
                   lambda ids, t, seed: worker.run(ids, t, seed, max_new_tokens, vocab_size=vocab_size), worker.close)
 
@@ -228,7 +228,7 @@ def openvino_systems(python: str, model_dir: Path, max_new_tokens: int, draft_di
     size) and its draft-model speculation (``draft_dir``, draft_k).  Speculative rows are checked against
     OpenVINO's own plain decoding."""
     hint = ("Check that --openvino-python is a Python with openvino-genai installed and --openvino-model an IR "
-            "folder made by `optimum-cli export openvino` (see README, 'Peers').")
+            "folder made by `optimum-cli export openvino` (see docs/usage.md, 'Bench').")
     name = f"OpenVINO GenAI {Path(model_dir).name}"
     systems = []
     for mode in modes:

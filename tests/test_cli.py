@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
 
-def specrt(*args, check=True):
+def specrt(*args, check=True, cwd=None):
     p = subprocess.run([sys.executable, "-m", "specrt.cli", *map(str, args)], capture_output=True, text=True,
-                       timeout=600, check=False)
+                       timeout=600, check=False, cwd=cwd)
     if check and p.returncode != 0:
         raise AssertionError(p.stderr)
     return p
@@ -19,7 +20,39 @@ def specrt(*args, check=True):
 def test_help_explains():
     out = specrt("--help").stdout
     assert "export" in out and "generate" in out and "bench" in out
+    # the drafters as they are, not "a small draft model" alone
+    assert all(w in " ".join(out.split()) for w in ("draft model", "feature head", "n-gram", "suffix cache",
+                                                    "recycled", "hybrid", "tree"))
     assert "--no-draft" in specrt("generate", "--help").stdout
+    bench = " ".join(re.sub(r"-\s*\n\s*", "-", specrt("bench", "--help").stdout).split())  # argparse wraps at "-"
+    assert "specrt-reports/spec_bench-DATE-TIME.md" in bench and "specrt-reports/peers-DATE-TIME.md" in bench
+    assert "writes only --json-out" in bench
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--peers", "--json-out", "x.json"], "--json-out is for the plain bench"),
+    (["--spec-bench", "q.jsonl", "--json-out", "x.json"], "--json-out is for the plain bench"),
+    (["--report", "r.md"], "--report is for --peers and --spec-bench"),
+    (["--peers", "--spec-bench", "q.jsonl"], "two different runs"),
+])
+def test_bench_output_flags_are_checked_before_anything_runs(tmp_path, args, match):
+    p = specrt("bench", tmp_path / "no-engine-here", *args, check=False, cwd=tmp_path)
+    assert p.returncode == 2 and match in p.stderr, p.stderr
+    assert list(tmp_path.iterdir()) == []  # refused before writing anything, the engine not even opened
+
+
+def test_bench_peers_report_goes_to_its_folder_not_the_cwd(engines, tmp_path):
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([{"name": "ids", "prompt_ids": [5, 17, 33]}]))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    p = specrt("bench", engines["close"], "--peers", "--k", "2", "--prompts", prompts, "--repeats", "1",
+               "--max-new-tokens", "4", "--temperatures", "0", cwd=cwd)
+    assert [f.name for f in cwd.iterdir()] == ["specrt-reports"]
+    reports = sorted(f.name for f in (cwd / "specrt-reports").iterdir())
+    md = next(f for f in reports if f.endswith(".md"))
+    assert md.startswith("peers-") and md.replace(".md", ".json") in reports
+    assert f"wrote specrt-reports/{md}" in p.stdout.splitlines()[-1]
 
 
 def test_generate_json(engines):
@@ -81,6 +114,7 @@ def test_bench_prints_ratio(engines, tmp_path):
     p = specrt("bench", engines["self"], "--prompts", prompts, "--drafters", "model", "--k", "2,4", "--repeats", "2",
                "--max-new-tokens", "16", "--json-out", tmp_path / "b.json")
     assert "speedup" in p.stdout
+    assert p.stdout.splitlines()[-1] == f"wrote {tmp_path / 'b.json'}"
     rows = json.loads((tmp_path / "b.json").read_text())
     assert [r["k"] for r in rows] == [None, 2, 4]
     assert all(r["agreement_with_target"] == 1.0 for r in rows)

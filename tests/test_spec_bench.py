@@ -83,12 +83,36 @@ def test_cli_spec_bench(engines, tmp_path):
 
     q = tmp_path / "q.jsonl"
     q.write_text("".join(json.dumps(x) + "\n" for x in QUESTIONS))
-    report = tmp_path / "sb.md"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    report = tmp_path / "out" / "sub" / "sb.md"  # a folder that does not exist yet
     p = specrt("bench", engines["target_only"], "--spec-bench", q, "--max-new-tokens", "8", "--repeats", "1",
-               "--k", "2", "--report", report)
+               "--k", "2", "--report", report, cwd=cwd)
     assert "specrt ngram k=2 [fp32, no draft]" in p.stdout and "specrt suffix k=2" in p.stdout
     rows = json.loads(report.with_suffix(".json").read_text())
     assert all(r["overall"]["identical"] in (True, None) for r in rows)
+    assert report.is_file() and f"wrote {report}, {report.with_suffix('.json')}" in p.stdout
+    assert list(cwd.iterdir()) == []  # the report lands where asked, nothing in the current directory
+
+
+def test_cli_spec_bench_default_report_folder(engines, tmp_path):
+    from test_cli import specrt
+
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps(QUESTIONS[1]) + "\n")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    args = ("bench", engines["target_only"], "--spec-bench", q, "--max-new-tokens", "4", "--repeats", "1", "--k", "2",
+            "--engine-drafters", "ngram")
+    p = specrt(*args, cwd=cwd)
+    assert [f.name for f in cwd.iterdir()] == ["specrt-reports"]  # no loose files beside the user's own
+    (md,) = [f for f in (cwd / "specrt-reports").iterdir() if f.suffix == ".md"]
+    assert md.name.startswith("spec_bench-") and md.with_suffix(".json").is_file()
+    assert f"wrote specrt-reports/{md.name}" in p.stdout
+    folder = tmp_path / "reports"  # an existing folder as --report: the default name inside it
+    folder.mkdir()
+    specrt(*args, "--report", folder, cwd=cwd)
+    assert [f.name.split("-")[0] for f in folder.iterdir() if f.suffix == ".md"] == ["spec_bench"]
 
 
 def test_openvino_worker_without_openvino_says_what_to_fix(tmp_path):
