@@ -64,15 +64,16 @@ def replay(drafter, prompt: list[int], output: list[int], k: int) -> tuple[int, 
 def pass_costs(engine: Engine, context: int, max_rows: int = 17, repeats: int = 5) -> dict[int, float]:
     """Median seconds of a target pass by rows, at this context."""
     ids = np.arange(10, 10 + context) % 1000
-    engine.target.prefill(ids)
+    target = engine.sequence().target
+    target.prefill(ids)
     out = {}
     for n in range(1, max_rows + 1):
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            engine.target.step(ids[:n], context)
+            target.forward(ids[:n], context)
             times.append(time.perf_counter() - t0)
-            engine.target.set_length(context)
+            target.set_length(context)
         out[n] = statistics.median(times)
     return out
 

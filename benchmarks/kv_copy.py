@@ -72,7 +72,7 @@ def measure(engine: str, repeats: int, k: int, threads: int | None) -> list[dict
         filled = step.length
 
         def run(ids, pos=pos, filled=filled):
-            step.step(ids, pos)
+            step.forward(ids, pos)
             step.cache.length = filled  # timing only: every entry below `filled` still holds prefill data
 
         one = timed(lambda: run(np.array([7])), repeats)

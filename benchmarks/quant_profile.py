@@ -64,7 +64,7 @@ def timed_pass(step, ids, ctx, n, repeats=9):
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        step.step(ids[ctx:ctx + n], ctx)
+        step.forward(ids[ctx:ctx + n], ctx)
         times.append(time.perf_counter() - t0)
         step.set_length(ctx)
     return statistics.median(times)
@@ -105,12 +105,12 @@ def cmd_profile(args) -> None:
                 ids = (np.arange(ctx + 32) * 7919 % min(5000, spec.vocab_size - 10) + 10).astype(np.int64)
                 step.prefill(ids[:ctx])
                 for _ in range(3):  # warm-up, profiled too: subtracted below by counting runs
-                    step.step(ids[ctx:ctx + n], ctx)
+                    step.forward(ids[ctx:ctx + n], ctx)
                     step.set_length(ctx)
                 walls = []
                 for _ in range(args.repeats):
                     t0 = time.perf_counter()
-                    step.step(ids[ctx:ctx + n], ctx)
+                    step.forward(ids[ctx:ctx + n], ctx)
                     walls.append(time.perf_counter() - t0)
                     step.set_length(ctx)
                 events = json.loads(Path(step.session.end_profiling()).read_text())
@@ -195,7 +195,7 @@ def agreement(step, ref_step, ids) -> float:
         s.set_length(0)
         logits = []
         for start in range(0, len(ids), 32):
-            logits.append(s.step(ids[start:start + 32], start).argmax(-1))
+            logits.append(s.forward(ids[start:start + 32], start).argmax(-1))
         out.append(np.concatenate(logits))
     return float((out[0] == out[1]).mean())
 

@@ -38,13 +38,14 @@ def top_next(engine: Engine, turns: list[dict], cache: Path) -> list[np.ndarray]
         if len(data.files) == len(turns):
             return [data[f"t{i}"] for i in range(len(turns))]
     tops = []
+    target = engine.sequence().target
     for t in turns:
         prompt, out = np.array(t["prompt"]), np.array(t["output"])
-        engine.target.prefill(prompt[:-1])
+        target.prefill(prompt[:-1])
         rows = np.concatenate(([prompt[-1]], out[:-1]))
         chunks = []
         for s in range(0, len(rows), 64):
-            logits = engine.target.step(rows[s:s + 64], len(prompt) - 1 + s)
+            logits = target.forward(rows[s:s + 64], len(prompt) - 1 + s)
             idx = np.argpartition(-logits, WIDTH, axis=-1)[:, :WIDTH]
             order = np.argsort(-np.take_along_axis(logits, idx, -1), axis=-1)
             chunks.append(np.take_along_axis(idx, order, -1))

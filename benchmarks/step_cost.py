@@ -43,7 +43,7 @@ def main() -> None:
                 samples = []
                 for _ in range(a.repeats):
                     t0 = time.perf_counter()
-                    step.step(ids[a.context:a.context + n], a.context)
+                    step.forward(ids[a.context:a.context + n], a.context)
                     samples.append(time.perf_counter() - t0)
                     step.set_length(a.context)
                 return f"{statistics.median(samples) * 1e3:.1f}"

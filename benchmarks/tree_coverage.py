@@ -73,7 +73,8 @@ class PruneRecorder:
             self._pending = (tree, kept)
             return kept
 
-        step = self._engine.target.step
+        target = self._engine.default_sequence.target
+        step = target.forward
 
         def recording_step(ids, pos, *a, **kw):
             if self._pending is not None:
@@ -81,12 +82,12 @@ class PruneRecorder:
                 self._pending = None
             return step(ids, pos, *a, **kw)
         spec_loop.prune = recording_prune
-        self._engine.target.step = recording_step
+        target.forward = recording_step
         return self
 
     def __exit__(self, *exc) -> None:
         spec_loop.prune = self._prune
-        del self._engine.target.step  # the instance attribute: the class's method again
+        del self._engine.default_sequence.target.forward  # the instance attribute: the class's method again
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,16 +18,11 @@ import time
 
 import numpy as np
 from specrt.runtime import Engine
-from specrt.runtime.manifest import load_manifest
 from specrt.runtime.trt_backend import TrtModelStep
 
 
 def trt_engine(path: str) -> Engine:
-    engine = Engine.load(path)
-    m = load_manifest(path)
-    engine.target = TrtModelStep(m.target, m.k_values)
-    engine.draft = TrtModelStep(m.draft, m.k_values) if m.draft is not None else None
-    return engine
+    return Engine.load(path, backend="tensorrt")
 
 
 def step_ms(step: TrtModelStep, n: int, pos: int, repeats: int) -> float:
@@ -35,7 +30,7 @@ def step_ms(step: TrtModelStep, n: int, pos: int, repeats: int) -> float:
     samples = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        step.step(ids, pos)  # returns after the logits reached the host (the loop's sync point)
+        step.forward(ids, pos)  # returns after the logits reached the host (the loop's sync point)
         samples.append(time.perf_counter() - t0)
         step.set_length(pos)
     return statistics.median(samples) * 1e3
@@ -50,7 +45,7 @@ def main() -> None:
     a = ap.parse_args()
     for label, path in (("eager (concat)", a.concat), ("CUDA graphs (bucketed)", a.bucketed)):
         engine = trt_engine(path)
-        target = engine.target
+        target = engine.sequence().target
         max_ctx = target.max_context
         target.prefill(np.arange(max_ctx - a.k - 2, dtype=np.int64) % 1000 + 5)
         print(f"\n{label}: {path}")

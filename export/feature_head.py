@@ -329,7 +329,7 @@ def verify(target_spec, head_spec, target_checkpoint: Path, head_dir: Path, n: i
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, cfg.target_vocab_size, n + 1)
     target = OrtModelStep(target_spec)
-    target.step(ids[:n], 0)
+    target.forward(ids[:n], 0)
     ort_features = target.features().copy()  # [n, F]
     captured = {}
     hook = hf.model.layers[-1].register_forward_hook(
@@ -353,7 +353,7 @@ def verify(target_spec, head_spec, target_checkpoint: Path, head_dir: Path, n: i
         logits, outs = head.unrolled(next_ids, feats, 2, return_hidden=True)
     fh = head_spec.feature_head
     step = OrtModelStep(head_spec)
-    real = step.step(ids[1:n], 0, {fh["hidden_input"]: np.zeros((1, n - 1, cfg.hidden_size), np.float32),
+    real = step.forward(ids[1:n], 0, inputs={fh["hidden_input"]: np.zeros((1, n - 1, cfg.hidden_size), np.float32),
                                    fh["features_input"]: ref_features[None, :n - 1].astype(np.float32),
                                    fh["select_input"]: np.ones(1, np.int64)}).copy()
     hidden = step.output(fh["hidden_output"]).copy()
@@ -361,7 +361,7 @@ def verify(target_spec, head_spec, target_checkpoint: Path, head_dir: Path, n: i
     # what a quantized head's drift means for drafting: the share of slots whose first choice is unchanged
     diffs["head_real_argmax_equal"] = float((real.argmax(-1) == logits[0][0, :n - 1].numpy().argmax(-1)).mean())
     diffs["head_hidden"] = float(np.abs(hidden - outs[0][0, :n - 1].numpy()).max())
-    own = step.step(ids[n:n + 1], n - 1, {fh["hidden_input"]: hidden[None, -1:],
+    own = step.forward(ids[n:n + 1], n - 1, inputs={fh["hidden_input"]: hidden[None, -1:],
                                           fh["features_input"]: np.zeros((1, 1, cfg.feature_size), np.float32),
                                           fh["select_input"]: np.zeros(1, np.int64)})
     diffs["head_own_step"] = float(np.abs(own[0] - logits[1][0, n - 1].numpy()).max())

@@ -28,7 +28,7 @@ def compare(spec: ModelSpec, hf_model, k: int, prompt_len: int = 12, seed: int =
     past = None
     with torch.no_grad():
         for name, start, stop in phases:
-            ort_logits = step.step(ids[start:stop], start).copy()  # [n, vocab]
+            ort_logits = step.forward(ids[start:stop], start).copy()  # [n, vocab]
             out = hf_model(torch.from_numpy(ids[None, start:stop]), past_key_values=past, use_cache=True)
             past = out.past_key_values
             ref = out.logits[0].float().numpy()[:, : ort_logits.shape[1]]
@@ -61,7 +61,7 @@ def text_drift(spec: ModelSpec, hf_model, token_ids: list[int]) -> dict[str, flo
     next-token predictions and both perplexities."""
     ids = np.asarray(token_ids, dtype=np.int64)
     step = OrtModelStep(spec, threads=None)
-    ort_logits = np.concatenate([step.step(ids[s:s + 64], s).copy() for s in range(0, len(ids), 64)])
+    ort_logits = np.concatenate([step.forward(ids[s:s + 64], s).copy() for s in range(0, len(ids), 64)])
     with torch.no_grad():
         ref = hf_model(torch.from_numpy(ids[None])).logits[0].float().numpy()[:, : ort_logits.shape[1]]
 

@@ -6,18 +6,19 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections import abc
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 from specrt.runtime import invariance
+from specrt.runtime.backend import BACKENDS, Model, open_model
 from specrt.runtime.drafters import Drafter, DrafterOptions, RecycleTable, SuffixCache, available, make_drafter
 from specrt.runtime.errors import GenerationError
-from specrt.runtime.loop import StepResult, speculative, target_only
+from specrt.runtime.loop import Decoder, StepResult, decode
 from specrt.runtime.manifest import Manifest, load_draft_vocab, load_manifest
-from specrt.runtime.ort_backend import OrtModelStep
 from specrt.runtime.policy import make_policy
 from specrt.runtime.request import Request, check_prompt
 from specrt.runtime.stats import Stats
@@ -84,33 +85,44 @@ class LosslessnessWarning(UserWarning):
 
 
 class Engine:
-    """A target model (and, optionally, a draft model) loaded from an engine directory.
+    """An engine directory opened for generation: the models (their weights loaded once), the tokenizer and chat
+    template, and what every generation of this engine shares -- the suffix cache and recycle table, the
+    measured row invariance and pass costs.  Each generation runs on a ``Sequence`` of it: its own KV caches.
+
+    ``generate`` / ``stream`` run on the engine's own default sequence, one generation at a time;
+    ``sequence()`` makes another, for generations at the same time (one thread each, one copy of the weights).
 
     >>> engine = Engine.load("engines/demo/engine")                      # doctest: +SKIP
     >>> engine.generate("def fib(n):", max_new_tokens=64, k=4).text      # doctest: +SKIP
     >>> engine.generate("Summarise: ...", drafter="ngram").stats         # doctest: +SKIP
     """
 
-    def __init__(self, manifest: Manifest, target: OrtModelStep, draft: OrtModelStep | None,
-                 codec: TextCodec | None = None):
+    def __init__(self, manifest: Manifest, target: Model, draft: Model | None, codec: TextCodec | None = None,
+                 min_rows: int = 1):
         self.manifest = manifest
-        self.target = target
-        self.draft = draft
+        self.target_model = target
+        self.draft_model = draft
         self.codec = codec or TextCodec(manifest.tokenizer_json, manifest.chat_template, manifest.bos_token_id,
                                         manifest.eos_token_ids)
         self.drafter_options = DrafterOptions()
-        self.draft_vocab = load_draft_vocab(manifest) if draft is not None and draft.spec.kind == "feature-head" \
-            else None
+        self.draft_kind = draft.spec.kind if draft is not None else None
+        self.draft_vocab = load_draft_vocab(manifest) if self.draft_kind == "feature-head" else None
+        self.min_rows = min_rows  # every sequence's target passes run at least this many rows (runtime.invariance)
         # Earlier generations' prompts and outputs, for the suffix drafter (bounded; oldest evicted).
         self.suffix_cache = SuffixCache()
         # The target's own latest next-token predictions per token, for the recycle drafters (1.5 MB at 49k).
         self.recycle_table = RecycleTable(manifest.target.vocab_size)
-        self._lock = threading.Lock()
-        self._generation = 0
         self.row_invariance: invariance.RowInvariance | None = None  # measured at load (quantized targets)
         self._pass_costs: dict[int, float] = {}  # target pass seconds by rows, measured on first tree use
         self._pass_costs_rows = 0
+        self._costs_lock = threading.Lock()
         self._warned_chains = False
+        self._default: Sequence | None = None
+
+    @property
+    def supports_tree(self) -> bool:
+        """Whether the target's graph takes tree passes."""
+        return bool(self.manifest.target.kv.tree)
 
     @property
     def trees_lossless(self) -> bool:
@@ -120,13 +132,13 @@ class Engine:
         level 4) turns that into other tokens -- measured on Spec-Bench summarisation with the int4 demo
         target: a forced 16-node tree diverged from target-only after 25 and 39 tokens.  Such targets verify
         chains only."""
-        return self.target.supports_tree and not invariance.integer_activations(
+        return self.supports_tree and not invariance.integer_activations(
             self.manifest.target.raw.get("quantization"))
 
     @property
     def chains_only_reason(self) -> str | None:
         """Why this engine verifies chains only, or None where it takes trees (``trees_lossless``)."""
-        if not self.target.supports_tree:
+        if not self.supports_tree:
             return "its graph takes no tree passes (re-export it with --attention gqa)"
         if not self.trees_lossless:
             return ("its target quantizes activations to int8, where a tree pass does not score a path exactly as "
@@ -136,43 +148,46 @@ class Engine:
     @property
     def default_drafter(self) -> str:
         """What runs when a request names no drafter: measured on Spec-Bench (README), per engine kind."""
-        return DEFAULT_DRAFTER[self.draft.spec.kind if self.draft is not None else None]
+        return DEFAULT_DRAFTER[self.draft_kind]
 
     @property
     def drafters(self) -> tuple[str, ...]:
         """The drafters this engine can run (a draft model's and a feature head's only with one)."""
-        return available(self.draft.spec.kind if self.draft is not None else None)
+        return available(self.draft_kind)
 
     @classmethod
-    def load(cls, path: str | Path, provider: str = "cpu", threads: int | None = None,
+    def load(cls, path: str | Path, backend: str = "onnxruntime", threads: int | None = None,
              draft_threads: int | None = None, spin: bool = True, check_hashes: bool = True,
-             check_invariance: bool = True) -> Engine:
+             check_invariance: bool = True, device: int = 0) -> Engine:
         """Validate the manifest (schema + SHA-256 of every file) and open the models.
 
-        ``threads``: ONNX Runtime intra-op threads for the target (default: all cores, at most 8);
-        ``draft_threads`` for the draft (default 1: a small model gains little from more threads, and
-        measured on 2 cores, two alternating multi-threaded sessions slow each other down: a draft step
-        took 6.7 ms alternating vs 3.7 ms single-threaded); ``spin=False`` stops idle threads from
-        busy-waiting between runs.  ``check_invariance``: for a quantized target, measure on this
-        machine whether verification passes score rows as 1-token decoding does (a few target passes,
-        see ``runtime.invariance``) and pad 1-token steps where needed; otherwise the export machine's
+        ``backend``: ``onnxruntime`` (the CPU, always available) or ``tensorrt`` (CUDA ``device``; needs the
+        engine's plans from ``specrt build``).  ``threads``: ONNX Runtime intra-op threads for the target
+        (default: all cores, at most 8); ``draft_threads`` for the draft (default 1: a small model gains little
+        from more threads, and measured on 2 cores, two alternating multi-threaded sessions slow each other
+        down: a draft step took 6.7 ms alternating vs 3.7 ms single-threaded); ``spin=False`` stops idle
+        threads from busy-waiting between runs.  ``check_invariance``: for a quantized target, measure on this
+        machine whether verification passes score rows as 1-token decoding does (a few target passes, see
+        ``runtime.invariance``) and pad 1-token passes where needed; otherwise the export machine's
         measurement in the manifest is trusted.
         """
+        if backend not in BACKENDS:
+            raise GenerationError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         manifest = load_manifest(path, check_hashes=check_hashes)
-        k_max = max(manifest.k_values)
-        target = OrtModelStep(manifest.target, provider, threads, max_step=k_max + 1, spin=spin)
+        opts = {"spin": spin, "k_values": manifest.k_values, "device": device}
+        target = open_model(manifest.target, backend, threads=threads, **opts)
         draft = None
         if manifest.draft is not None:
-            draft = OrtModelStep(manifest.draft, provider, draft_threads or 1, max_step=k_max + 1, spin=spin)
+            draft = open_model(manifest.draft, backend, threads=draft_threads or 1, **opts)
         engine = cls(manifest, target, draft)
         recorded = manifest.target.raw.get("batch_invariance")
         min_rows = recorded["min_rows"] if recorded else 1
         if check_invariance and manifest.target.raw.get("quantization"):
             engine.row_invariance = invariance.measure(
-                target, vocab_limit=manifest.target.vocab_size,
+                engine._probe_step(), vocab_limit=manifest.target.vocab_size,
                 trust_single=not invariance.integer_activations(manifest.target.raw["quantization"]))
             min_rows = engine.row_invariance.min_rows
-        target.min_rows = min_rows or 1
+        engine.min_rows = min_rows or 1
         if min_rows is None:
             warnings.warn(
                 f"{path}: the target's multi-token verification passes score positions differently from "
@@ -181,22 +196,37 @@ class Engine:
                 "speculation.", LosslessnessWarning, stacklevel=2)
         return engine
 
+    # -- sequences --------------------------------------------------------------------
+    def sequence(self, recycle_table: RecycleTable | None = None, suffix_cache: SuffixCache | None = None) -> Sequence:
+        """A new sequence of this engine: its own KV caches (target and draft), sharing everything else -- or, given
+        here, a recycle table or suffix cache of its own (a benchmark keeps runs apart so).  Run one generation per
+        sequence at a time, each sequence in its own thread."""
+        return Sequence(self, recycle_table, suffix_cache)
+
+    @property
+    def default_sequence(self) -> Sequence:
+        """The sequence ``generate`` and ``stream`` run on (made on first use)."""
+        if self._default is None:
+            self._default = self.sequence()
+        return self._default
+
+    def _probe_step(self):
+        """A target step of its own, for measurements outside any generation (its cache is its own)."""
+        step = self.target_model.new_step(max(self.manifest.k_values) + 1)
+        step.min_rows = self.min_rows
+        return step
+
     def pass_costs(self, rows: int) -> dict[int, float]:
         """Seconds of a target pass by number of rows (1 .. ``rows``), measured once on this machine at a middle
         context at a few row counts and interpolated (``_measure_pass_costs``) -- what a tree's size is chosen from
         (``runtime.tree.prune``)."""
-        have = self._pass_costs
-        if have and self._pass_costs_rows >= rows:
-            return have
-        if not self._lock.acquire(blocking=False):  # it runs the target: never under another thread's step
-            raise GenerationError("this Engine is running a step for another thread; an Engine (its KV caches) is "
-                                  "not thread-safe: use one Engine per thread, or specrt.runtime.EnginePool")
-        try:
+        with self._costs_lock:  # measured once, whichever sequence asks first
+            have = self._pass_costs
+            if have and self._pass_costs_rows >= rows:
+                return have
             costs = self._measure_pass_costs(min(rows, self.max_context - min(256, self.max_context // 2) - 1))
-        finally:
-            self._lock.release()
-        self._pass_costs, self._pass_costs_rows = costs, rows  # rows as asked: a clipped measurement is not redone
-        return costs
+            self._pass_costs, self._pass_costs_rows = costs, rows  # rows as asked: a clipped one is not redone
+            return costs
 
     def _measure_pass_costs(self, rows: int) -> dict[int, float]:
         """Every row count 1 .. ``rows``, from passes at a few of them (1-4 each, then ~1.4x apart, and ``rows``)
@@ -206,7 +236,7 @@ class Engine:
 
         ctx = min(256, self.max_context // 2)
         ids = (np.arange(ctx + rows) % min(1000, self.manifest.target.vocab_size)).astype(np.int64)
-        t = self.target
+        t = self._probe_step()
         t.prefill(ids[:ctx])
         measured = sorted({*range(1, min(rows, 4) + 1), *(int(1.4 ** i) for i in range(5, 13) if 1.4 ** i < rows),
                            rows})
@@ -215,47 +245,66 @@ class Engine:
             reps = []
             for _ in range(3):
                 t0 = time.perf_counter()
-                t.step(ids[ctx:ctx + n], ctx)
+                t.forward(ids[ctx:ctx + n], ctx)
                 reps.append(time.perf_counter() - t0)
                 t.set_length(ctx)
             times.append(statistics.median(reps))
-        t.set_length(0)
         every = np.interp(np.arange(1, rows + 1), measured, times)
         return {n: float(c) for n, c in zip(range(1, rows + 1), every)}
 
-    def fork(self) -> Engine:
-        """Another Engine over the same loaded models: the weights (ONNX Runtime sessions), tokenizer, chat
-        template, suffix cache and recycle table are shared; the KV caches and bindings are its own.  Run one generation per
-        Engine at a time, each Engine in its own thread; N forks hold one copy of the weights."""
-        k_max = max(self.manifest.k_values)
-        target = OrtModelStep(self.target.model, max_step=k_max + 1)
-        target.min_rows = self.target.min_rows
-        draft = OrtModelStep(self.draft.model, max_step=k_max + 1) if self.draft is not None else None
-        twin = Engine(self.manifest, target, draft, self.codec)
-        twin.drafter_options, twin.suffix_cache = self.drafter_options, self.suffix_cache
-        twin.recycle_table = self.recycle_table
-        twin.row_invariance, twin._pass_costs, twin._pass_costs_rows = (self.row_invariance, self._pass_costs,
-                                                                         self._pass_costs_rows)
-        return twin
-
     @property
     def max_context(self) -> int:
-        """Prompt + generated tokens: the manifest's, less one where 1-token steps are padded."""
-        models = [self.target] + ([self.draft] if self.draft is not None else [])
-        return min(self.manifest.max_context, *(m.max_context for m in models))
+        """Prompt + generated tokens: the manifest's and the caches', less one where 1-token passes are padded."""
+        caches = [self.target_model.spec.kv.buffer_shape[2] - (self.min_rows - 1)]
+        if self.draft_model is not None:
+            caches.append(self.draft_model.spec.kv.buffer_shape[2])
+        return min(self.manifest.max_context, *caches)
 
+    # -- text -----------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         return self.codec.encode(text)
 
-    def decode(self, token_ids: Sequence[int]) -> str:
+    def decode(self, token_ids: abc.Sequence[int]) -> str:
         return self.codec.decode(token_ids)
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """Prompt ids for a chat, rendered with the model's chat template."""
         return self.codec.encode(self.codec.apply_chat_template(messages), add_special_tokens=False)
 
-    # -- generation -----------------------------------------------------------------
-    def generate(self, prompt: str | Sequence[int], request: Request | None = None, /, *,
+    def prompt_ids(self, prompt: str | abc.Sequence[int]) -> list[int]:
+        """A prompt (text, or token ids) as token ids, checked against the vocabulary and the context: what a
+        generation of this engine takes, or GenerationError."""
+        return check_prompt(prompt, self.manifest.target.vocab_size, self.max_context, self.codec.encode)
+
+    # -- generation on the default sequence --------------------------------------------
+    def generate(self, prompt: str | abc.Sequence[int], request: Request | None = None, /, *,
+                 trace: str | Path | IO[str] | None = None, **params) -> Result:
+        """Generate on the default sequence (see ``Sequence.generate``)."""
+        return self.default_sequence.generate(prompt, request, trace=trace, **params)
+
+    def stream(self, prompt: str | abc.Sequence[int], request: Request | None = None, /, *,
+               trace: str | Path | IO[str] | None = None, **params) -> Stream:
+        """Stream on the default sequence (see ``Sequence.stream``)."""
+        return self.default_sequence.stream(prompt, request, trace=trace, **params)
+
+
+class Sequence:
+    """One sequence of an ``Engine``: the target's (and the draft's) KV caches and bindings, one generation at a
+    time.  Everything else -- weights, tokenizer, suffix cache, recycle table, measured costs -- is the engine's."""
+
+    def __init__(self, engine: Engine, recycle_table: RecycleTable | None = None,
+                 suffix_cache: SuffixCache | None = None):
+        self.engine = engine
+        self.recycle_table = recycle_table or engine.recycle_table
+        self.suffix_cache = suffix_cache or engine.suffix_cache
+        k_max = max(engine.manifest.k_values)
+        self.target = engine.target_model.new_step(k_max + 1)
+        self.target.min_rows = engine.min_rows
+        self.draft = engine.draft_model.new_step(k_max + 1) if engine.draft_model is not None else None
+        self._lock = threading.Lock()
+        self._generation = 0
+
+    def generate(self, prompt: str | abc.Sequence[int], request: Request | None = None, /, *,
                  trace: str | Path | IO[str] | None = None, **params) -> Result:
         """Generate.  ``params`` are the fields of ``runtime.request.Request`` (or pass a ``Request``):
         ``max_new_tokens``, ``k`` (None, or ``use_draft=False``: the target alone, the baseline),
@@ -270,59 +319,57 @@ class Engine:
             pass
         return s.result
 
-    def stream(self, prompt: str | Sequence[int], request: Request | None = None, /, *,
+    def stream(self, prompt: str | abc.Sequence[int], request: Request | None = None, /, *,
                trace: str | Path | IO[str] | None = None, **params) -> Stream:
         """Like ``generate`` but yields text as soon as the target accepts it.
 
         ``trace``: a path or text file to append a JSON Lines trace to (see ``specrt.runtime.trace``).
         """
-        req = (request or Request()).with_params(params).validate(self.manifest.k_values)
-        prompt_ids = self._prompt_ids(prompt)
+        engine = self.engine
+        req = (request or Request()).with_params(params).validate(engine.manifest.k_values)
+        prompt_ids = engine.prompt_ids(prompt)
         params_ = req.sampling
         use_draft = req.speculative
         relaxed = use_draft and req.acceptance == "relaxed"
         drafter = None
         if use_draft:
-            options = self.drafter_options
+            options = engine.drafter_options
             if req.ngram_min is not None or req.ngram_max is not None:
                 options = dataclasses.replace(options, ngram_min=req.ngram_min or options.ngram_min,
                                               ngram_max=req.ngram_max or options.ngram_max)
-            drafter = make_drafter(req.drafter or self.default_drafter, options, self.draft, self.suffix_cache,
-                                   max_k=max(self.manifest.k_values), want_top=trace is not None,
-                                   vocab_map=self.draft_vocab, target_vocab=self.manifest.target.vocab_size,
+            drafter = make_drafter(req.drafter or engine.default_drafter, options, self.draft, self.suffix_cache,
+                                   max_k=max(engine.manifest.k_values), want_top=trace is not None,
+                                   vocab_map=engine.draft_vocab, target_vocab=engine.manifest.target.vocab_size,
                                    recycle_table=self.recycle_table)
-        control = make_policy(req.policy, req.k or 1, self.manifest.k_values, req.tau,
+        control = make_policy(req.policy, req.k or 1, engine.manifest.k_values, req.tau,
                               req.max_draft_per_token) if use_draft else None
         rng = np.random.default_rng(req.seed)
         stats = Stats(policy=control.name if control else "target-only", acceptance="relaxed" if relaxed else "strict",
                       accept_tau=req.accept_tau if relaxed else None, drafter=drafter.name if drafter else "")
-        checker = StopChecker(Detokenizer(self.codec, prompt_ids), self.manifest.eos_token_ids, req.stop,
+        checker = StopChecker(Detokenizer(engine.codec, prompt_ids), engine.manifest.eos_token_ids, req.stop,
                               req.max_new_tokens)
         result = Result("", checker.token_ids, list(prompt_ids), stats)
         ids = np.asarray(prompt_ids, dtype=np.int64)
+        tree_nodes = 0
         if drafter is not None:
-            tree_nodes = req.tree_nodes if self.trees_lossless else 0
-            if req.tree_nodes and not tree_nodes and not self._warned_chains:
-                self._warned_chains = True
-                warnings.warn(f"{self.manifest.root}: this engine verifies chains only (tree_nodes ignored): "
-                              f"{self.chains_only_reason}", stacklevel=2)
-            steps = speculative(self.target, drafter, ids, control, req.max_new_tokens, params_, rng, stats,
-                                accept_tau=stats.accept_tau, tree_nodes=tree_nodes,
-                                row_cost=self.pass_costs(tree_nodes + 1) if tree_nodes else None)
-        else:
-            steps = target_only(self.target, ids, req.max_new_tokens, params_, rng, stats)
+            tree_nodes = req.tree_nodes if engine.trees_lossless else 0
+            if req.tree_nodes and not tree_nodes and not engine._warned_chains:
+                engine._warned_chains = True
+                warnings.warn(f"{engine.manifest.root}: this engine verifies chains only (tree_nodes ignored): "
+                              f"{engine.chains_only_reason}", stacklevel=2)
+        decoder = Decoder(self.target, drafter, control, req.max_new_tokens, params_, rng, stats,
+                          accept_tau=stats.accept_tau, tree_nodes=tree_nodes,
+                          row_cost=engine.pass_costs(tree_nodes + 1) if tree_nodes else None)
+        steps = decode(decoder, ids)
         tracer = None
         if trace is not None:
             tracer = TraceWriter(trace)
-            tracer.header(engine=str(self.manifest.root), policy=stats.policy, drafter=stats.drafter,
+            tracer.header(engine=str(engine.manifest.root), policy=stats.policy, drafter=stats.drafter,
                           k=req.k if use_draft else 0, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                           seed=req.seed, acceptance=stats.acceptance, accept_tau=stats.accept_tau,
                           prompt_tokens=len(prompt_ids), max_new_tokens=req.max_new_tokens)
         self._generation += 1
         return Stream(self._run(steps, checker, stats, result, self._generation, tracer, drafter), result, checker)
-
-    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
-        return check_prompt(prompt, self.manifest.target.vocab_size, self.max_context, self.codec.encode)
 
     def _run(self, steps: Iterator[StepResult], checker: StopChecker, stats: Stats, result: Result,
              generation: int, tracer: TraceWriter | None = None, drafter: Drafter | None = None) -> Iterator[Chunk]:
@@ -345,7 +392,7 @@ class Engine:
                 accepted = min(step.accepted, kept)
                 stats.accepted += accepted
                 if kept > accepted:
-                    if step.proposed and step.accepted == step.proposed:
+                    if step.bonus:
                         stats.bonus += 1
                     else:
                         stats.recovered += 1
@@ -371,23 +418,24 @@ class Engine:
             yield Chunk(tail, [])
 
     def _advance(self, steps: Iterator[StepResult], generation: int) -> StepResult | None:
-        """Run one step of ``steps`` while holding the engine (its caches are not shareable)."""
+        """Run one step of ``steps`` while holding the sequence (its caches are not shareable)."""
         if not self._lock.acquire(blocking=False):
-            raise GenerationError("this Engine is running a step for another thread; an Engine (its KV caches) is "
-                                  "not thread-safe: use one Engine per thread, or specrt.runtime.EnginePool")
+            raise GenerationError("this sequence is running a step for another thread; a sequence (its KV caches) "
+                                  "is not thread-safe: use one per thread (Engine.sequence(), or "
+                                  "specrt.runtime.EnginePool)")
         try:
             if generation != self._generation:
-                raise GenerationError("this stream was superseded: a newer generate()/stream() on the same Engine "
+                raise GenerationError("this stream was superseded: a newer generate()/stream() on the same sequence "
                                       "reused its KV caches. Finish one stream before starting the next, or use "
-                                      "one Engine per concurrent generation (specrt.runtime.EnginePool)")
+                                      "one sequence per concurrent generation (Engine.sequence())")
             return next(steps, None)
         finally:
             self._lock.release()
 
 
 class EnginePool:
-    """N Engines of one directory for concurrent generations (one per thread at a time), sharing one copy of
-    the weights (``Engine.fork``): each holds only its own KV caches.
+    """N sequences of one engine for concurrent generations (one per thread at a time), sharing one copy of the
+    weights: each holds only its own KV caches.
 
     >>> pool = EnginePool("engine", size=2)          # doctest: +SKIP
     >>> pool.generate("def f(x):", max_new_tokens=32)  # doctest: +SKIP  (thread-safe)
@@ -396,15 +444,15 @@ class EnginePool:
     def __init__(self, path: str | Path, size: int = 2, **load_kwargs):
         if not isinstance(size, int) or size < 1:
             raise GenerationError(f"EnginePool size must be an integer >= 1, got {size!r}")
-        first = Engine.load(path, **load_kwargs)
-        self.engines = [first] + [first.fork() for _ in range(size - 1)]
-        self._free: queue.Queue[Engine] = queue.Queue()
-        for engine in self.engines:
-            self._free.put(engine)
+        self.engine = Engine.load(path, **load_kwargs)
+        self.sequences = [self.engine.default_sequence] + [self.engine.sequence() for _ in range(size - 1)]
+        self._free: queue.Queue[Sequence] = queue.Queue()
+        for seq in self.sequences:
+            self._free.put(seq)
 
-    def generate(self, prompt: str | Sequence[int], **kwargs) -> Result:
-        engine = self._free.get()
+    def generate(self, prompt: str | abc.Sequence[int], **kwargs) -> Result:
+        seq = self._free.get()
         try:
-            return engine.generate(prompt, **kwargs)
+            return seq.generate(prompt, **kwargs)
         finally:
-            self._free.put(engine)
+            self._free.put(seq)

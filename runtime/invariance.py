@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from specrt.runtime.ort_backend import OrtModelStep
+from specrt.runtime.backend import ModelStep
 
 TOLERANCE = 1e-3  # above fp32 rounding (~3e-5 measured), far below the int8-activation effect (~0.8)
 
@@ -36,7 +36,7 @@ def integer_activations(quantization: dict | None) -> bool:
     return quantization.get("scheme") == "int8-rows" or quantization.get("accuracy_level") == 4
 
 
-def measure(step: OrtModelStep, prompt_len: int = 24, n: int = 5, seed: int = 1,
+def measure(step: ModelStep, prompt_len: int = 24, n: int = 5, seed: int = 1,
             vocab_limit: int | None = None, trust_single: bool = True) -> RowInvariance:
     """Measure on this machine, with ``step``'s own session (its cache is reset; padding is off
     while measuring and left as it was).
@@ -53,16 +53,16 @@ def measure(step: OrtModelStep, prompt_len: int = 24, n: int = 5, seed: int = 1,
     saved, step.min_rows = step.min_rows, 1
     try:
         step.prefill(ids[:p])
-        multi = step.step(ids[p:p + n], p).copy()
+        multi = step.forward(ids[p:p + n], p).copy()
         step.set_length(p)
-        single = np.stack([step.step(ids[p + i:p + i + 1], p + i)[0].copy() for i in range(n)])
+        single = np.stack([step.forward(ids[p + i:p + i + 1], p + i)[0].copy() for i in range(n)])
         step.set_length(p)
-        step.step(ids[p:p + 2], p)
-        shifted = step.step(ids[p + 2:p + n], p + 2).copy()
+        step.forward(ids[p:p + 2], p)
+        shifted = step.forward(ids[p + 2:p + n], p + 2).copy()
         step.set_length(p)
         padded = []
         for i in range(n):
-            padded.append(step.step(np.array([ids[p + i], ids[p + i]]), p + i)[0].copy())
+            padded.append(step.forward(np.array([ids[p + i], ids[p + i]]), p + i)[0].copy())
             step.set_length(p + i + 1)
         step.set_length(0)
     finally:

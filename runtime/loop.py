@@ -1,15 +1,25 @@
-"""The decode loops: speculative (propose → verify → commit) and target-only.
+"""The decode loop: propose → verify → commit, one target pass per step.
 
-Both are generators of ``StepResult`` — the tokens one target pass emitted — and know nothing about
-text, stop strings or which drafter runs; the caller stops iterating when it has enough.  Cache
-bookkeeping, the one invariant everything rests on:
+``Decoder`` is one generation's state, split at the target pass so that whoever runs the pass -- ``decode``
+below, for one sequence; a scheduler that puts several sequences' rows into one pass, later -- stays apart
+from the algorithm:
 
-    at the top of each iteration the context is ``length`` tokens long; the target's cache holds the
-    first ``length - 1`` of them and ``last`` (token ``length - 1``) has not been run by the target.
-    The drafter follows the same context through ``begin`` / ``commit`` (its own caches are its
-    business: see ``runtime/drafters``).
+    rows = decoder.plan()               # propose: the rows this step wants the target to score
+    logits = target.forward(rows...)    # the target pass
+    step = decoder.apply(logits, ...)   # verify, then commit: the target keeps the accepted rows, the
+                                        # drafter follows, and the step's tokens come out
 
-The context never exceeds ``max_context`` tokens: a step emits at most ``max_context - length`` tokens.
+Cache bookkeeping, the one invariant everything rests on:
+
+    at the top of each step the context is ``length`` tokens long; the target's cache holds the first
+    ``length - 1`` of them and ``last`` (token ``length - 1``) has not been run by the target.  The drafter
+    follows the same context through ``begin`` / ``commit`` (its own caches are its business: see
+    ``runtime/drafters``).
+
+Without a drafter (or with k = 0) a step is plain decoding: the target scores ``last`` alone -- the baseline,
+sharing stop and stats code with speculation.  The context never exceeds ``max_context`` tokens: a step
+emits at most ``max_context - length`` tokens.  The loop knows nothing about text, stop strings or which
+drafter or backend runs; the caller stops iterating when it has enough.
 """
 from __future__ import annotations
 
@@ -18,20 +28,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from specrt.runtime.acceptance import (
-    greedy_verify,
-    point_rejection_verify,
-    rejection_verify,
-    relaxed_greedy_verify,
-    sample,
-)
-from specrt.runtime.backend import PREFILL_CHUNK, ModelStep
+from specrt.runtime.backend import PREFILL_CHUNK, ModelStep, Tree
 from specrt.runtime.drafters.base import Drafter, Proposal, empty
-from specrt.runtime.drafters.model import check_finite
 from specrt.runtime.policy import Policy
-from specrt.runtime.sampling import SamplingParams, warp
+from specrt.runtime.sampling import SamplingParams, check_finite
 from specrt.runtime.stats import Stats
-from specrt.runtime.tree import Tree, attention_block, greedy_tree_verify, positions, prune, sampled_tree_verify
+from specrt.runtime.tree import Tree as TokenTree
+from specrt.runtime.tree import attention_block, positions, prune
+from specrt.runtime.verify import verify
 
 
 @dataclass
@@ -43,20 +47,130 @@ class StepResult:
     draft_s: float = 0.0
     verify_s: float = 0.0
     draft_top: list[float] | None = None  # the draft's top probability per proposal (when traced)
+    bonus: bool = False  # the last token is a bonus (no proposal remained to try); False: recovered
 
 
-def _choose(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    return int(logits.argmax()) if params.greedy else sample(warp(logits, params), rng)
+@dataclass
+class Rows:
+    """What one step asks the target to score: ``token_ids`` [n] at ``pos`` (a chain), or as a tree pass."""
+
+    token_ids: np.ndarray
+    pos: int
+    tree: Tree | None = None  # (positions [n], bias [n, n]); None: consecutive positions
 
 
-def _prefill(model: ModelStep, prompt_ids: np.ndarray) -> None:
-    if len(prompt_ids) > 1:
-        model.prefill(prompt_ids[:-1])
-    else:
-        model.set_length(0)
+class Decoder:
+    """One generation on one sequence: ``begin`` (the prefill), then ``plan`` / ``apply`` per step.
+
+    ``drafter`` None is target-only decoding.  ``accept_tau`` switches on the LOSSY relaxed acceptance (greedy
+    only); None = strict.  ``tree_nodes``: propose trees of up to this many nodes (a target that
+    ``supports_tree``), pruned by the speedup formula with ``row_cost`` (seconds of a pass by rows, measured
+    on this engine)."""
+
+    def __init__(self, target: ModelStep, drafter: Drafter | None, policy: Policy | None, max_new_tokens: int,
+                 params: SamplingParams, rng: np.random.Generator, stats: Stats, accept_tau: float | None = None,
+                 tree_nodes: int = 0, row_cost: dict[int, float] | None = None):
+        self.target, self.drafter, self.policy, self.params, self.rng, self.stats = (target, drafter, policy,
+                                                                                    params, rng, stats)
+        self.max_new_tokens, self.accept_tau, self.row_cost = max_new_tokens, accept_tau, row_cost
+        self.max_context = min(target.max_context, (drafter.max_context if drafter else None) or target.max_context)
+        self.tree_nodes = tree_nodes if drafter and target.supports_tree and accept_tau is None else 0
+        self.keep_drafting = policy.keep_drafting if policy is not None and policy.needs_confidence else None
+        self.row_ids = np.zeros(max(policy.max_k if policy else 0, self.tree_nodes) + 1, dtype=np.int64)
+        self.length = self.last = self.emitted = 0
+        self._step: tuple[Proposal, TokenTree | None, float] | None = None  # what plan() proposed, for apply()
+
+    def begin(self, prompt_ids: np.ndarray) -> None:
+        """Prefill: the target (and the drafter) take the prompt but its last token, which becomes ``last``."""
+        t0 = time.perf_counter()
+        if self.drafter is not None and self.drafter.needs_features:
+            self.drafter.begin(prompt_ids, prefill_features(self.target, prompt_ids))
+        else:
+            if len(prompt_ids) > 1:
+                self.target.prefill(prompt_ids[:-1])
+            else:
+                self.target.set_length(0)
+            if self.drafter is not None:
+                self.drafter.begin(prompt_ids)
+        self.stats.prefill_s += time.perf_counter() - t0
+        self.length, self.last = len(prompt_ids), int(prompt_ids[-1])
+
+    @property
+    def done(self) -> bool:
+        return self.emitted >= self.max_new_tokens or self.length >= self.max_context
+
+    def plan(self) -> Rows | None:
+        """Propose: ``last`` and the drafter's proposal (a chain, or a tree pruned to what pays), as the rows of
+        this step's target pass; None when the generation has emitted all it may."""
+        if self.done:
+            return None
+        t0 = time.perf_counter()
+        proposal, tree = empty(), None
+        if self.drafter is not None:
+            # fewer proposals near the end: never emit past max_new_tokens or the context
+            k = self.policy.next_k(max(0, min(self.max_new_tokens - self.emitted - 1,
+                                              self.max_context - self.length - 1)))
+            # a tree pass writes its m + 1 rows at length - 1 onwards: at most max_context - length nodes
+            nodes = min(max(self.tree_nodes, k), self.max_context - self.length)
+            if k > 0 and self.tree_nodes and self.length >= 2 and nodes >= 2:
+                proposal = self.drafter.propose_tree(k, nodes, self.params, self.rng)
+                if proposal.parents is not None and len(proposal):
+                    tree = TokenTree(proposal.token_ids, proposal.parents)
+                    if self.row_cost and proposal.scores is not None:
+                        tree = prune(tree, proposal.scores, self.row_cost)
+                    proposal = Proposal(tree.token_ids)  # verified as deterministic candidates (q one-hot)
+            elif k > 0:
+                proposal = self.drafter.propose(k, self.params, self.rng, self.keep_drafting)
+        m = len(proposal)
+        self.row_ids[0] = self.last
+        self.row_ids[1:m + 1] = proposal.token_ids
+        pos = self.length - 1
+        self._step = (proposal, tree, time.perf_counter() - t0 if self.drafter is not None else 0.0)
+        if tree is not None and not tree.is_chain:
+            return Rows(self.row_ids[:m + 1], pos, (positions(tree, pos), attention_block(tree)))
+        return Rows(self.row_ids[:m + 1], pos)
+
+    def apply(self, target_logits: np.ndarray, pass_s: float = 0.0,
+              features: np.ndarray | None = None) -> StepResult:
+        """Verify the planned proposal against the target's rows [m + 1, vocab] (the pass took ``pass_s``), then
+        commit: the target keeps ``last`` and the accepted rows (rollback = a length; a tree's accepted path moves
+        to consecutive positions first) and the drafter follows.  ``features``: the pass's rows' features for a
+        feature drafter (default: the target's last pass's)."""
+        assert self._step is not None, "apply() without a plan()"
+        proposal, tree, draft_s = self._step
+        self._step = None
+        t0 = time.perf_counter()
+        check_finite(target_logits, "target", self.length)
+        v = verify(proposal, tree, target_logits, self.params, self.rng, self.accept_tau)
+        self.target.keep(self.length - 1, v.rows)
+        if self.drafter is not None:
+            committed_logits = None
+            if self.drafter.needs_logits:  # a chain's committed rows are a prefix: a view, no per-step copy
+                committed_logits = target_logits[:len(v.rows)] if v.rows[-1] == len(v.rows) - 1 else \
+                    target_logits[v.rows]
+            if self.drafter.needs_features:
+                features = (self.target.features() if features is None else features)[v.rows]
+            self.drafter.commit(v.accepted_ids, v.next_id, features if self.drafter.needs_features else None,
+                                committed_logits)
+        verify_s = pass_s + time.perf_counter() - t0
+        m = len(proposal)
+        self.stats.draft_s += draft_s
+        self.stats.verify_s += verify_s
+        if tree is not None and not tree.is_chain:
+            self.stats.tree_passes += 1
+        if self.policy is not None:
+            # a tree's acceptance is that of its deepest path: its m nodes are not m chances in a row
+            self.policy.observe(m, v.accepted, draft_s, verify_s,
+                                depth=None if tree is None else int(tree.depths.max(initial=0)))
+        start = self.length
+        self.length += v.accepted + 1
+        self.last = v.next_id
+        self.emitted += v.accepted + 1
+        return StepResult([*v.accepted_ids, v.next_id], accepted=v.accepted, proposed=m, length=start,
+                          draft_s=draft_s, verify_s=verify_s, draft_top=proposal.top, bonus=v.bonus)
 
 
-def _prefill_features(target: ModelStep, prompt_ids: np.ndarray) -> np.ndarray:
+def prefill_features(target: ModelStep, prompt_ids: np.ndarray) -> np.ndarray:
     """Prefill, keeping the target's features of every prompt token but the last [L - 1, F] (a feature head's).
 
     One chunk per ``extend`` (a prefill-stage pass: the LM head runs on the chunk's last row only -- on every row
@@ -74,117 +188,25 @@ def _prefill_features(target: ModelStep, prompt_ids: np.ndarray) -> np.ndarray:
     return np.concatenate(chunks)
 
 
-def target_only(target: ModelStep, prompt_ids: np.ndarray, max_new_tokens: int, params: SamplingParams,
-                rng: np.random.Generator, stats: Stats) -> Iterator[StepResult]:
-    """Plain decoding with the target alone: the baseline, sharing stop and stats code with speculative."""
-    t0 = time.perf_counter()
-    _prefill(target, prompt_ids)
-    stats.prefill_s += time.perf_counter() - t0
-    length, last = len(prompt_ids), int(prompt_ids[-1])
-    for _ in range(max_new_tokens):
-        if length >= target.max_context:
-            return
+def decode(decoder: Decoder, prompt_ids: np.ndarray) -> Iterator[StepResult]:
+    """One sequence's steps: the decoder's rows through its own target, a pass each."""
+    decoder.begin(prompt_ids)
+    target = decoder.target
+    while (rows := decoder.plan()) is not None:
         t0 = time.perf_counter()
-        logits = target.step(np.array([last]), length - 1)[-1]  # [vocab]
-        check_finite(logits, "target", length)
-        last = _choose(logits, params, rng)
-        dt = time.perf_counter() - t0
-        stats.verify_s += dt
-        length += 1
-        yield StepResult([last], accepted=0, proposed=0, length=length - 1, verify_s=dt)
-
-
-def verify(proposal: Proposal, target_logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
-           accept_tau: float | None = None) -> tuple[int, int]:
-    """(accepted, recovered-or-bonus id) for a chain proposal and the target's rows [len + 1, vocab]."""
-    ids = proposal.token_ids
-    if params.greedy:
-        if accept_tau is None:
-            return greedy_verify(ids, target_logits)
-        return relaxed_greedy_verify(ids, target_logits, accept_tau)
-    target_probs = warp(target_logits, params)  # [len + 1, vocab], the same warp as the draft's q
-    if proposal.probs is None:
-        return point_rejection_verify(ids, target_probs, rng)
-    return rejection_verify(ids, proposal.probs, target_probs, rng)
+        logits = target.forward(rows.token_ids, rows.pos, tree=rows.tree)  # [m + 1, vocab]
+        yield decoder.apply(logits, time.perf_counter() - t0)
 
 
 def speculative(target: ModelStep, drafter: Drafter, prompt_ids: np.ndarray, policy: Policy, max_new_tokens: int,
-                params: SamplingParams, rng: np.random.Generator, stats: Stats,
-                accept_tau: float | None = None, tree_nodes: int = 0,
-                row_cost: dict[int, float] | None = None) -> Iterator[StepResult]:
-    """``accept_tau`` switches on the LOSSY relaxed acceptance (greedy only); None = strict.  ``tree_nodes``:
-    propose trees of up to this many nodes (a target graph that takes tree passes), pruned by the speedup
-    formula with ``row_cost`` (seconds of a pass by rows, measured on this engine)."""
-    max_context = min(target.max_context, drafter.max_context or target.max_context)
-    trees = bool(tree_nodes) and getattr(target, "supports_tree", False) and accept_tau is None
-    keep_drafting = policy.keep_drafting if policy.needs_confidence else None
-    t0 = time.perf_counter()
-    if drafter.needs_features:
-        drafter.begin(prompt_ids, _prefill_features(target, prompt_ids))
-    else:
-        _prefill(target, prompt_ids)
-        drafter.begin(prompt_ids)
-    stats.prefill_s += time.perf_counter() - t0
-    length, last = len(prompt_ids), int(prompt_ids[-1])
-    emitted = 0
-    row_ids = np.zeros(max(policy.max_k, tree_nodes) + 1, dtype=np.int64)  # [rows]: last, then the proposal
-    while emitted < max_new_tokens and length < max_context:
-        # Fewer proposals near the end: never emit past max_new_tokens or the context.
-        k = policy.next_k(max(0, min(max_new_tokens - emitted - 1, max_context - length - 1)))
+                params: SamplingParams, rng: np.random.Generator, stats: Stats, accept_tau: float | None = None,
+                tree_nodes: int = 0, row_cost: dict[int, float] | None = None) -> Iterator[StepResult]:
+    """Speculative decoding of one sequence (see ``Decoder`` for the parameters)."""
+    return decode(Decoder(target, drafter, policy, max_new_tokens, params, rng, stats, accept_tau, tree_nodes,
+                          row_cost), prompt_ids)
 
-        # propose: a chain, or (a tree-capable target, past the first position) a tree pruned to what pays
-        t0 = time.perf_counter()
-        tree = None
-        # a tree pass writes its m + 1 rows at length - 1 onwards: at most max_context - length nodes
-        nodes = min(max(tree_nodes, k), max_context - length)
-        if k > 0 and trees and length >= 2 and nodes >= 2:
-            proposal = drafter.propose_tree(k, nodes, params, rng)
-            if proposal.parents is not None and len(proposal):
-                tree = Tree(proposal.token_ids, proposal.parents)
-                if row_cost and proposal.scores is not None:
-                    tree = prune(tree, proposal.scores, row_cost)
-                proposal = Proposal(tree.token_ids)  # verified as deterministic candidates (q one-hot)
-        else:
-            proposal = drafter.propose(k, params, rng, keep_drafting) if k > 0 else empty()
-        m = len(proposal)
-        t1 = time.perf_counter()
 
-        # verify: the target scores `last` and all proposals in one pass
-        row_ids[0] = last
-        row_ids[1:m + 1] = proposal.token_ids
-        if tree is None or tree.is_chain:
-            target_logits = target.step(row_ids[:m + 1], length - 1)  # [m+1, vocab]
-            check_finite(target_logits, "target", length)
-            accepted, next_id = verify(proposal, target_logits, params, rng, accept_tau)
-            rows = list(range(accepted + 1))
-        else:
-            target_logits = target.step(row_ids[:m + 1], length - 1,
-                                        tree=(positions(tree, length - 1), attention_block(tree)))
-            check_finite(target_logits, "target", length)
-            path, next_id = (greedy_tree_verify(tree, target_logits) if params.greedy else
-                             sampled_tree_verify(tree, lambda row, lg=target_logits: warp(lg[row], params), rng))
-            accepted, rows = len(path), [0, *(i + 1 for i in path)]
-            stats.tree_passes += 1
-        t2 = time.perf_counter()
-
-        # commit: the target keeps `last` + the accepted proposals (rollback = a length; a tree's accepted path
-        # moves to consecutive positions first); the drafter follows
-        accepted_ids = [int(proposal.token_ids[r - 1]) for r in rows[1:]]
-        if tree is None or tree.is_chain:
-            target.set_length(length + accepted)
-        else:
-            target.compact(length - 1, rows)
-        committed_logits = None
-        if drafter.needs_logits:  # a chain's committed rows are a prefix: a view, no per-step copy
-            committed_logits = target_logits[:accepted + 1] if tree is None or tree.is_chain else target_logits[rows]
-        drafter.commit(accepted_ids, next_id, target.features()[rows] if drafter.needs_features else None,
-                       committed_logits)
-        stats.draft_s += t1 - t0
-        stats.verify_s += t2 - t1
-        # a tree's acceptance is that of its deepest path: its m nodes are not m chances in a row
-        policy.observe(m, accepted, t1 - t0, t2 - t1, depth=None if tree is None else int(tree.depths.max(initial=0)))
-        length += accepted + 1
-        last = next_id
-        emitted += accepted + 1
-        yield StepResult([*accepted_ids, next_id], accepted=accepted, proposed=m, length=length - accepted - 1,
-                         draft_s=t1 - t0, verify_s=t2 - t1, draft_top=proposal.top)
+def target_only(target: ModelStep, prompt_ids: np.ndarray, max_new_tokens: int, params: SamplingParams,
+                rng: np.random.Generator, stats: Stats) -> Iterator[StepResult]:
+    """Plain decoding with the target alone: the baseline."""
+    return decode(Decoder(target, None, None, max_new_tokens, params, rng, stats), prompt_ids)

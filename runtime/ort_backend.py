@@ -1,4 +1,4 @@
-"""ONNX Runtime implementation of the ``ModelStep`` protocol (CPU; the embedded default).
+"""ONNX Runtime implementation of the backend contract (``runtime/backend.py``; CPU, the embedded default).
 
 The exported graph reads the *whole* preallocated cache buffer plus a
 ``past_length`` scalar.  The buffers are numpy arrays wrapped once in OrtValues
@@ -23,7 +23,7 @@ import os
 
 import numpy as np
 import onnxruntime as ort
-from specrt.runtime.backend import PREFILL_CHUNK
+from specrt.runtime.backend import PREFILL_CHUNK, Model, ModelStep, Tree
 from specrt.runtime.errors import EngineDirError, GenerationError
 from specrt.runtime.kv_cache import KVCache
 from specrt.runtime.manifest import ModelSpec
@@ -46,7 +46,7 @@ def session_options(threads: int | None, spin: bool = True) -> ort.SessionOption
     return so
 
 
-class OrtModel:
+class OrtModel(Model):
     """One ONNX Runtime session of an exported graph: the weights, loaded once and shared by every sequence
     that runs the model (ONNX Runtime sessions may run from several threads at once; each sequence brings
     its own KV cache and I/O binding: ``OrtModelStep``)."""
@@ -69,6 +69,9 @@ class OrtModel:
             raise EngineDirError(f"ONNX Runtime cannot open {spec.path.name}: {e}. Re-export the engine directory "
                                  "with `specrt export ... --force`.") from None
         self._check_names()
+
+    def new_step(self, max_step: int = 65) -> OrtModelStep:
+        return OrtModelStep(self, max_step=max_step)
 
     def _check_names(self) -> None:
         kv = self.spec.kv
@@ -116,13 +119,12 @@ class OrtModel:
 
 
 
-class OrtModelStep:
+class OrtModelStep(ModelStep):
     """One sequence on an exported model: its static KV cache, driven through its own IOBinding over a
-    (possibly shared) ``OrtModel``."""
+    (possibly shared) ``OrtModel`` (a ``ModelSpec`` opens a model of its own: export checks, tests)."""
 
-    def __init__(self, spec: ModelSpec | OrtModel, provider: str = "cpu", threads: int | None = None,
-                 max_step: int = 65, spin: bool = True):
-        self.model = spec if isinstance(spec, OrtModel) else OrtModel(spec, provider, threads, spin)
+    def __init__(self, spec: ModelSpec | OrtModel, threads: int | None = None, max_step: int = 65, spin: bool = True):
+        self.model = spec if isinstance(spec, OrtModel) else OrtModel(spec, "cpu", threads, spin)
         self.spec = spec = self.model.spec
         self.session = self.model.session
         kv = spec.kv
@@ -152,7 +154,8 @@ class OrtModelStep:
         self._min_rows = spec.min_rows
         self._padded = np.zeros(2, dtype=np.int64)
         # tree-capable graphs (kv_cache.tree) take each row's position and the rows' mutual bias on every pass
-        self._tree = kv.tree
+        self._tree = self.supports_tree = kv.tree
+        self.has_features = spec.features is not None
         self._steps = np.arange(max(max_step, PREFILL_CHUNK) + 2, dtype=np.int64)
         self._zero_bias: dict[int, np.ndarray] = {}
         self._tree_pass: tuple[np.ndarray, np.ndarray] | None = None
@@ -200,39 +203,32 @@ class OrtModelStep:
     def set_length(self, length: int) -> None:
         self.cache.set_length(length)
 
-    @property
-    def has_features(self) -> bool:
-        return self.spec.features is not None
+    def keep(self, pos: int, rows: list[int]) -> None:
+        """Keep a pass's ``rows`` at ``pos`` as consecutive cache entries (a chain's prefix: a length moves; a
+        tree's path: see KVCache.compact)."""
+        if not self.supports_tree:
+            return super().keep(pos, rows)  # a prefix only
+        self.cache.compact(pos, rows)
 
     def features(self) -> np.ndarray:
-        """The target's features of the last step's rows [n, F] (engines with a feature head)."""
+        """The target's features of the last pass's rows [n, F] (engines with a feature head)."""
+        if not self.has_features:
+            return super().features()
         return self._last[self.spec.features["output"]]
 
     def output(self, name: str) -> np.ndarray:
-        """An extra output of the last step (a target's features, a head's hidden_out): [n, width], a view of a
+        """An extra output of the last pass (a target's features, a head's hidden_out): [n, width], a view of a
         reused buffer, valid until the next call."""
+        if name not in self._last:
+            return super().output(name)
         return self._last[name]
 
-    @property
-    def supports_tree(self) -> bool:
-        return self._tree
-
-    def compact(self, pos: int, rows: list[int]) -> None:
-        """Keep the accepted path of a tree pass at ``pos`` as consecutive cache entries (see KVCache.compact)."""
-        self.cache.compact(pos, rows)
-
-    def step(self, token_ids: np.ndarray, pos: int, inputs: dict[str, np.ndarray] | None = None,
-             tree: tuple[np.ndarray, np.ndarray] | None = None, last_only: bool = False) -> np.ndarray:
+    def forward(self, token_ids: np.ndarray, pos: int, *, tree: Tree | None = None,
+                inputs: dict[str, np.ndarray] | None = None, last_only: bool = False) -> np.ndarray:
         """``inputs``: a feature head's extra inputs, each [1, n, width] (or [1] for its selector).  ``tree``:
         (positions [n], bias [n, n]) of a tree pass (``runtime/tree.py``); None is a chain.  ``last_only``: only
         the last row's logits are read (a feature head following the context): [1, vocab] where the graph can
         skip the other rows' LM head, [n, vocab] where it cannot -- the last row is ``[-1]`` either way."""
-        return self._step(token_ids, pos, inputs, tree, last_only)
-
-    def _step(self, token_ids: np.ndarray, pos: int, inputs: dict[str, np.ndarray] | None,
-              tree: tuple[np.ndarray, np.ndarray] | None, last_only: bool) -> np.ndarray:
-        """``step``; ``last_only``: only the last row's logits are wanted ([1, vocab] where the graph can skip
-        the others' LM head, every row's otherwise)."""
         if tree is not None and not self._tree:
             raise GenerationError(f"{self.spec.role}: this graph takes no tree passes; re-export it (gqa attention)")
         self._tree_pass = tree
@@ -306,14 +302,10 @@ class OrtModelStep:
             self.cache.write(pos, new_k, new_v, n)
         return logits[0]  # [rows, vocab], a view of a reused buffer
 
-    def prefill(self, token_ids: np.ndarray) -> np.ndarray:
-        self.cache.set_length(0)
-        return self.extend(token_ids, 0)
-
     def extend(self, token_ids: np.ndarray, pos: int) -> np.ndarray:
         logits = None
         for start in range(0, len(token_ids), PREFILL_CHUNK):
-            logits = self._step(token_ids[start:start + PREFILL_CHUNK], pos + start, None, None, last_only=True)
+            logits = self.forward(token_ids[start:start + PREFILL_CHUNK], pos + start, last_only=True)
         assert logits is not None, "extend needs at least one token"
         return logits[-1]
 

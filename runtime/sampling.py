@@ -1,4 +1,4 @@
-"""Sampling parameters and the logits → probabilities warp (temperature, top-k, top-p)."""
+"""Sampling parameters, the logits → probabilities warp (temperature, top-k, top-p), and the logits guard."""
 from __future__ import annotations
 
 import math
@@ -49,3 +49,21 @@ def warp(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
         p = np.where(drop, 0.0, p)
         p /= p.sum(axis=-1, keepdims=True)
     return p
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities of one logits row [vocab] (unwarped: a draft's own distribution)."""
+    e = np.exp(logits - logits.max())
+    return e / e.sum()
+
+
+def top_prob(logits: np.ndarray) -> float:
+    """Largest softmax probability of a logits row, without materialising the softmax twice."""
+    return float(1.0 / np.exp(logits - logits.max()).sum())
+
+
+def check_finite(logits: np.ndarray, role: str, pos: int) -> None:
+    """One O(vocab) reduction per model pass: NaN/inf would otherwise turn silently into token 0 or garbage."""
+    if not np.isfinite(logits).all():
+        raise GenerationError(f"the {role} model produced NaN/inf logits at position {pos}: the engine is numerically "
+                              "broken (corrupt weights, or fp16 overflow). Re-export it (fp32) with `specrt export`.")

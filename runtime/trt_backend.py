@@ -1,4 +1,4 @@
-"""TensorRT implementation of the ``ModelStep`` protocol.  NOT YET RUN ON HARDWARE.
+"""TensorRT implementation of the backend contract (``runtime/backend.py``).  NOT YET RUN ON HARDWARE.
 
 Written against the documented TensorRT 10 Python API (``deserialize_cuda_engine``,
 ``set_optimization_profile_async``, ``set_input_shape``, ``set_tensor_address``,
@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 
 import numpy as np
+from specrt.runtime.backend import Model, ModelStep, Tree
 from specrt.runtime.cuda_graphs import CudartOps, GraphCache, check
 from specrt.runtime.errors import EngineDirError
 from specrt.runtime.manifest import ModelSpec
@@ -49,33 +50,65 @@ def _pinned(cudart, count: int) -> np.ndarray:
     return np.ctypeslib.as_array((ctypes.c_int64 * count).from_address(int(ptr)))
 
 
-class TrtModelStep:
+class TrtModel(Model):
+    """A deserialized TensorRT plan on one CUDA device, shared by every sequence that runs it (each sequence has
+    its own execution context, stream and device buffers: ``TrtModelStep``)."""
+
     def __init__(self, spec: ModelSpec, k_values: tuple[int, ...], device: int = 0):
         try:
             import tensorrt as trt
             from cuda.bindings import runtime as cudart
         except ImportError as e:
             raise EngineDirError(f"the TensorRT backend needs tensorrt and cuda-python ({e}); install them from "
-                                 "NVIDIA's index, or use provider='cpu'") from None
+                                 "NVIDIA's index, or use the onnxruntime backend") from None
         record = spec.raw.get("tensorrt")
         if not record:
             raise EngineDirError(f"{spec.role} has no TensorRT engine; build one with `specrt build DIR`")
         check(cudart.cudaSetDevice(device))  # every allocation, stream and graph below lives on this device
         props = check(cudart.cudaGetDeviceProperties(device))
         check_engine_compat(record, trt.__version__, (props.major, props.minor))
-        self.trt, self.cudart, self.spec = trt, cudart, spec
+        self.trt, self.cudart, self.spec, self.device = trt, cudart, spec, device
         self.logger = trt.Logger(trt.Logger.WARNING)
         blob = (spec.path.parent / record["file"]).read_bytes()
         self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(blob)
         if self.engine is None:
             raise EngineDirError(f"TensorRT could not deserialize {record['file']}; rebuild with `specrt build`")
-        self.context = self.engine.create_execution_context()
-        self.stream = check(cudart.cudaStreamCreate())
         self.profiles = plan_profiles(spec.role, k_values, spec.kv.buffer_shape[2], kind=spec.kind)
-        n_max = max(p.n_max for p in self.profiles)
-        plan = binding_plan(spec, n_max)
-        check_engine_tensors(self._engine_tensors(), plan)
-        self.plan = {b.name: b for b in plan}
+        self.n_max = max(p.n_max for p in self.profiles)
+        self.plan = {b.name: b for b in binding_plan(spec, self.n_max)}
+        check_engine_tensors(self._engine_tensors(), list(self.plan.values()))
+
+    def new_step(self, max_step: int = 65) -> TrtModelStep:
+        """``max_step`` is planned by the plan's profiles (``k_values``): every width up to the largest profile's
+        has its buffers already."""
+        return TrtModelStep(self)
+
+    def _engine_tensors(self) -> list[EngineTensor]:
+        trt, e = self.trt, self.engine
+        dtypes = {trt.DataType.INT64: "int64", trt.DataType.INT32: "int32", trt.DataType.FLOAT: "float32",
+                  trt.DataType.HALF: "float16", trt.DataType.BF16: "bfloat16"}
+        out = []
+        for i in range(e.num_io_tensors):
+            name = e.get_tensor_name(i)
+            out.append(EngineTensor(name, dtypes.get(e.get_tensor_dtype(name), str(e.get_tensor_dtype(name))),
+                                    e.get_tensor_mode(name) == trt.TensorIOMode.INPUT, bool(e.is_shape_inference_io(name)),
+                                    e.get_tensor_location(name) == trt.TensorLocation.HOST))
+        return out
+
+
+
+class TrtModelStep(ModelStep):
+    """One sequence on a ``TrtModel``: an execution context, a stream, and device-resident buffers allocated
+    once (fixed addresses, as CUDA graphs need)."""
+
+    def __init__(self, model: TrtModel):
+        self.model, self.spec, self.trt, self.cudart = model, model.spec, model.trt, model.cudart
+        cudart, spec = model.cudart, model.spec
+        check(cudart.cudaSetDevice(model.device))
+        self.context = model.engine.create_execution_context()
+        self.stream = check(cudart.cudaStreamCreate())
+        self.profiles, self.plan = model.profiles, model.plan
+        n_max = model.n_max
         self.device_ptr = {}
         for b in self.plan.values():
             if not b.on_host:
@@ -101,18 +134,6 @@ class TrtModelStep:
             self.host_past = aligned_host_buffer(1)  # shape tensor
             self._set_address(spec.kv.past_length, self.host_past.ctypes.data)
 
-    def _engine_tensors(self) -> list[EngineTensor]:
-        trt, e = self.trt, self.engine
-        dtypes = {trt.DataType.INT64: "int64", trt.DataType.INT32: "int32", trt.DataType.FLOAT: "float32",
-                  trt.DataType.HALF: "float16", trt.DataType.BF16: "bfloat16"}
-        out = []
-        for i in range(e.num_io_tensors):
-            name = e.get_tensor_name(i)
-            out.append(EngineTensor(name, dtypes.get(e.get_tensor_dtype(name), str(e.get_tensor_dtype(name))),
-                                    e.get_tensor_mode(name) == trt.TensorIOMode.INPUT, bool(e.is_shape_inference_io(name)),
-                                    e.get_tensor_location(name) == trt.TensorLocation.HOST))
-        return out
-
     def _set_address(self, name: str, ptr: int) -> None:
         if not self.context.set_tensor_address(name, int(ptr)):
             raise EngineDirError(f"TensorRT refused the address of {name!r} ({int(ptr):#x}) for {self.spec.role}")
@@ -134,10 +155,6 @@ class TrtModelStep:
             raise ValueError(f"cache length must be in [0, {self._length}], got {length}")
         self._length = length
 
-    def prefill(self, token_ids: np.ndarray) -> np.ndarray:
-        self._length = 0
-        return self.extend(token_ids, 0)
-
     def extend(self, token_ids: np.ndarray, pos: int) -> np.ndarray:
         logits = None
         chunk = max(p.n_max for p in self.profiles if p.stage == "prefill")
@@ -145,8 +162,12 @@ class TrtModelStep:
             logits = self._run(token_ids[start:start + chunk], pos + start, prefill=True)
         return logits[-1]
 
-    def step(self, token_ids: np.ndarray, pos: int, inputs: dict | None = None, last_only: bool = False) -> np.ndarray:
-        """``last_only`` is accepted for the ONNX Runtime step's signature and ignored: every row's logits."""
+    def forward(self, token_ids: np.ndarray, pos: int, *, tree: Tree | None = None,
+                inputs: dict[str, np.ndarray] | None = None, last_only: bool = False) -> np.ndarray:
+        """``last_only`` is allowed and ignored: every row's logits come back.  Trees and a head's inputs are not
+        (``supports_tree`` is False: TensorRT builds the concat graphs, which take chains only)."""
+        if tree is not None:
+            raise EngineDirError(f"{self.spec.role}: TensorRT engines take chain passes only (no tree graph)")
         if inputs:
             raise EngineDirError("feature-head engines run on ONNX Runtime only: TensorRT builds the concat "
                                  "graphs, and a feature head needs the in-place one")

@@ -29,6 +29,7 @@ from pathlib import Path
 from specrt.runtime import Engine
 from specrt.runtime.bench import prompt_ids
 from specrt.runtime.drafters import RecycleTable
+from specrt.runtime.engine import Sequence as EngineSequence
 
 BASELINE = "specrt target-only"
 
@@ -85,20 +86,13 @@ def engine_label(engine: Engine) -> str:
     return target if target.startswith(draft) else f"{target}, draft {draft}"
 
 
-def specrt_run(engine: Engine, max_new_tokens: int, **params) -> RunFn:
-    """A RunFn for one specrt configuration (``params``: Request fields, e.g. k, drafter, policy)."""
+def specrt_run(engine: Engine | EngineSequence, max_new_tokens: int, **params) -> RunFn:
+    """A RunFn for one specrt configuration (``params``: Request fields, e.g. k, drafter, policy), on an engine's
+    default sequence or on a sequence of its own."""
     def go(ids: list[int], temperature: float, seed: int) -> Run:
         r = engine.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, **params)
         s = r.stats
         return Run(r.token_ids, s.total_s, s.steps, s.proposed, s.accepted)
-    return go
-
-
-def _with_table(engine: Engine, table: RecycleTable, run: RunFn) -> RunFn:
-    """``run`` with ``table`` as the engine's recycle table (runs are sequential: swapping it is enough)."""
-    def go(ids: list[int], temperature: float, seed: int) -> Run:
-        engine.recycle_table = table
-        return run(ids, temperature, seed)
     return go
 
 
@@ -125,10 +119,11 @@ def specrt_systems(engine: Engine, ks: Sequence[int], max_new_tokens: int, label
             # has a table of its own, so it never drafts from another system's run of the same prompt either
             # (it still learns from the earlier prompts, as a deployed engine would)
             reset = engine.suffix_cache.clear if drafter == "suffix" else (lambda: None)
-            run = specrt_run(engine, max_new_tokens, k=k, drafter=drafter, policy=policy, tree_nodes=nodes)
-            if "recycle" in drafter:
+            on = engine
+            if "recycle" in drafter:  # a sequence with a table of its own
                 table = RecycleTable(engine.manifest.target.vocab_size)
-                run, reset = _with_table(engine, table, run), table.clear
+                on, reset = engine.sequence(recycle_table=table), table.clear
+            run = specrt_run(on, max_new_tokens, k=k, drafter=drafter, policy=policy, tree_nodes=nodes)
             systems.append(System(name, run, reference=base, reset=reset))
     return systems
 

@@ -3,8 +3,8 @@
     POST /v1/chat/completions   POST /v1/completions   (``stream: true``: server-sent events, then [DONE])
     GET  /v1/models             GET  /health           GET  /metrics (Prometheus text format)
 
-Concurrency: ``engines`` generations run at once, in worker threads, on forks of one loaded engine
-(``Engine.fork``: one copy of the weights, a KV cache each).  Requests wait in a bounded queue in
+Concurrency: ``engines`` generations run at once, in worker threads, on sequences of one loaded engine
+(``Engine.sequence``: one copy of the weights, KV caches each).  Requests wait in a bounded queue in
 front of them; past ``max_queue`` waiting, a request gets 429 with ``Retry-After``.  A generation
 checks between target passes whether its client is still there and whether its time is up, so a
 client that disconnects mid-stream frees its engine within one step.
@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from specrt.runtime import Engine, GenerationError, SpecrtError
+from specrt.runtime.engine import Sequence
 from specrt.runtime.request import MAX_SAMPLES, Request
 
 log = logging.getLogger("specrt.server")
@@ -123,16 +124,16 @@ class Metrics:
 
 
 class Scheduler:
-    """Hands engines to requests: at most ``len(engines)`` generations at once, at most ``max_queue`` waiting."""
+    """Hands sequences to requests: at most ``len(sequences)`` generations at once, at most ``max_queue`` waiting."""
 
-    def __init__(self, engines: list[Engine], max_queue: int, metrics: Metrics):
-        self.free: asyncio.Queue[Engine] = asyncio.Queue()
-        for e in engines:
-            self.free.put_nowait(e)
-        self.size, self.max_queue, self.metrics, self.waiting = len(engines), max_queue, metrics, 0
+    def __init__(self, sequences: list[Sequence], max_queue: int, metrics: Metrics):
+        self.free: asyncio.Queue[Sequence] = asyncio.Queue()
+        for seq in sequences:
+            self.free.put_nowait(seq)
+        self.size, self.max_queue, self.metrics, self.waiting = len(sequences), max_queue, metrics, 0
         metrics.engines_total.set(self.size)
 
-    async def acquire(self, timeout: float) -> Engine:
+    async def acquire(self, timeout: float) -> Sequence:
         if self.free.empty() and self.waiting >= self.max_queue:
             raise HTTPError(429, f"the server is busy: {self.size} generations running and {self.waiting} requests "
                             "waiting (its --max-queue); retry shortly", kind="rate_limit_error",
@@ -140,7 +141,7 @@ class Scheduler:
         self.waiting += 1
         self.metrics.queue_depth.set(self.waiting)
         try:
-            engine = await asyncio.wait_for(self.free.get(), timeout)
+            seq = await asyncio.wait_for(self.free.get(), timeout)
         except asyncio.TimeoutError:
             raise HTTPError(503, "no engine became free before the request's timeout", kind="server_error",
                             code="timeout", headers={"Retry-After": "1"}) from None
@@ -148,18 +149,18 @@ class Scheduler:
             self.waiting -= 1
             self.metrics.queue_depth.set(self.waiting)
         self.metrics.engines_busy.inc()
-        return engine
+        return seq
 
-    def release(self, engine: Engine) -> None:
+    def release(self, seq: Sequence) -> None:
         self.metrics.engines_busy.dec()
-        self.free.put_nowait(engine)
+        self.free.put_nowait(seq)
 
 
 @dataclass
 class Job:
     """One request's generation(s), run in a worker thread; chunks flow to the event loop through a queue."""
 
-    engine: Engine
+    sequence: Sequence
     prompt_ids: list[int]
     params: dict
     n: int
@@ -173,7 +174,7 @@ class Job:
             params = dict(self.params)
             if params.get("seed") is not None:
                 params["seed"] += i
-            stream = self.engine.stream(self.prompt_ids, **params)
+            stream = self.sequence.stream(self.prompt_ids, **params)
             try:
                 for chunk in stream:
                     if chunk.token_ids and self.first_token_s is None:
@@ -214,8 +215,8 @@ class App:
 
         self.config = config
         first = engine or Engine.load(config.engine_dir, threads=config.threads)
-        self.engines = [first] + [first.fork() for _ in range(config.engines - 1)]
         self.engine = first
+        self.sequences = [first.default_sequence] + [first.sequence() for _ in range(config.engines - 1)]
         self.model = config.model_name or first.manifest.root.name
         self.metrics = Metrics()
         self.scheduler: Scheduler | None = None
@@ -353,7 +354,7 @@ class App:
     # -- routes -----------------------------------------------------------------------------------
     async def health(self, request):
         busy = self.scheduler.size - self.scheduler.free.qsize() if self.scheduler else 0
-        return self._json({"status": "ok", "model": self.model, "engines": len(self.engines), "engines_busy": busy,
+        return self._json({"status": "ok", "model": self.model, "engines": len(self.sequences), "engines_busy": busy,
                            "queue": self.scheduler.waiting if self.scheduler else 0})
 
     async def prometheus(self, request):
@@ -394,7 +395,7 @@ class App:
     async def _generate(self, request, endpoint: str):
         start = time.perf_counter()
         if self.scheduler is None:
-            self.scheduler = Scheduler(self.engines, self.config.max_queue, self.metrics)
+            self.scheduler = Scheduler(self.sequences, self.config.max_queue, self.metrics)
         try:
             self._authorize(request)
             body = await self._body(request)
@@ -407,10 +408,10 @@ class App:
         except SpecrtError as e:  # the engine directory's (its chat template, say)
             return self._error(HTTPError(500, str(e), kind="server_error"), endpoint)
         try:
-            engine = await self.scheduler.acquire(self.config.timeout_s)
+            seq = await self.scheduler.acquire(self.config.timeout_s)
         except HTTPError as e:
             return self._error(e, endpoint)
-        job = Job(engine, prompt_ids, params, n, time.perf_counter() + self.config.timeout_s)
+        job = Job(seq, prompt_ids, params, n, time.perf_counter() + self.config.timeout_s)
         rid = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if stream:
             return self._stream(request, job, endpoint, rid, include_usage, start)
@@ -427,7 +428,7 @@ class App:
             return self._error(HTTPError(400, str(e)), endpoint)
         finally:
             disconnect.cancel()
-            self.scheduler.release(engine)
+            self.scheduler.release(seq)
         if time.perf_counter() > job.deadline:
             return self._error(HTTPError(504, f"the generation took longer than the server's timeout of "
                                          f"{self.config.timeout_s:g} s", kind="server_error", code="timeout"), endpoint)
@@ -464,7 +465,7 @@ class App:
                             param="prompt")
         if isinstance(prompt, list) and not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             raise HTTPError(400, "a prompt given as a list must be token ids (integers)", param="prompt")
-        return e._prompt_ids(prompt)
+        return e.prompt_ids(prompt)
 
     def _response(self, endpoint: str, rid: str, job: Job, prompt_ids: list[int]) -> dict:
         completion = sum(len(r.token_ids) for r in job.results)
@@ -556,7 +557,7 @@ class App:
                 job.cancel.set()
 
                 def cleanup(_):
-                    self.scheduler.release(job.engine)
+                    self.scheduler.release(job.sequence)
                     self.metrics.duration.observe(time.perf_counter() - start)
                     for r in job.results:
                         self.metrics.observe(r.stats, job.first_token_s, start)

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import numpy as np
+from specrt.runtime.backend import ModelStep
 
 VOCAB = 11
 
 
-class FakeStep:
+class FakeStep(ModelStep):
     """A deterministic 'model': the next token is a function of the last 3 context tokens.
 
     It keeps the tokens it has been run on *by position*, exactly like a KV cache, and its logits
@@ -30,7 +31,8 @@ class FakeStep:
             return t if h < 100 * self.agree else (t + 1) % VOCAB
         return int((context[-3:] * [3, 5, 7][-len(context[-3:]):]).sum() + self.salt) % VOCAB
 
-    def step(self, token_ids, pos):
+    def forward(self, token_ids, pos, *, tree=None, inputs=None, last_only=False):
+        assert tree is None, "a fake chain model"
         assert 0 <= pos <= self.length, (pos, self.length)
         n = len(token_ids)
         self.widths.append((n, pos))
@@ -54,6 +56,6 @@ class FakeStep:
     def extend(self, token_ids, pos):
         self.extends.append((len(token_ids), pos))
         widths = len(self.widths)
-        out = self.step(token_ids, pos)[-1]
+        out = self.forward(token_ids, pos)[-1]
         del self.widths[widths:]  # a prefill-stage run, not a step
         return out

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
-
 import tiny
+import torch
 
 pytestmark = pytest.mark.slow
 MAX_CTX = 64

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 from specrt.runtime import Engine, GenerationError
+from specrt.runtime.backend import ModelStep
 from specrt.runtime.ort_backend import OrtModelStep
 
 PROMPTS = [[5], [17, 33, 2], list(range(40, 52)), [100, 7, 7, 7, 250, 3, 9, 11, 60, 61, 62, 63, 64, 65, 66, 67, 68, 69]]
 
 
-class AdversarialDraft:
+class AdversarialDraft(ModelStep):
     """A draft that always proposes a token the target will reject: the target's choice + 1."""
 
     def __init__(self, inner: OrtModelStep):
@@ -23,8 +24,8 @@ class AdversarialDraft:
     length = property(lambda self: self.inner.length)
     spec = property(lambda self: self.inner.spec)
 
-    def step(self, token_ids, pos):
-        return np.roll(self.inner.step(token_ids, pos), 1, axis=-1)
+    def forward(self, token_ids, pos, *, tree=None, inputs=None, last_only=False):
+        return np.roll(self.inner.forward(token_ids, pos), 1, axis=-1)
 
     def set_length(self, length):
         self.inner.set_length(length)
@@ -47,7 +48,8 @@ def hf_greedy(model, prompt, max_new_tokens, eos=None):
 def loaded(engines):
     out = {name: Engine.load(path) for name, path in engines.items()}
     adversarial = Engine.load(engines["self"])
-    adversarial.draft = AdversarialDraft(adversarial.draft)
+    seq = adversarial.default_sequence
+    seq.draft = AdversarialDraft(seq.draft)
     out["adversarial"] = adversarial
     return out
 
@@ -83,7 +85,7 @@ def test_every_drafter_greedy_equals_transformers(loaded, references, engine_nam
     """Context drafters (and the hybrid) on every graph kind, and on an engine without a draft model."""
     engine = loaded[engine_name]
     engine.manifest = dataclasses.replace(engine.manifest, eos_token_ids=frozenset())
-    if engine.draft is None and drafter in ("model", "hybrid"):
+    if engine.draft_model is None and drafter in ("model", "hybrid"):
         with pytest.raises(GenerationError, match="needs a draft model"):
             engine.generate(PROMPTS[0], max_new_tokens=5, drafter=drafter)
         return
@@ -111,7 +113,7 @@ def test_default_drafters_follow_spec_bench(loaded, engines):
 
 def test_target_only_engine_defaults_to_ngram(loaded):
     engine = loaded["target_only"]
-    assert engine.draft is None and engine.default_drafter == "ngram" and engine.drafters == ("ngram", "suffix", "recycle",
+    assert engine.draft_model is None and engine.default_drafter == "ngram" and engine.drafters == ("ngram", "suffix", "recycle",
                                                                                          "ngram+recycle")
     assert loaded["close"].drafters == ("model", "ngram", "suffix", "hybrid", "recycle", "ngram+recycle")
     assert engine.generate([5, 5, 5, 5], max_new_tokens=4).stats.drafter == "ngram"
@@ -225,10 +227,11 @@ def test_padded_one_token_steps_keep_the_cache_right(engines, references, tmp_pa
     (d / "manifest.json").write_text(json.dumps(data))
     engine = Engine.load(d)
     engine.manifest = dataclasses.replace(engine.manifest, eos_token_ids=frozenset())
-    assert engine.target.max_context == engine.max_context == 63
+    target = engine.default_sequence.target
+    assert target.max_context == engine.max_context == 63
     widths = []
-    run = engine.target._run
-    engine.target._run = lambda ids, pos, inputs=None, last_only=False: (widths.append(len(ids)),
+    run = target._run
+    target._run = lambda ids, pos, inputs=None, last_only=False: (widths.append(len(ids)),
                                                                          run(ids, pos, inputs, last_only))[1]
     for prompt in PROMPTS:
         assert engine.generate(prompt, max_new_tokens=30, use_draft=False).token_ids == references[tuple(prompt)]

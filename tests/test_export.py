@@ -40,7 +40,7 @@ def test_family_exports_and_matches_transformers(tmp_path, tokenizer, family, at
     hf = T.AutoModelForCausalLM.from_pretrained(target).eval()
     ids = np.random.default_rng(5).integers(0, len(tokenizer), size=20)
     step = OrtModelStep(m.target)
-    got = np.concatenate([step.step(ids[:9], 0).copy(), step.step(ids[9:10], 9).copy(), step.step(ids[10:], 10).copy()])
+    got = np.concatenate([step.forward(ids[:9], 0).copy(), step.forward(ids[9:10], 9).copy(), step.forward(ids[10:], 10).copy()])
     with torch.no_grad():
         ref = hf(torch.tensor(ids[None])).logits[0].numpy()
     assert np.abs(got - ref).max() < 1e-4
@@ -63,7 +63,7 @@ def test_in_place_and_concat_graphs_write_the_same_cache(engines):
     assert gqa.spec.kv.in_place and not concat.spec.kv.in_place
     ids = np.random.default_rng(7).integers(0, 300, size=30)
     for start, stop, rollback in ((0, 12, 12), (12, 17, 14), (14, 19, 19), (19, 20, 20)):
-        a, b = gqa.step(ids[start:stop], start).copy(), concat.step(ids[start:stop], start).copy()
+        a, b = gqa.forward(ids[start:stop], start).copy(), concat.forward(ids[start:stop], start).copy()
         assert np.abs(a - b).max() < 1e-4
         gqa.set_length(rollback)
         concat.set_length(rollback)
@@ -83,11 +83,11 @@ def test_prefill_skips_the_lm_head_and_leaves_the_same_cache(engines):
     ids = np.random.default_rng(5).integers(0, 300, size=40)
     last = lean.prefill(ids[:30]).copy()
     assert lean._logits_from[0] == 29  # the prefill pass asked for its last row's logits only
-    rows = full.step(ids[:30], 0).copy()  # every row's logits
+    rows = full.forward(ids[:30], 0).copy()  # every row's logits
     assert rows.shape[0] == 30 and np.abs(last - rows[-1]).max() < 1e-4
     for x, y in zip(lean.cache.keys + lean.cache.values, full.cache.keys + full.cache.values):
         assert np.array_equal(x[:, :, :30], y[:, :, :30])
-    a, b = lean.step(ids[30:35], 30), full.step(ids[30:35], 30)
+    a, b = lean.forward(ids[30:35], 30), full.forward(ids[30:35], 30)
     assert a.shape == b.shape == (5, spec.vocab_size) and np.array_equal(a, b)
 
 
@@ -201,11 +201,12 @@ def test_row_invariance_is_measured_on_load(tmp_path, checkpoints, monkeypatch):
                 verify=False)
     assert "batch_invariance" not in load_manifest(out).target.raw  # --no-verify: nothing measured
     engine = Engine.load(out)
-    assert engine.row_invariance is not None and engine.target.min_rows == (engine.row_invariance.min_rows or 1)
+    assert engine.row_invariance is not None
+    assert engine.default_sequence.target.min_rows == (engine.row_invariance.min_rows or 1)
     monkeypatch.setattr(invariance, "measure", lambda *a, **kw: invariance.RowInvariance(0.8, 0.0, 2))
     with warnings.catch_warnings():
         warnings.simplefilter("error", LosslessnessWarning)
-        assert Engine.load(out).target.min_rows == 2
+        assert Engine.load(out).default_sequence.target.min_rows == 2
     monkeypatch.setattr(invariance, "measure", lambda *a, **kw: invariance.RowInvariance(0.8, 0.5, None))
     with pytest.warns(LosslessnessWarning, match="--accuracy-level 1"):
         Engine.load(out)
@@ -259,7 +260,7 @@ def test_int8_rows_target_pads_one_token_steps_and_stays_lossless(tmp_path, chec
     q8 = [numpy_helper.to_array(t) for t in graph.graph.initializer if t.name.endswith("_q8")]
     assert q8 and max(int(abs(w.astype(int)).max()) for w in q8) <= 63
     engine = Engine.load(out)
-    assert engine.target.min_rows == 2
+    assert engine.default_sequence.target.min_rows == 2
     for prompt in ([5, 17, 33], [40, 41, 42, 43, 44], [7]):
         base = engine.generate(prompt, max_new_tokens=30, use_draft=False).token_ids
         for k in (1, 2, 4):

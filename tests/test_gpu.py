@@ -35,21 +35,18 @@ def test_tensorrt_greedy_equals_cpu(tmp_path, engines, name):
 
     from specrt.export.tensorrt_build import build_engines
     from specrt.runtime import Engine
-    from specrt.runtime.manifest import load_manifest
-    from specrt.runtime.trt_backend import TrtModelStep
 
     d = tmp_path / "engine"
     shutil.copytree(engines[name], d)  # TensorRT builds the concat-style exports only
     build_engines(d)
     cpu = Engine.load(d)
-    gpu = Engine.load(d)
-    m = load_manifest(d)
-    gpu.target, gpu.draft = TrtModelStep(m.target, m.k_values), TrtModelStep(m.draft, m.k_values)
+    gpu = Engine.load(d, backend="tensorrt")
     for k in (1, 2, 4, 8):
         assert gpu.generate([5, 17, 33], max_new_tokens=30, k=k).token_ids == \
             cpu.generate([5, 17, 33], max_new_tokens=30, k=k).token_ids
     if name == "close_bucketed":  # shapes fixed per bucket: steps are CUDA-graph replays
-        assert gpu.target.graphs.stats.replays > 0 and gpu.draft.graphs.stats.replays > 0
+        seq = gpu.default_sequence
+        assert seq.target.graphs.stats.replays > 0 and seq.draft.graphs.stats.replays > 0
 
 
 @pytest.mark.gpu
@@ -64,13 +61,12 @@ def test_engine_tensors_int64_and_shape_tensor_status(tmp_path, engines, name):
     import tensorrt as trt
     from specrt.export.tensorrt_build import build_engines
     from specrt.runtime.manifest import load_manifest
-    from specrt.runtime.trt_backend import TrtModelStep
+    from specrt.runtime.trt_backend import TrtModel
 
     d = tmp_path / "engine"
     shutil.copytree(engines[name], d)
     build_engines(d)
-    step = TrtModelStep(load_manifest(d).target, (1, 2, 4, 8))  # also runs check_engine_tensors
-    e = step.engine
+    e = TrtModel(load_manifest(d).target, (1, 2, 4, 8)).engine  # loading runs check_engine_tensors
     assert e.get_tensor_dtype("input_ids") == trt.DataType.INT64 and e.get_tensor_dtype("past_length") == trt.DataType.INT64
     assert bool(e.is_shape_inference_io("past_length")) is (name == "close_concat")
     if name == "close_bucketed":
@@ -89,24 +85,24 @@ def test_graph_replay_equals_eager_after_another_bucket_ran(tmp_path, engines):
     from specrt.export.tensorrt_build import build_engines
     from specrt.runtime.manifest import load_manifest
     from specrt.runtime.ort_backend import OrtModelStep
-    from specrt.runtime.trt_backend import TrtModelStep
+    from specrt.runtime.trt_backend import TrtModel
 
     d = tmp_path / "engine"
     shutil.copytree(engines["close_bucketed"], d)
     build_engines(d)
     spec = load_manifest(d).target
-    gpu, cpu = TrtModelStep(spec, (1, 2, 4, 8)), OrtModelStep(spec)
+    gpu, cpu = TrtModel(spec, (1, 2, 4, 8)).new_step(), OrtModelStep(spec)
     ids = np.arange(5, 60) % 300
     for model in (gpu, cpu):
         model.prefill(ids[:10])
     for pos in (10, 10, 10, 10):  # warm-up, capture, replays in bucket 16, width 5
-        out = gpu.step(ids[pos:pos + 5], pos).copy()
+        out = gpu.forward(ids[pos:pos + 5], pos).copy()
         gpu.set_length(pos)
     gpu.extend(ids[10:40], 10)  # another bucket (32, 64) and the prefill profile
     cpu.extend(ids[10:40], 10)
     gpu.set_length(10)
     cpu.set_length(10)
-    replayed = gpu.step(ids[10:15], 10).copy()
+    replayed = gpu.forward(ids[10:15], 10).copy()
     assert gpu.graphs.stats.replays >= 2
     np.testing.assert_allclose(replayed, out, atol=1e-4)
-    np.testing.assert_allclose(replayed, cpu.step(ids[10:15], 10), atol=2e-3)
+    np.testing.assert_allclose(replayed, cpu.forward(ids[10:15], 10), atol=2e-3)

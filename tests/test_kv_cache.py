@@ -31,7 +31,7 @@ def test_rollback_then_step_equals_fresh_run(steps, ops, seed):
         del context[pos:]
         model.set_length(pos)
         new = rng.integers(0, 300, size=n)
-        got = model.step(new, pos).copy()
+        got = model.forward(new, pos).copy()
         context += new.tolist()
         ref = fresh.prefill(np.array(context))  # logits of the last token, computed from scratch
         np.testing.assert_allclose(got[-1], ref, atol=1e-4)
@@ -57,7 +57,7 @@ def test_step_does_not_copy_the_cache(engines):
     ptrs = [b.ctypes.data for b in model.cache.keys + model.cache.values]
     model.prefill(np.arange(1, 20))
     sentinel = model.cache.keys[0][:, :, 30:, :].copy()
-    model.step(np.array([5, 6, 7]), 19)
+    model.forward(np.array([5, 6, 7]), 19)
     assert [b.ctypes.data for b in model.cache.keys + model.cache.values] == ptrs
     np.testing.assert_array_equal(model.cache.keys[0][:, :, 30:, :], sentinel)  # untouched beyond pos + n
     assert model.length == 22

@@ -84,8 +84,8 @@ def test_all_accepted_draft_catches_up():
     target = FakeStep(salt=1)
     draft = FakeStep(salt=0, agree_with=target, agree=1.0)
     seen = []
-    orig = draft.step
-    draft.step = lambda ids, pos: (seen.append((len(ids), pos)), orig(ids, pos))[1]
+    orig = draft.forward
+    draft.forward = lambda ids, pos, **kw: (seen.append((len(ids), pos)), orig(ids, pos, **kw))[1]
     run(speculative(target, ModelDrafter(draft), np.array([4, 5]), Fixed(3), 12, GREEDY, np.random.default_rng(0), Stats()))
     # prompt [4,5]: prefill 1 token; step 1 feeds [5] at pos 1; after 3 accepted + bonus, feed 2 tokens at 1+3
     assert seen[:4] == [(1, 0), (1, 1), (1, 2), (1, 3)]
@@ -188,9 +188,11 @@ def test_a_drafter_that_asks_gets_the_target_logits_of_the_committed_rows():
 class FeaturedStep(FakeStep):
     """A fake target with a features output: each row's feature is its position."""
 
-    def step(self, token_ids, pos):
+    has_features = True
+
+    def forward(self, token_ids, pos, *, tree=None, inputs=None, last_only=False):
         self._rows = np.arange(pos, pos + len(token_ids), dtype=np.float32)[:, None]
-        return super().step(token_ids, pos)
+        return super().forward(token_ids, pos)
 
     def features(self):
         return self._rows
@@ -201,11 +203,11 @@ def test_a_feature_heads_prefill_keeps_every_rows_features_from_prefill_stage_pa
     row -- so the target runs prefill-stage passes (``extend``), whose LM head skips the other rows (on the demo
     target every row's LM head made its prefill 10-15% slower)."""
     from specrt.runtime.backend import PREFILL_CHUNK
-    from specrt.runtime.loop import _prefill_features
+    from specrt.runtime.loop import prefill_features
 
     n = 2 * PREFILL_CHUNK + 43
     target = FeaturedStep(salt=1, max_context=n + 8)
-    features = _prefill_features(target, np.arange(n + 1) % VOCAB)
+    features = prefill_features(target, np.arange(n + 1) % VOCAB)
     assert target.widths == []  # no decode-stage pass
     assert target.extends == [(PREFILL_CHUNK, 0), (PREFILL_CHUNK, PREFILL_CHUNK), (43, 2 * PREFILL_CHUNK)]
     np.testing.assert_array_equal(features[:, 0], np.arange(n))

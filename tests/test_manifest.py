@@ -71,4 +71,4 @@ def test_version_1_manifest_means_write_new(engines, tmp_path):
     shutil.copytree(engines["close_concat"], copy)
     edit(copy, lambda d: (d.update(format_version=1), [d["models"][r]["kv_cache"].pop("update") for r in d["models"]]))
     engine = Engine.load(copy)
-    assert not engine.target.spec.kv.in_place and engine.generate([5, 17, 33], max_new_tokens=5).stats.new_tokens == 5
+    assert not engine.target_model.spec.kv.in_place and engine.generate([5, 17, 33], max_new_tokens=5).stats.new_tokens == 5

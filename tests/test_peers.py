@@ -59,11 +59,12 @@ def test_each_recycling_system_learns_only_from_its_own_runs(engine):
     chain row's run of the same prompt, and a repeat starts from an empty table."""
     systems = peers.specrt_systems(engine, [4], max_new_tokens=12, plan=[("ngram+recycle", 0), ("recycle", 8)])
     chain, tree = systems[1], systems[2]
+    chain_table, tree_table = chain.reset.__self__, tree.reset.__self__  # each system's reset clears its table
+    assert chain_table is not tree_table and engine.recycle_table not in (chain_table, tree_table)
     chain.run([5, 17, 33], 0.0, 1)
-    chain_table = engine.recycle_table
     assert chain_table.candidates(33)[0] >= 0  # the first pass's row 0 (input: the prompt's last token) recorded
     tree.reset()
     tree.run([40, 41, 42, 43], 0.0, 1)
-    assert engine.recycle_table is not chain_table  # the tree row ran on its own table
+    assert (tree_table.candidates(33) == -1).all() and (engine.recycle_table.candidates(33) == -1).all()
     chain.reset()  # a new repeat: the chain row's table is empty again
     assert (chain_table.candidates(33) == -1).all()

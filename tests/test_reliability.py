@@ -30,16 +30,17 @@ def test_interrupted_stream_keeps_tokens_and_engine_stays_usable(engine):
 
 
 def test_nan_logits_are_an_error_not_garbage(engine, monkeypatch):
-    real = engine.target.step
+    target = engine.default_sequence.target
+    real = target.forward
 
-    def poisoned(ids, pos):
-        out = real(ids, pos)
+    def poisoned(ids, pos, **kw):
+        out = real(ids, pos, **kw)
         if pos > 8:
             out = out.copy()
             out[0, 3] = np.nan
         return out
 
-    monkeypatch.setattr(engine.target, "step", poisoned)
+    monkeypatch.setattr(target, "forward", poisoned)
     with pytest.raises(GenerationError, match="NaN/inf logits.*Re-export"):
         engine.generate([5, 17, 33], max_new_tokens=30, k=2)
     monkeypatch.undo()

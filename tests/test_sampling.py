@@ -13,8 +13,9 @@ import math
 
 import numpy as np
 import pytest
-from specrt.runtime import loop
+from specrt.runtime import loop, verify
 from specrt.runtime.acceptance import sample
+from specrt.runtime.backend import ModelStep
 from specrt.runtime.drafters import EagleDrafter, ModelDrafter, NgramDrafter, Proposal, RecycleDrafter, RecycleTable
 from specrt.runtime.drafters import model as model_drafter
 from specrt.runtime.drafters.base import Drafter
@@ -39,7 +40,7 @@ def chi2_critical(df: int, alpha: float) -> float:
 CRITICAL = chi2_critical(15, 1e-3)
 
 
-class MarkovStep:
+class MarkovStep(ModelStep):
     """First-order Markov 'model': logits of position i depend on the token at i (cached by position)."""
 
     def __init__(self, table: np.ndarray, max_context: int = 16):
@@ -48,7 +49,7 @@ class MarkovStep:
         self.tokens = np.zeros(max_context, dtype=np.int64)
         self.length = 0
 
-    def step(self, token_ids, pos):
+    def forward(self, token_ids, pos, *, tree=None, inputs=None, last_only=False):
         assert pos <= self.length
         self.tokens[pos:pos + len(token_ids)] = token_ids
         self.length = pos + len(token_ids)
@@ -60,10 +61,10 @@ class MarkovStep:
 
     def prefill(self, token_ids):
         self.length = 0
-        return self.step(token_ids, 0)[-1]
+        return self.forward(token_ids, 0)[-1]
 
     def extend(self, token_ids, pos):
-        return self.step(token_ids, pos)[-1]
+        return self.forward(token_ids, pos)[-1]
 
 
 def exact_joint(params: SamplingParams, first_context: int = 0) -> np.ndarray:
@@ -87,15 +88,17 @@ class FixedDrafter(Drafter):
 class FeatureMarkovStep(MarkovStep):
     """The Markov target with a (zero) features output, as a target of a feature-head engine."""
 
+    has_features = True
+
     def features(self):
         return np.zeros((self._n, 2), np.float32)
 
-    def step(self, token_ids, pos):
+    def forward(self, token_ids, pos, *, tree=None, inputs=None, last_only=False):
         self._n = len(token_ids)
-        return super().step(token_ids, pos)
+        return super().forward(token_ids, pos)
 
 
-class FakeHead:
+class FakeHead(ModelStep):
     """A feature head whose draft distribution depends only on the token it is fed: a draft vocabulary of 3 of
     the 4 target ids (DRAFT_VOCAB), so target token 1 always has q = 0."""
 
@@ -107,7 +110,7 @@ class FakeHead:
                                                        "hidden_output": "o", "hidden_size": 2, "feature_size": 2}})()
         self.max_context, self.length = 16, 0
 
-    def step(self, token_ids, pos, inputs, last_only=False):
+    def forward(self, token_ids, pos, *, tree=None, inputs=None, last_only=False):
         self.length = pos + len(token_ids)
         self._n = len(token_ids)
         return self.TABLE[np.asarray(token_ids)[-1:] if last_only else np.asarray(token_ids)]
@@ -222,16 +225,16 @@ real_choose = EagleDrafter._choose
 def test_broken_acceptors_are_caught(monkeypatch, bug):
     drafter = "model"
     if bug == "residual removed":
-        monkeypatch.setattr(loop, "rejection_verify", _no_residual)
+        monkeypatch.setattr(verify, "rejection_verify", _no_residual)
     elif bug == "q ignored":
-        monkeypatch.setattr(loop, "rejection_verify", _ignore_q)
+        monkeypatch.setattr(verify, "rejection_verify", _ignore_q)
     elif bug == "draft temperature not applied":
         monkeypatch.setattr(model_drafter, "draft_sample", _untempered_draft)
     elif bug == "recycle: always accepted":
-        monkeypatch.setattr(loop, "point_rejection_verify", _point_always_accept)
+        monkeypatch.setattr(verify, "point_rejection_verify", _point_always_accept)
         drafter = "recycle"
     elif bug.startswith("point"):
-        monkeypatch.setattr(loop, "point_rejection_verify",
+        monkeypatch.setattr(verify, "point_rejection_verify",
                             _point_no_residual if bug == "point: residual removed" else _point_always_accept)
         drafter = "fixed"
     else:

@@ -110,8 +110,8 @@ def test_eight_concurrent_clients_on_two_engines(server, offline):
                                                        temperature=0).choices[0].message.content
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         assert list(pool.map(ask, prompts)) == refs
-    # one copy of the weights: the two engines share the ONNX Runtime sessions, not the caches
-    a, b = server.app.engines
+    # one copy of the weights: the two sequences share the ONNX Runtime sessions, not the caches
+    a, b = server.app.sequences
     assert a.target.session is b.target.session and a.target.cache is not b.target.cache
 
 
@@ -182,12 +182,13 @@ def test_api_key(engines):
 
 def test_a_full_queue_answers_429_with_retry_after(engines):
     s = Server(engines["close"], engines=1, max_queue=0)
-    step = s.app.engines[0].target.step
+    target = s.app.sequences[0].target
+    step = target.forward
 
     def slow_step(*args, **kwargs):  # keep the only engine busy long enough to be seen busy
         time.sleep(0.02)
         return step(*args, **kwargs)
-    s.app.engines[0].target.step = slow_step
+    target.forward = slow_step
     try:
         busy = threading.Thread(target=lambda: httpx.post(s.url + "/v1/completions", timeout=60,
                                                           json={"prompt": [5, 6], "max_tokens": 55, "temperature": 0}))

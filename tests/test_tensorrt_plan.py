@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from specrt.runtime.backend import ModelStep
 from specrt.runtime.cuda_graphs import GraphCache
 from specrt.runtime.errors import EngineDirError, GenerationError
 from specrt.runtime.manifest import load_manifest
@@ -181,7 +182,7 @@ def test_profile_ranges_are_valid_for_every_max_context(k_values, extra, kind):
             assert 0 <= lo <= opt <= hi and hi + p.n_min == max_ctx, (p, lo, opt, hi)
 
 
-class Recording:
+class Recording(ModelStep):
     """Wraps a fake ModelStep and records every pass as (width, position, prefill stage?)."""
 
     def __init__(self, inner):
@@ -192,15 +193,15 @@ class Recording:
     def length(self):
         return self.inner.length
 
-    def step(self, ids, pos):
+    def forward(self, ids, pos, *, tree=None, inputs=None, last_only=False):
         self.passes.append((len(ids), pos, False))
-        return self.inner.step(ids, pos)
+        return self.inner.forward(ids, pos)
 
     def extend(self, ids, pos, chunk=128):
         out = None
         for s in range(0, len(ids), chunk):
             self.passes.append((len(ids[s:s + chunk]), pos + s, True))
-            out = self.inner.step(ids[s:s + chunk], pos + s)[-1]
+            out = self.inner.forward(ids[s:s + chunk], pos + s)[-1]
         return out
 
     def prefill(self, ids):

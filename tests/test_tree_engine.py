@@ -12,6 +12,8 @@ import tiny
 import torch
 from specrt.runtime import Engine
 from specrt.runtime import loop as loop_mod
+from specrt.runtime import verify as verify_mod
+from specrt.runtime.backend import ModelStep
 from specrt.runtime.drafters.base import Drafter, Proposal
 from specrt.runtime.policy import Fixed
 from specrt.runtime.sampling import SamplingParams, warp
@@ -64,7 +66,7 @@ def test_greedy_trees_equal_transformers(family_engines, family, draft):
     engine = Engine.load(dirs[(family, draft)])
     flat_pass_costs(engine)
     engine.manifest = dataclasses.replace(engine.manifest, eos_token_ids=frozenset())
-    assert engine.target.supports_tree
+    assert engine.supports_tree and engine.default_sequence.target.supports_tree
     hf = T.AutoModelForCausalLM.from_pretrained(refs[family]).eval()
     tree_passes = 0
     for prompt in PROMPTS:
@@ -110,13 +112,14 @@ def test_pruning_reads_this_engines_pass_costs(engines):
     engine = Engine.load(engines["close"])
     costs = engine.pass_costs(9)
     assert sorted(costs) == list(range(1, 10)) and all(c > 0 for c in costs.values())
-    assert engine.fork().pass_costs(5) is costs  # measured once, shared
+    assert engine.pass_costs(5) is costs  # measured once, for every sequence
     # a wide tree's costs come from a few row counts, interpolated: a first tree request does not wait for 3 x 33 passes
     wide = Engine.load(engines["close"])
-    before = wide.target.calls
+    probes, probe = [], wide._probe_step
+    wide._probe_step = lambda: probes.append(probe()) or probes[-1]
     costs = wide.pass_costs(33)
     rows = len(costs)  # 33, or what the context leaves (the tiny engines': 64 - 32 - 1)
-    assert rows >= 24 and sorted(costs) == list(range(1, rows + 1)) and wide.target.calls - before <= 3 * 11 + 1
+    assert rows >= 24 and sorted(costs) == list(range(1, rows + 1)) and sum(p.calls for p in probes) <= 3 * 11 + 1
     assert all(costs[n] > 0 for n in costs)
 
 
@@ -125,9 +128,9 @@ V = 4
 P = np.array([[0.50, 0.30, 0.15, 0.05], [0.10, 0.60, 0.20, 0.10], [0.25, 0.25, 0.25, 0.25], [0.05, 0.15, 0.30, 0.50]])
 
 
-class MarkovTreeStep:
+class MarkovTreeStep(ModelStep):
     """First-order Markov target: a row's logits depend only on the row's own token, so a tree pass is right
-    whatever the positions and masks; ``compact`` keeps only the bookkeeping."""
+    whatever the positions and masks; ``keep`` keeps only the bookkeeping."""
 
     supports_tree = True
 
@@ -135,12 +138,12 @@ class MarkovTreeStep:
         self.max_context, self.vocab_size, self.length = 32, V, 0
         self.trees = 0
 
-    def step(self, token_ids, pos, tree=None):
+    def forward(self, token_ids, pos, *, tree=None, inputs=None, last_only=False):
         self.trees += tree is not None
         self.length = pos + len(token_ids)
         return np.log(P)[np.asarray(token_ids)]
 
-    def compact(self, pos, rows):
+    def keep(self, pos, rows):
         self.length = pos + len(rows)
 
     def set_length(self, n):
@@ -234,7 +237,7 @@ def test_a_broken_tree_acceptor_is_caught(monkeypatch):
                 return path, int(rng.choice(V, p=probs(row) / probs(row).sum()))
             path.append(accepted - 1)
             row = accepted
-    monkeypatch.setattr(loop_mod, "sampled_tree_verify", keep_rejected)
+    monkeypatch.setattr(verify_mod, "sampled_tree_verify", keep_rejected)
     params = SamplingParams(0.7)
     stat, critical = chi2(joint(params), params)
     assert stat > critical, (stat, critical)
@@ -250,7 +253,7 @@ def test_integer_activation_targets_verify_chains_only(tmp_path, checkpoints):
     export_pair(checkpoints["target"], checkpoints["close"], out, max_context=48, target_quant="int8-rows",
                 progress=False, verify=False)
     engine = Engine.load(out)
-    assert engine.target.supports_tree and not engine.trees_lossless
+    assert engine.supports_tree and not engine.trees_lossless
     prompt = [5, 7, 1, 2, 3, 5, 7, 4, 8, 9, 5, 7]
     want = engine.generate(prompt, max_new_tokens=20, use_draft=False).token_ids
     with pytest.warns(UserWarning, match="chains only"):

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 from specrt.runtime.backend import PREFILL_CHUNK
 from specrt.runtime.drafters.base import Drafter, KeepDrafting, Proposal, empty, tree_proposal
-from specrt.runtime.drafters.model import BRANCHES, MIN_BRANCH_P, _softmax, check_finite, draft_sample, top_prob
-from specrt.runtime.sampling import SamplingParams
+from specrt.runtime.drafters.model import BRANCHES, MIN_BRANCH_P, draft_sample
+from specrt.runtime.sampling import SamplingParams, check_finite, softmax, top_prob
 
 # The head follows only the prompt's last this-many slots (None: all of them).  Its pass over a prompt is its own
 # compute (~90 ms for 800 tokens here, a tenth of the target's prefill); the target's features already carry the
@@ -66,7 +66,7 @@ class EagleDrafter(Drafter):
         for start in range(0, len(token_ids), PREFILL_CHUNK):
             ids = token_ids[start:start + PREFILL_CHUNK]
             n = len(ids)
-            logits = self.head.step(ids, pos + start, {
+            logits = self.head.forward(ids, pos + start, inputs={
                 self._hidden_in: self._no_hidden[:, :n], self._features_in: features[None, start:start + n],
                 self._select: self._use_target}, last_only=True)  # the next proposal reads the last row only
         check_finite(logits[-1], "draft head", pos)
@@ -117,7 +117,7 @@ class EagleDrafter(Drafter):
             if proposed >= k or (keep_drafting is not None and not keep_drafting(top)):
                 break
             # the next slot: the head's own output in place of the target's features
-            logits = self.head.step(self._ids[proposed - 1:proposed], pos, {
+            logits = self.head.forward(self._ids[proposed - 1:proposed], pos, inputs={
                 self._hidden_in: hidden, self._features_in: self._no_features[:, :1], self._select: self._use_own})[-1]
             check_finite(logits, "draft head", pos)
             hidden = self.head.output(self._hidden_out)[None, -1:].copy()  # never an input aliasing an output
@@ -139,7 +139,7 @@ class EagleDrafter(Drafter):
         tokens: list[int] = []
         parents: list[int] = []
         scores: list[float] = []
-        probs, hidden, pos, parent, score = _softmax(self._logits), self._hidden, self.length, -1, 1.0
+        probs, hidden, pos, parent, score = softmax(self._logits), self._hidden, self.length, -1, 1.0
         for depth in range(k):
             ranked = np.argsort(-probs)[:BRANCHES]
             best = len(tokens)
@@ -152,11 +152,11 @@ class EagleDrafter(Drafter):
             parent, score = best, scores[best]
             if len(tokens) >= nodes or depth + 1 >= k:
                 break
-            logits = self.head.step(np.array([tokens[best]], dtype=np.int64), pos, {
+            logits = self.head.forward(np.array([tokens[best]], dtype=np.int64), pos, inputs={
                 self._hidden_in: hidden, self._features_in: self._no_features[:, :1], self._select: self._use_own})[-1]
             check_finite(logits, "draft head", pos)
             hidden = self.head.output(self._hidden_out)[None, -1:].copy()
-            probs = _softmax(logits)
+            probs = softmax(logits)
             pos += 1
         return tree_proposal(tokens, parents, scores)
 

@@ -16,8 +16,7 @@ import numpy as np
 from specrt.runtime.acceptance import sample
 from specrt.runtime.backend import ModelStep
 from specrt.runtime.drafters.base import Drafter, KeepDrafting, Proposal, empty, tree_proposal
-from specrt.runtime.errors import GenerationError
-from specrt.runtime.sampling import SamplingParams, warp
+from specrt.runtime.sampling import SamplingParams, check_finite, softmax, top_prob, warp
 
 STEP_WIDTHS = (1, 2)  # the draft's planned step widths; longer catch-ups go through extend()
 BRANCHES = 3  # a tree's branches at the first position: the draft's top choices
@@ -62,7 +61,7 @@ class ModelDrafter(Drafter):
         want_top = self.want_top or keep_drafting is not None
         proposed = 0
         while proposed < k:
-            logits = self.draft.step(np.asarray(feed, dtype=np.int64), pos)[-1]  # [vocab_draft]
+            logits = self.draft.forward(np.asarray(feed, dtype=np.int64), pos)[-1]  # [vocab_draft]
             check_finite(logits, "draft", pos)
             pos += len(feed)
             if greedy:
@@ -94,9 +93,9 @@ class ModelDrafter(Drafter):
         if len(feed) > STEP_WIDTHS[-1]:
             self.draft.extend(np.asarray(feed[:-1], dtype=np.int64), pos)
             feed, pos = feed[-1:], pos + len(feed) - 1
-        root = self.draft.step(np.asarray(feed, dtype=np.int64), pos)[-1]
+        root = self.draft.forward(np.asarray(feed, dtype=np.int64), pos)[-1]
         check_finite(root, "draft", pos)
-        root_probs = _softmax(root)
+        root_probs = softmax(root)
         first = np.argsort(-root_probs)[:BRANCHES]
         tokens: list[int] = []
         parents: list[int] = []
@@ -113,9 +112,9 @@ class ModelDrafter(Drafter):
                 parent = len(tokens) - 1
                 if depth >= k or len(tokens) >= nodes:
                     break
-                logits = self.draft.step(np.array([t], dtype=np.int64), self.length + depth - 1)[-1]
+                logits = self.draft.forward(np.array([t], dtype=np.int64), self.length + depth - 1)[-1]
                 check_finite(logits, "draft", self.length + depth - 1)
-                probs = _softmax(logits)
+                probs = softmax(logits)
                 t = int(probs.argmax())
                 score *= float(probs[t])
                 depth += 1
@@ -153,20 +152,3 @@ def draft_sample(logits: np.ndarray, sampling: SamplingParams, rng: np.random.Ge
     (the acceptance rule is only lossless if these two agree)."""
     probs_out[:] = warp(logits, sampling)
     return sample(probs_out, rng)
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max())
-    return e / e.sum()
-
-
-def top_prob(logits: np.ndarray) -> float:
-    """Largest softmax probability of a logits row, without materialising the softmax twice."""
-    return float(1.0 / np.exp(logits - logits.max()).sum())
-
-
-def check_finite(logits: np.ndarray, role: str, pos: int) -> None:
-    # One O(vocab) reduction per model call; NaN/inf would otherwise turn silently into token 0 or garbage.
-    if not np.isfinite(logits).all():
-        raise GenerationError(f"the {role} model produced NaN/inf logits at position {pos}: the engine is numerically "
-                              "broken (corrupt weights, or fp16 overflow). Re-export it (fp32) with `specrt export`.")

@@ -15,6 +15,7 @@ import pytest
 import tiny
 import torch
 from specrt.runtime import Engine, EngineDirError
+from specrt.runtime.backend import ModelStep
 from specrt.runtime.sampling import SamplingParams, warp
 
 PROMPTS = [[5], [17, 33, 2], list(range(40, 52)), [5, 17, 33], [100, 7, 7, 7, 250, 3, 9, 11]]
@@ -140,7 +141,7 @@ def test_a_tampered_draft_vocabulary_is_refused(engines, tmp_path, ids):
 def test_a_pass_over_real_features_computes_the_last_rows_logits_alone(engine):
     """The head's graph takes ``logits_from``, as the target's: following the prompt or a commit, the drafter reads
     the last row's logits only, and the LM head over the draft vocabulary is half the head's work per row."""
-    head = engine.draft
+    head = engine.default_sequence.draft
     assert head.spec.kv.logits_from
     fh = head.spec.feature_head
     n = 6
@@ -148,9 +149,9 @@ def test_a_pass_over_real_features_computes_the_last_rows_logits_alone(engine):
               fh["features_input"]: np.random.default_rng(0).standard_normal((1, n, fh["feature_size"]), np.float32),
               fh["select_input"]: np.ones(1, np.int64)}
     ids = np.arange(3, 3 + n)
-    every = head.step(ids, 0, inputs).copy()
+    every = head.forward(ids, 0, inputs=inputs).copy()
     hidden = head.output(fh["hidden_output"]).copy()
-    last = head.step(ids, 0, inputs, last_only=True)
+    last = head.forward(ids, 0, inputs=inputs, last_only=True)
     assert len(every) == n and last.shape == (1, every.shape[1])
     np.testing.assert_allclose(last[0], every[-1], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(head.output(fh["hidden_output"]), hidden)  # every row's hidden state still out
@@ -160,7 +161,7 @@ def test_head_prompts_are_the_ones_tested():
     assert all(p in tiny.HEAD_PROMPTS for p in PROMPTS[:4])
 
 
-class CountingHead:
+class CountingHead(ModelStep):
     """A stand-in feature head fed target ids 100 + j: its logits favour draft id j + 1, then j + 2; counts calls."""
 
     V = 16
@@ -172,7 +173,7 @@ class CountingHead:
         self.max_context = 64
         self.calls = 0
 
-    def step(self, ids, pos, extra, last_only=False):
+    def forward(self, ids, pos, *, tree=None, inputs=None, last_only=False):
         self.calls += 1
         ids = np.asarray(ids)[-1:] if last_only else np.asarray(ids)
         logits = np.full((len(ids), self.V), -10.0, np.float32)
@@ -196,7 +197,7 @@ def test_a_head_tree_costs_its_chains_head_calls_and_no_more():
     head = CountingHead()
     vocab_map = np.arange(100, 100 + CountingHead.V)  # draft index j is target id 100 + j
     d = EagleDrafter(head, vocab_map, target_vocab=200, max_k=8)
-    d._logits, d.length = head.step(np.array([100]), 0, {})[0], 1  # as after begin(): proposal 1 is draft id 1
+    d._logits, d.length = head.forward(np.array([100]), 0, inputs={})[0], 1  # as after begin(): proposal 1 is draft id 1
     head.calls = 0
     for k, nodes in ((4, 32), (1, 32), (4, 5)):
         head.calls = 0
@@ -225,7 +226,7 @@ def test_a_hybrid_tree_takes_the_heads_first_position_only_at_no_head_call():
     d = make_drafter("hybrid", DrafterOptions(), head, vocab_map=np.arange(100, 100 + CountingHead.V),
                      target_vocab=200)
     d.context.begin(np.array([7, 8, 9]))  # nothing repeats: no context match
-    d.model._logits, d.model.length = head.step(np.array([100]), 0, {})[0], 1
+    d.model._logits, d.model.length = head.forward(np.array([100]), 0, inputs={})[0], 1
     head.calls = 0
     p = d.propose_tree(4, 32, SamplingParams(), np.random.default_rng(0))
     assert head.calls == 0 and d.last_source == "eagle"
@@ -244,12 +245,13 @@ def test_a_head_following_the_prompts_last_slots_only_stays_lossless_and_still_d
     prompt = PROMPTS[2]  # 12 tokens: 11 slots
     accepted = 0
     for k in (2, 4):
-        d = EagleDrafter(engine.draft, engine.draft_vocab, engine.manifest.target.vocab_size, max_k=8,
+        seq = engine.default_sequence
+        d = EagleDrafter(seq.draft, engine.draft_vocab, engine.manifest.target.vocab_size, max_k=8,
                          prompt_window=window)
-        steps = list(loop.speculative(engine.target, d, np.array(prompt), Fixed(k), 30, SamplingParams(),
+        steps = list(loop.speculative(seq.target, d, np.array(prompt), Fixed(k), 30, SamplingParams(),
                                       np.random.default_rng(0), Stats()))
         assert [t for s in steps for t in s.token_ids] == hf_greedy(hf_target, prompt, 30), (window, k)
         accepted += sum(s.accepted for s in steps)
     assert accepted > 0
-    d.begin(np.array(prompt), np.zeros((len(prompt) - 1, engine.draft.spec.feature_head["feature_size"]), np.float32))
+    d.begin(np.array(prompt), np.zeros((len(prompt) - 1, engine.draft_model.spec.feature_head["feature_size"]), np.float32))
     assert d.length == min(window or 11, 11)

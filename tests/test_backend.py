@@ -1,0 +1,125 @@
+"""The backend contract (``runtime/backend.py``): every backend class against the Protocol, and the same behaviour
+through it -- ONNX Runtime for real, TensorRT with its library and CUDA faked at their Python boundary
+(``tests/fake_cuda.py``), so the TensorRT backend's own code runs on a CPU."""
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+
+import fake_cuda
+import numpy as np
+import pytest
+from fakes import FakeStep
+from specrt.runtime import Engine
+from specrt.runtime.backend import BACKENDS, Model, ModelStep, open_model
+from specrt.runtime.errors import EngineDirError
+from specrt.runtime.manifest import MANIFEST, load_manifest, sha256_file
+from specrt.runtime.ort_backend import OrtModel, OrtModelStep
+from specrt.runtime.tensorrt_plan import binding_plan, plan_profiles
+from specrt.runtime.trt_backend import TrtModel, TrtModelStep
+
+STEP_MEMBERS = ("forward", "keep", "set_length", "prefill", "extend", "features", "output")
+STEP_FIELDS = ("spec", "max_context", "vocab_size", "length", "min_rows", "supports_tree", "has_features")
+
+
+@pytest.mark.parametrize("cls", [OrtModelStep, TrtModelStep, FakeStep])
+def test_every_step_class_is_a_model_step(cls):
+    assert ModelStep in cls.__mro__  # an explicit subclass: it inherits the defaults of what it lacks
+    for name in STEP_MEMBERS:
+        member = getattr(cls, name)
+        want = inspect.signature(getattr(ModelStep, name))
+        have = inspect.signature(member)
+        # the same parameters by name and kind (defaults may differ), so every call the loop makes fits
+        assert [(p.name, p.kind) for p in have.parameters.values()] == \
+            [(p.name, p.kind) for p in want.parameters.values()], (cls.__name__, name, have, want)
+
+
+@pytest.mark.parametrize("cls", [OrtModel, TrtModel])
+def test_every_model_class_makes_steps(cls):
+    assert Model in cls.__mro__ and callable(cls.new_step)
+
+
+def test_an_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="onnxruntime, tensorrt"):
+        open_model(None, "cuda")
+    assert BACKENDS == ("onnxruntime", "tensorrt")
+
+
+def _with_fake_plans(src, dst) -> None:
+    """An engine directory with a TensorRT record per model (the plan files are placeholders the fake engine
+    never reads), hashed as ``specrt build`` does."""
+    shutil.copytree(src, dst)
+    data = json.loads((dst / MANIFEST).read_text())
+    m = load_manifest(dst)
+    for spec in (m.target, m.draft):
+        (dst / f"{spec.role}.plan").write_bytes(b"not a plan")
+        data["models"][spec.role]["tensorrt"] = {
+            "file": f"{spec.role}.plan", "tensorrt_version": fake_cuda.VERSION, "compute_capability": [9, 0],
+            "precision": "fp32", "profiles": [p.__dict__ for p in plan_profiles(spec.role, m.k_values,
+                                                                                spec.kv.buffer_shape[2])]}
+    for p in sorted(dst.iterdir()):
+        if p.is_file() and p.name != MANIFEST:
+            data["files"][p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    (dst / MANIFEST).write_text(json.dumps(data))
+
+
+@pytest.fixture(params=["onnxruntime", "tensorrt (faked at the CUDA boundary)"])
+def step(request, engines, tmp_path, monkeypatch) -> ModelStep:
+    """A target step of the tiny concat engine (the graph both backends run) on each backend."""
+    if request.param == "onnxruntime":
+        return Engine.load(engines["close_concat"]).sequence().target
+    d = tmp_path / "engine"
+    _with_fake_plans(engines["close_concat"], d)
+    m = load_manifest(d)
+    n_max = max(p.n_max for p in plan_profiles("target", m.k_values, m.target.kv.buffer_shape[2]))
+    fake_cuda.install(monkeypatch, fake_cuda.FakeEngine(binding_plan(m.target, n_max), m.target.vocab_size))
+    return Engine.load(d, backend="tensorrt").sequence().target
+
+
+def test_the_contract_holds_on_every_backend(step):
+    ids = np.array([5, 17, 33, 40, 41, 42, 43, 44], dtype=np.int64)
+    assert step.length == 0 and step.max_context > 8 and step.vocab_size > 44 and step.min_rows == 1
+    last = step.prefill(ids[:5])
+    assert last.shape == (step.vocab_size,) and step.length == 5
+    logits = step.forward(ids[5:8], 5)
+    assert logits.shape == (3, step.vocab_size) and step.length == 8
+    step.keep(5, [0, 1])  # a verification pass's accepted prefix: a length moves
+    assert step.length == 7
+    step.set_length(4)
+    assert step.length == 4
+    again = step.forward(ids[4:8], 4, last_only=True)
+    assert again[-1].shape == (step.vocab_size,) and step.length == 8
+    assert step.extend(ids[:3], 8).shape == (step.vocab_size,) and step.length == 11
+    with pytest.raises(ValueError):
+        step.set_length(12)  # never forward
+    with pytest.raises(ValueError):
+        step.min_rows = 3
+    if not step.supports_tree:  # a chain-only graph refuses a tree pass and a tree's rows, clearly
+        with pytest.raises(EngineDirError, match="tree"):
+            step.keep(0, [0, 2])
+    if not step.has_features:
+        with pytest.raises(EngineDirError, match="features"):
+            step.features()
+
+
+def test_the_fake_tensorrt_target_generates_like_its_logits_say(engines, tmp_path, monkeypatch):
+    """Through the whole engine on the TensorRT backend (faked below the CUDA boundary): greedy speculative decoding
+    equals target-only decoding, and the KV scatter put every row's entries where the cache expects them."""
+    d = tmp_path / "engine"
+    _with_fake_plans(engines["close_concat"], d)
+    m = load_manifest(d)
+    n_max = max(p.n_max for p in plan_profiles("target", m.k_values, m.target.kv.buffer_shape[2]))
+    cudart = fake_cuda.install(monkeypatch, fake_cuda.FakeEngine(binding_plan(m.target, n_max), m.target.vocab_size))
+    engine = Engine.load(d, backend="tensorrt")
+    plain = engine.generate([5, 17, 33], max_new_tokens=12, use_draft=False).token_ids
+    assert plain == [(33 + i) % m.target.vocab_size for i in range(1, 13)]  # the fake's (token + 1) rule
+    for k in (1, 2, 4):
+        assert engine.generate([5, 17, 33], max_new_tokens=12, k=k, drafter="ngram").token_ids == plain
+    target = engine.default_sequence.target
+    key = target.device_ptr[m.target.kv.key_buffers[0]]
+    _, kvh, max_ctx, hd = m.target.kv.buffer_shape
+    cache = np.ctypeslib.as_array((fake_cuda.ctypes.c_float * (kvh * max_ctx * hd)).from_address(key))
+    cache = cache.reshape(kvh, max_ctx, hd)
+    context = [5, 17, 33, *plain][:target.length]
+    assert (cache[0, :target.length, 0] == context).all() and cudart.copies > 0
