@@ -19,12 +19,12 @@ from typing import Any
 
 import jsonschema
 from specrt.engines import FORMAT_NAME, SUPPORTED_FORMAT_VERSIONS, manifest_schema
+from specrt.runtime.backend import PREFILL_CHUNK  # a prefill pass's [rows, vocab] logits are part of the memory plan
 from specrt.runtime.errors import EngineDirError
 from specrt.runtime.onnx_scan import OnnxScanError, external_locations
 
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20
-PREFILL_ROWS = 128  # the backend's prefill chunk: its [rows, vocab] logits buffer is part of the memory plan
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _REEXPORT = "Re-export it with `specrt export --target T --draft D --out DIR --force`."
 
@@ -276,7 +276,7 @@ def memory_plan(data: dict) -> dict[str, int]:
     for role, m in data["models"].items():
         _, kv_heads, ctx, head_dim = m["kv_cache"]["buffer_shape"]
         plan[f"{role} KV cache"] = 2 * m["num_layers"] * kv_heads * ctx * head_dim * _DTYPE_BYTES.get(m["dtype"], 4)
-        rows = (k_max + 1) * (k_max + 2) // 2 + PREFILL_ROWS + 2 * k_max  # logits per width, prefill, q rows
+        rows = (k_max + 1) * (k_max + 2) // 2 + PREFILL_CHUNK + 2 * k_max  # logits per width, prefill, q rows
         plan[f"{role} logits buffers"] = rows * m["vocab_size"] * 8
     return plan
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from specrt.runtime.backend import PREFILL_CHUNK
 from specrt.runtime.errors import EngineDirError, GenerationError
 from specrt.runtime.manifest import ModelSpec
 
@@ -38,7 +39,7 @@ class Profile:
         return self.n_min == self.n_max
 
 
-def plan_profiles(role: str, k_values: tuple[int, ...], max_context: int, prefill_max: int = 128,
+def plan_profiles(role: str, k_values: tuple[int, ...], max_context: int, prefill_max: int = PREFILL_CHUNK,
                   kind: str = "model") -> list[Profile]:
     """One optimization profile per stage and width; the index in this list is the TensorRT profile index.
 
