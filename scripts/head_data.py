@@ -271,7 +271,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True, help="the data folder (created; resumed when it exists)")
     ap.add_argument("--stage", choices=("all", "seeds", "prompts", "answers", "card"), default="all")
     ap.add_argument("--magpie", type=int, default=2600, help="verifier-written requests (default 2600)")
-    ap.add_argument("--passages", type=int, default=2000, help="verifier-written passages (default 2000)")
+    ap.add_argument("--passages", type=int, default=1200, help="verifier-written passages (default 1200)")
     ap.add_argument("--scale", type=float, default=1.0, help="scales the offline sources' counts")
     ap.add_argument("--max-new-tokens", type=int, default=320, help="per answer (default 320)")
     ap.add_argument("--sampled", type=float, default=0.1, help="share of answers sampled at temperature 0.7")
