@@ -75,7 +75,7 @@ def quantize_rows(path: Path, lm_head: bool = True) -> dict:
     multi-row pass (MLAS's 1-row kernel may still differ: the runtime pads 1-token steps) -- unlike ONNX
     Runtime's dynamic quantization (one scale for the whole input: a row's result depends on the other rows) and unlike
     MatMulNBits with int8 activations (different kernels for one row and for several).  The integer GEMM
-    (MLAS, VNNI on this CPU) makes extra rows nearly free; see README "Quantized verification".
+    (MLAS, VNNI on this CPU) makes extra rows nearly free; see docs/quantization.md.
     """
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper

@@ -20,7 +20,7 @@ from specrt.runtime.errors import GenerationError
 from specrt.runtime.loop import Decoder, StepResult, decode
 from specrt.runtime.manifest import Manifest, load_draft_vocab, load_manifest
 from specrt.runtime.policy import make_policy
-from specrt.runtime.request import Request, check_prompt
+from specrt.runtime.request import Request, check_prompt, describe
 from specrt.runtime.stats import Stats
 from specrt.runtime.text import Detokenizer, StopChecker, TextCodec
 from specrt.runtime.trace import TraceWriter
@@ -72,7 +72,7 @@ class Stream:
 
 
 # The default drafter per kind of draft in the engine (None: no draft), chosen by the Spec-Bench run in
-# the README ("Measured", fp32 demo pair): n-gram lookup 1.45x overall against the 11M draft model's
+# docs/benchmarks.md (fp32 demo pair): n-gram lookup 1.45x overall against the 11M draft model's
 # 1.01x and hybrid's 1.35x; on a feature-head engine hybrid (n-gram first, then the head) 1.26x against
 # the head alone 0.98x.  A request's `drafter` overrides it.  (Chains by default: ngram+recycle as a tree
 # of 32 ran 1.50x in the same run, 3% over the chain -- within this machine's run-to-run noise, and a
@@ -147,7 +147,7 @@ class Engine:
 
     @property
     def default_drafter(self) -> str:
-        """What runs when a request names no drafter: measured on Spec-Bench (README), per engine kind."""
+        """What runs when a request names no drafter: measured on Spec-Bench (docs/benchmarks.md), per engine kind."""
         return DEFAULT_DRAFTER[self.draft_kind]
 
     @property
@@ -306,13 +306,10 @@ class Sequence:
 
     def generate(self, prompt: str | abc.Sequence[int], request: Request | None = None, /, *,
                  trace: str | Path | IO[str] | None = None, **params) -> Result:
-        """Generate.  ``params`` are the fields of ``runtime.request.Request`` (or pass a ``Request``):
-        ``max_new_tokens``, ``k`` (None, or ``use_draft=False``: the target alone, the baseline),
-        ``drafter`` (model | eagle | ngram | suffix | hybrid | recycle | ngram+recycle; default: the engine's, see ``drafters``),
-        ``ngram_min``/``ngram_max``, ``tree_nodes`` (verify trees of up to that many candidates; 0 = chains),
-        ``stop``, ``temperature``/``top_k``/``top_p``/``seed``, ``policy`` (fixed | confidence | adaptive |
-        budget, see ``runtime.policy``) with ``tau`` / ``max_draft_per_token``, and ``acceptance="relaxed"``
-        with ``accept_tau`` (LOSSY, greedy only).
+        """Generate.  ``params`` are the fields of ``runtime.request.Request`` (or pass a ``Request``); each is checked
+        before any work, and a bad one is a GenerationError naming its allowed range:
+
+        {fields}
         """
         s = self.stream(prompt, request, trace=trace, **params)
         for _ in s:
@@ -341,7 +338,7 @@ class Sequence:
                                    max_k=max(engine.manifest.k_values), want_top=trace is not None,
                                    vocab_map=engine.draft_vocab, target_vocab=engine.manifest.target.vocab_size,
                                    recycle_table=self.recycle_table)
-        control = make_policy(req.policy, req.k or 1, engine.manifest.k_values, req.tau,
+        control = make_policy(req.policy, req.k or 1, engine.manifest.k_values, req.confidence_tau,
                               req.max_draft_per_token) if use_draft else None
         rng = np.random.default_rng(req.seed)
         stats = Stats(policy=control.name if control else "target-only", acceptance="relaxed" if relaxed else "strict",
@@ -456,3 +453,7 @@ class EnginePool:
             return seq.generate(prompt, **kwargs)
         finally:
             self._free.put(seq)
+
+
+# The request fields, documented where they are declared (runtime/request.py), listed where they are used.
+Sequence.generate.__doc__ = Sequence.generate.__doc__.format(fields=describe().replace("\n", "\n        "))

@@ -57,7 +57,7 @@ class OrtModel(Model):
             # live on the device (OrtValue on "cuda") and be updated there.  Not built yet.
             raise GenerationError(
                 f"provider {provider!r}: only 'cpu' is implemented in this release; the ONNX Runtime GPU "
-                "providers need device-resident cache buffers (not built yet, see README 'GPU'). Use provider='cpu'."
+                "providers need device-resident cache buffers (not built yet, see docs/gpu.md). Use backend='onnxruntime' on the CPU."
             )
         if spec.dtype not in _DTYPES:
             raise EngineDirError(f"{spec.role}: dtype {spec.dtype} is not supported by the ONNX Runtime CPU backend")

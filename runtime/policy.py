@@ -55,7 +55,8 @@ class Fixed(Policy):
 
 @dataclass
 class Confidence(Policy):
-    """Draft up to ``k`` tokens, but stop as soon as the draft's top probability falls below ``tau``."""
+    """Draft up to ``k`` tokens, but stop as soon as the draft's top probability falls below ``tau`` (a request's
+    ``confidence_tau``)."""
 
     k: int
     tau: float
@@ -63,7 +64,7 @@ class Confidence(Policy):
 
     def __post_init__(self) -> None:
         if not 0.0 < self.tau < 1.0:
-            raise GenerationError(f"--tau must be in (0, 1), got {self.tau!r}")
+            raise GenerationError(f"confidence_tau must be in (0, 1), got {self.tau!r}")
 
     def next_k(self, limit: int) -> int:
         return min(self.k, limit)
@@ -88,7 +89,7 @@ class Budget(Policy):
 
     def __post_init__(self) -> None:
         if not self.max_draft_per_token >= 0:
-            raise GenerationError(f"--max-draft-per-token must be >= 0, got {self.max_draft_per_token!r}")
+            raise GenerationError(f"max_draft_per_token must be >= 0, got {self.max_draft_per_token!r}")
 
     def next_k(self, limit: int) -> int:
         allowed = int(self.max_draft_per_token * (self.generated + 1) - self.proposed)
@@ -185,12 +186,12 @@ class Adaptive(Policy):
 POLICIES = ("fixed", "confidence", "adaptive", "budget")
 
 
-def make_policy(name: str, k: int, k_values: Sequence[int], tau: float | None = None,
+def make_policy(name: str, k: int, k_values: Sequence[int], confidence_tau: float | None = None,
                 max_draft_per_token: float | None = None) -> Policy:
     if name == "fixed":
         return Fixed(k)
     if name == "confidence":
-        return Confidence(k, 0.5 if tau is None else tau)
+        return Confidence(k, 0.5 if confidence_tau is None else confidence_tau)
     if name == "adaptive":
         return Adaptive(tuple(k_values))
     if name == "budget":

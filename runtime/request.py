@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 from specrt.runtime.drafters import DRAFTERS
 from specrt.runtime.errors import GenerationError
@@ -38,11 +38,12 @@ def _int(name: str, value, lo: int, hi: int | None = None) -> int:
     return value
 
 
-def _float(name: str, value, lo: float, hi: float, lo_open: bool = False) -> float:
+def _float(name: str, value, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise GenerationError(f"{name} must be a finite number, got {value!r:.100}")
-    if value < lo or value > hi or (lo_open and value == lo):
-        raise GenerationError(f"{name} must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {value!r}")
+    if value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi):
+        raise GenerationError(f"{name} must be in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}, "
+                              f"got {value!r}")
     return float(value)
 
 
@@ -56,26 +57,90 @@ def check_text(name: str, text: str) -> None:
 
 
 @dataclass(frozen=True)
-class Request:
-    """What to generate.  ``k=None`` or ``use_draft=False``: the target alone (the baseline)."""
+class Param:
+    """One request field, declared once: its type, range and help.  ``Request``'s fields carry these, and the CLI
+    flags (``add_arguments``), the server's accepted fields (``http_fields``), ``Engine.generate``'s documentation
+    (``describe``) and the checks (``Request.validate``) are derived from them: a new field is one line here."""
 
-    max_new_tokens: int = 128
-    k: int | None = 4
-    stop: tuple[str, ...] = ()
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    use_draft: bool = True
-    policy: str = "fixed"
-    tau: float | None = None
-    max_draft_per_token: float | None = None
-    acceptance: str = "strict"  # "relaxed" = LOSSY (greedy only)
-    accept_tau: float | None = None
-    drafter: str | None = None  # one of drafters.DRAFTERS; None = the engine's default
-    ngram_min: int | None = None  # context drafters' n-gram sizes; None = the engine's
-    ngram_max: int | None = None
-    tree_nodes: int = 0  # > 0: propose trees of up to this many nodes (pruned by measured pass costs); 0 = chains
+    kind: str  # "int" | "float" | "str" | "bool" | "strings"
+    help: str
+    lo: float | None = None
+    hi: float | None = None  # None: no upper bound
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: tuple[str, ...] = ()
+    optional: bool = False  # None is allowed (the engine's or the policy's default)
+    cli: str | None = None  # the CLI flag; None: --name-with-dashes; "": not on the command line
+    http: str | None = None  # the HTTP request field; None: the same name; "": not accepted over HTTP
+
+    def check(self, name: str, value):
+        """The value, normalised (numpy ints to ints, a list of stop strings to a tuple), or GenerationError with
+        the allowed range."""
+        if value is None and self.optional:
+            return None
+        if self.kind == "int":
+            return _int(name, value, int(self.lo or 0), None if self.hi is None else int(self.hi))
+        if self.kind == "float":
+            return _float(name, value, self.lo or 0.0, math.inf if self.hi is None else self.hi, self.lo_open,
+                          self.hi_open)
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise GenerationError(f"{name} must be true or false, got {value!r:.50}")
+            return value
+        if self.kind == "str":
+            if value not in self.choices:
+                raise GenerationError(f"unknown {name} {value!r:.50}; choose one of {', '.join(self.choices)}")
+            return value
+        return _strings(name, value)
+
+
+def param(default, kind: str, help: str, **spec):
+    """A ``Request`` field with its ``Param``."""
+    return field(default=default, metadata={"param": Param(kind, help, **spec)})
+
+
+@dataclass(frozen=True)
+class Request:
+    """What to generate.  ``k=None`` or ``use_draft=False``: the target alone (the baseline).  Every field's type,
+    range and help is declared here once (``Param``); ``validate`` checks them all."""
+
+    max_new_tokens: int = param(128, "int", "tokens to generate at most", lo=1, http="max_tokens")
+    k: int | None = param(4, "int", "draft tokens per target pass: one of the engine's k values (any up to the largest "
+                          "with policy adaptive); none = the target alone", lo=1, hi=MAX_K, optional=True)
+    stop: tuple[str, ...] = param((), "strings", f"stop strings (at most {MAX_STOPS}); the text stops before one")
+    temperature: float = param(0.0, "float", "0 = greedy; sampling follows the target's distribution exactly",
+                               lo=0.0, hi=1e6)
+    top_k: int = param(0, "int", "sample among the k most likely tokens (0 = off)", lo=0)
+    top_p: float = param(1.0, "float", "sample from the smallest set of tokens holding this probability (1 = off)",
+                         lo=0.0, hi=1.0, lo_open=True)
+    seed: int | None = param(None, "int", "seed for sampling (none: a fresh one)", lo=0, hi=MAX_SEED, optional=True)
+    use_draft: bool = param(True, "bool", "speculate (false: the target alone, the baseline)", cli="--no-draft")
+    drafter: str | None = param(None, "str", "what proposes tokens: model (the engine's draft model), eagle (its "
+                                "feature head), ngram (prompt lookup: what followed the last n-gram earlier in the "
+                                "context), suffix (continuations seen in this and earlier generations), hybrid (a "
+                                "context match, else the model or head), recycle (the target's own latest top next "
+                                "tokens after each token), ngram+recycle (a context match, else recycle); default: "
+                                "the engine's", choices=DRAFTERS, optional=True)
+    tree_nodes: int = param(0, "int", "verify trees of up to this many candidate tokens per target pass (pruned to "
+                            "what pays by the engine's measured pass costs); 0 = chains", hi=MAX_TREE_NODES)
+    ngram_min: int | None = param(None, "int", "shortest context match of the n-gram drafters (default 1)", lo=1,
+                                  hi=16, optional=True)
+    ngram_max: int | None = param(None, "int", "longest context match of the n-gram drafters (default 8)", lo=1,
+                                  hi=16, optional=True)
+    policy: str = param("fixed", "str", "how many tokens to draft per step: fixed (k), confidence (stop below "
+                        "confidence_tau), adaptive (k from measured acceptance and costs), budget "
+                        "(max_draft_per_token)", choices=POLICIES)
+    confidence_tau: float | None = param(None, "float", "policy confidence: stop drafting when the draft's top "
+                                         "probability falls below this (default 0.5)", lo=0.0, hi=1.0, lo_open=True,
+                                         hi_open=True, optional=True)
+    max_draft_per_token: float | None = param(None, "float", "policy budget: drafted tokens per generated token "
+                                              "(default 1.0)", lo=0.0, hi=float(MAX_K), optional=True)
+    # LOSSY, and the serving operator's choice rather than a client's: not accepted over HTTP
+    acceptance: str = param("strict", "str", "strict = lossless (default); relaxed = LOSSY, also accepts drafts "
+                            "the target gives probability >= accept_tau (greedy only)", choices=("strict", "relaxed"),
+                            http="")
+    accept_tau: float | None = param(None, "float", "the threshold of relaxed acceptance", lo=0.0, hi=1.0,
+                                     lo_open=True, optional=True, http="")
 
     def with_params(self, params: dict) -> Request:
         """This request with some fields replaced; an unknown name is a GenerationError listing the known ones."""
@@ -93,47 +158,17 @@ class Request:
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_k, self.top_p)
 
-    def validate(self, k_values: Sequence[int]) -> Request:
-        """The request with its values normalised (numpy ints to ints, stop to a tuple), or GenerationError."""
-        stop = self.stop
-        if isinstance(stop, str) or not isinstance(stop, (list, tuple)):
-            raise GenerationError(f"stop must be a list of strings, got {stop!r:.100}")
-        if len(stop) > MAX_STOPS:
-            raise GenerationError(f"at most {MAX_STOPS} stop strings, got {len(stop)}")
-        for s in stop:
-            if not isinstance(s, str) or not s or len(s) > MAX_STOP_CHARS:
-                raise GenerationError(f"each stop string must be a non-empty string of at most {MAX_STOP_CHARS} "
-                                      f"characters, got {s!r:.100}")
-            check_text("a stop string", s)
-        if not isinstance(self.use_draft, bool):
-            raise GenerationError(f"use_draft must be true or false, got {self.use_draft!r:.50}")
-        if self.policy not in POLICIES:
-            raise GenerationError(f"unknown policy {self.policy!r:.50}; choose one of {', '.join(POLICIES)}")
-        if self.drafter is not None and self.drafter not in DRAFTERS:
-            raise GenerationError(f"unknown drafter {self.drafter!r:.50}; choose one of {', '.join(DRAFTERS)}")
-        if self.acceptance not in ("strict", "relaxed"):
-            raise GenerationError(f"acceptance must be 'strict' (lossless, default) or 'relaxed', "
-                                  f"got {self.acceptance!r:.50}")
-        out = replace(
-            self, stop=tuple(stop), max_new_tokens=_int("max_new_tokens", self.max_new_tokens, 1),
-            k=None if self.k is None else _int("k", self.k, 1, MAX_K),
-            temperature=_float("temperature", self.temperature, 0.0, 1e6),
-            top_k=_int("top_k", self.top_k, 0), top_p=_float("top_p", self.top_p, 0.0, 1.0, lo_open=True),
-            seed=None if self.seed is None else _int("seed", self.seed, 0, MAX_SEED),
-            tau=None if self.tau is None else _float("tau", self.tau, 0.0, 1.0, lo_open=True),
-            max_draft_per_token=None if self.max_draft_per_token is None else
-            _float("max_draft_per_token", self.max_draft_per_token, 0.0, float(MAX_K)),
-            accept_tau=None if self.accept_tau is None else _float("accept_tau", self.accept_tau, 0.0, 1.0,
-                                                                     lo_open=True),
-            ngram_min=None if self.ngram_min is None else _int("ngram_min", self.ngram_min, 1, 16),
-            ngram_max=None if self.ngram_max is None else _int("ngram_max", self.ngram_max, 1, 16),
-            tree_nodes=_int("tree_nodes", self.tree_nodes, 0, MAX_TREE_NODES),
-        )
+    def validate(self, k_values: Sequence[int], names: dict[str, str] | None = None) -> Request:
+        """The request with its values normalised (numpy ints to ints, stop to a tuple), or GenerationError: every
+        field by its ``Param``, then what depends on several fields or on the engine (its compiled ``k_values``).
+        ``names``: what the caller calls a field, for the messages (the server's ``max_tokens``)."""
+        names = names or {}
+        out = replace(self, **{f.name: f.metadata["param"].check(names.get(f.name, f.name), getattr(self, f.name))
+                               for f in fields(self)})
         if out.tree_nodes and out.acceptance == "relaxed":
             raise GenerationError("trees are verified strictly; relaxed acceptance needs tree_nodes=0")
         if out.ngram_min is not None and out.ngram_max is not None and out.ngram_min > out.ngram_max:
             raise GenerationError(f"ngram_min ({out.ngram_min}) must not exceed ngram_max ({out.ngram_max})")
-        out.sampling  # noqa: B018 -- SamplingParams checks its own ranges
         if out.speculative and out.policy != "adaptive" and out.k not in k_values:
             raise GenerationError(f"k={out.k} is not one of this engine's compiled k values {list(k_values)}; "
                                   f"pick one of those or re-export with `specrt export ... --k {out.k}`")
@@ -143,6 +178,66 @@ class Request:
             if out.temperature != 0:
                 raise GenerationError("relaxed acceptance is defined for greedy decoding only; use temperature=0")
         return out
+
+
+def params_of(request_cls: type = Request) -> dict[str, Param]:
+    """Every request field's ``Param``, by field name."""
+    return {f.name: f.metadata["param"] for f in fields(request_cls)}
+
+
+def http_fields(request_cls: type = Request) -> dict[str, str]:
+    """The request fields an HTTP body may set: {body field name: Request field name}."""
+    return {(p.http or name): name for name, p in params_of(request_cls).items() if p.http != ""}
+
+
+def describe(request_cls: type = Request) -> str:
+    """One line per request field: name, type, default and help (``Engine.generate``'s documentation)."""
+    lines = []
+    for f in fields(request_cls):
+        p = f.metadata["param"]
+        lines.append(f"``{f.name}`` ({p.kind}, default {f.default!r}): {p.help}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser, request_cls: type = Request, defaults: dict | None = None) -> None:
+    """One command-line flag per request field (help and range from its ``Param``; ``defaults`` overrides a
+    field's default for this command)."""
+    defaults = defaults or {}
+    group = parser.add_argument_group("generation (the fields of a request)")
+    for f in fields(request_cls):
+        p = f.metadata["param"]
+        if p.cli == "":
+            continue
+        flag = p.cli or "--" + f.name.replace("_", "-")
+        default = defaults.get(f.name, f.default)
+        shown = f" (default {default})" if default not in (None, (), "") and p.kind != "bool" else ""
+        if p.kind == "bool":
+            group.add_argument(flag, dest=f.name, action="store_false" if default else "store_true", help=p.help)
+        elif p.kind == "strings":
+            group.add_argument(flag, dest=f.name, action="append", default=list(default), help=p.help + " (repeatable)")
+        else:
+            group.add_argument(flag, dest=f.name, default=default, help=p.help + shown,
+                               type={"int": int, "float": float}.get(p.kind, str),
+                               choices=p.choices or None, metavar=None if p.choices else f.name.upper())
+
+
+def from_arguments(args, request_cls: type = Request) -> dict:
+    """The request fields of parsed command-line ``args`` (those ``add_arguments`` made)."""
+    return {f.name: getattr(args, f.name) for f in fields(request_cls)
+            if f.metadata["param"].cli != "" and hasattr(args, f.name)}
+
+
+def _strings(name: str, value) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise GenerationError(f"{name} must be a list of strings, got {value!r:.100}")
+    if len(value) > MAX_STOPS:
+        raise GenerationError(f"at most {MAX_STOPS} stop strings, got {len(value)}")
+    for s in value:
+        if not isinstance(s, str) or not s or len(s) > MAX_STOP_CHARS:
+            raise GenerationError(f"each stop string must be a non-empty string of at most {MAX_STOP_CHARS} "
+                                  f"characters, got {s!r:.100}")
+        check_text("a stop string", s)
+    return tuple(value)
 
 
 def check_prompt(prompt, vocab_size: int, max_context: int, encode) -> list[int]:

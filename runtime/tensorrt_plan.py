@@ -217,7 +217,7 @@ def check_engine_compat(record: dict, trt_version: str, compute_capability: tupl
     if built_trt.split(".")[:2] != trt_version.split(".")[:2]:
         raise EngineDirError(f"this engine was built with TensorRT {built_trt}, the runtime has {trt_version}: "
                              "TensorRT engines only load in the version that built them. Rebuild on this machine "
-                             "with `specrt build DIR --force`, or use the ONNX Runtime backend (provider='cpu').")
+                             "with `specrt build DIR --force`, or use the ONNX Runtime backend (backend='onnxruntime').")
     if built_cc != tuple(compute_capability):
         raise EngineDirError(f"this engine was built for a GPU of compute capability {built_cc[0]}.{built_cc[1]}, "
                              f"this GPU is {compute_capability[0]}.{compute_capability[1]}. Rebuild on this machine "

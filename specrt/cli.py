@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from specrt import __version__
-from specrt.runtime.drafters import DRAFTERS
+from specrt.runtime import request
 from specrt.runtime.policy import POLICIES
 from specrt.server import EXTRA as SERVER_EXTRA_FIELDS
 
@@ -119,50 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--draft-threads", type=int, default=None, help="threads for the draft (default 1)")
         g.add_argument("--no-spin", action="store_true",
                        help="idle ONNX Runtime threads sleep instead of busy-waiting between runs")
-        g.add_argument("--max-new-tokens", type=int, default=128 if name == "generate" else 64)
         if name == "generate":
             src = g.add_mutually_exclusive_group(required=True)
             src.add_argument("--prompt", help="prompt text")
             src.add_argument("--prompt-ids", type=_ints, help="prompt token ids, comma-separated")
             src.add_argument("--chat", help="a user message, rendered with the model's chat template")
-            g.add_argument("--k", type=int, default=4, help="draft tokens per verification step (default 4)")
-            g.add_argument("--no-draft", action="store_true", help="decode with the target alone (the baseline)")
-            g.add_argument("--drafter", choices=DRAFTERS, default=None,
-                           help="what proposes tokens: model (the engine's draft model), ngram (prompt lookup: what "
-                           "followed the last n-gram earlier in the context), suffix (continuations seen in this and "
-                           "earlier generations), hybrid (a context match, else the model), eagle (the feature head), "
-                           "recycle (the target's own latest top next tokens after each token, kept from its passes), "
-                           "ngram+recycle (a context match, else recycle; as a tree both). Default: the engine's "
-                           "(`specrt info` shows it)")
-            g.add_argument("--tree-nodes", type=int, default=0,
-                           help="verify trees of up to N candidate tokens per target pass (pruned to what pays by "
-                           "this engine's measured pass costs); 0 = chains (default)")
-            g.add_argument("--ngram-min", type=int, default=None, help="shortest context match, ngram/hybrid/ngram+recycle "
-                           "(default 1)")
-            g.add_argument("--ngram-max", type=int, default=None, help="longest context match, ngram/hybrid/ngram+recycle "
-                           "(default 8)")
-            g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-            g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-            g.add_argument("--top-k", type=int, default=0)
-            g.add_argument("--top-p", type=float, default=1.0)
-            g.add_argument("--seed", type=int, default=None, help="seed for sampling (sample i uses seed + i)")
+            request.add_arguments(g)  # one flag per request field, from runtime/request.py
             g.add_argument("--num-samples", type=int, default=1,
                            help="draw N independent samples (seeds seed..seed+N-1); with --json one object per line")
-            g.add_argument("--policy", choices=POLICIES, default="fixed",
-                           help="how many tokens to draft per step: fixed (k), confidence (stop below --tau), "
-                           "adaptive (picks k from measured acceptance and costs), budget (--max-draft-per-token)")
-            g.add_argument("--tau", type=float, default=None, help="confidence policy threshold (default 0.5)")
-            g.add_argument("--max-draft-per-token", type=float, default=None,
-                           help="budget policy: drafted tokens per generated token (default 1.0)")
-            g.add_argument("--acceptance", choices=("strict", "relaxed"), default="strict",
-                           help="strict = lossless (default); relaxed = LOSSY, also accepts drafts the target "
-                           "gives probability >= --accept-tau")
-            g.add_argument("--accept-tau", type=float, default=None, help="threshold of --acceptance relaxed")
             g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
             g.add_argument("--trace", type=Path, default=None,
                            help="append a JSON Lines trace (header, one record per step, summary) to this file; "
                            "analyze it with `specrt trace analyze`")
         else:
+            g.add_argument("--max-new-tokens", type=int, default=64)
             g.add_argument("--k", type=_ints, default=None, help="k values to compare (default: the engine's, >1)")
             g.add_argument("--prompts", type=Path, default=None,
                            help='JSON list of {"name", "prompt" | "chat" | "prompt_ids"} (default: a code and a chat prompt)')
@@ -340,12 +310,7 @@ def _generate(args) -> int:
         seed = None if args.seed is None else args.seed + i
         if seed is None and args.num_samples > 1:
             seed = i  # independent, and reproducible
-        stream = engine.stream(prompt, max_new_tokens=args.max_new_tokens, k=args.k, stop=args.stop,
-                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
-                               use_draft=not args.no_draft, policy=args.policy, tau=args.tau, drafter=args.drafter,
-                               ngram_min=args.ngram_min, ngram_max=args.ngram_max, tree_nodes=args.tree_nodes,
-                               max_draft_per_token=args.max_draft_per_token, acceptance=args.acceptance,
-                               accept_tau=args.accept_tau, trace=args.trace)
+        stream = engine.stream(prompt, trace=args.trace, **{**request.from_arguments(args), "seed": seed})
         if not args.json and args.num_samples > 1:
             print(f"--- sample {i + 1}/{args.num_samples} (seed {seed}) ---")
         for chunk in stream:
@@ -369,8 +334,7 @@ def _generate(args) -> int:
 
 
 def _bench(args) -> int:
-    from specrt.runtime import Engine
-    from specrt.runtime.bench import (
+    from specrt.bench import (
         DEFAULT_PROMPTS,
         bench,
         fixed_configs,
@@ -378,6 +342,7 @@ def _bench(args) -> int:
         policy_configs,
         relaxed_configs,
     )
+    from specrt.runtime import Engine
 
     # where the results go, settled (and its folder made) before any engine loads: a bad path fails now, not after
     # an hour of benchmarking

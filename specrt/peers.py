@@ -26,8 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from specrt.bench import prompt_ids
 from specrt.runtime import Engine
-from specrt.runtime.bench import prompt_ids
 from specrt.runtime.drafters import RecycleTable
 from specrt.runtime.engine import Sequence as EngineSequence
 

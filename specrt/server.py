@@ -19,6 +19,7 @@ traceback.  The server binds 127.0.0.1 unless told otherwise.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import threading
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 
 from specrt.runtime import Engine, GenerationError, SpecrtError
 from specrt.runtime.engine import Sequence
-from specrt.runtime.request import MAX_SAMPLES, Request
+from specrt.runtime.request import MAX_SAMPLES, Request, http_fields, params_of
 
 log = logging.getLogger("specrt.server")
 
@@ -39,11 +40,10 @@ SUPPORTED = {"model", "messages", "prompt", "max_tokens", "max_completion_tokens
 NO_OP = {"presence_penalty": 0, "frequency_penalty": 0, "logprobs": (None, False), "top_logprobs": (None, 0),
          "logit_bias": (None, {}), "echo": False, "best_of": (None, 1), "suffix": None, "response_format": None,
          "parallel_tool_calls": None, "tools": (None, []), "tool_choice": (None, "none")}
-EXTRA = {"k": "draft tokens per target pass (one of the engine's k values; any with policy adaptive)",
-         "drafter": "model | eagle | ngram | suffix | hybrid | recycle | ngram+recycle (default: the engine's)",
-         "policy": "fixed | confidence | adaptive | budget",
-         "top_k": "sample among the k most likely tokens (0 = off)",
-         "ngram_min": "shortest context match (ngram, hybrid, ngram+recycle)", "ngram_max": "longest context match"}
+# specrt's own request fields, beside OpenAI's: every Request field the HTTP body may set (runtime/request.py)
+HTTP_FIELDS = http_fields()  # body name -> Request field
+EXTRA = {body: params_of()[name].help for body, name in HTTP_FIELDS.items() if body not in SUPPORTED}
+OPENAI_DEFAULTS = {"temperature": 1.0}  # OpenAI's default where it differs from the library's (greedy)
 DEFAULT_MAX_TOKENS = 256
 
 
@@ -162,7 +162,7 @@ class Job:
 
     sequence: Sequence
     prompt_ids: list[int]
-    params: dict
+    request: Request
     n: int
     deadline: float
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -171,10 +171,10 @@ class Job:
 
     def run(self, emit: Callable[[int, str], None]) -> None:
         for i in range(self.n):
-            params = dict(self.params)
-            if params.get("seed") is not None:
-                params["seed"] += i
-            stream = self.sequence.stream(self.prompt_ids, **params)
+            request = self.request  # sample i of n: seed + i
+            if request.seed is not None and i:
+                request = dataclasses.replace(request, seed=request.seed + i)
+            stream = self.sequence.stream(self.prompt_ids, request)
             try:
                 for chunk in stream:
                     if chunk.token_ids and self.first_token_s is None:
@@ -297,7 +297,7 @@ class App:
             raise HTTPError(400, "the request body must be a JSON object", code="invalid_json")
         return body
 
-    def _params(self, body: dict, endpoint: str) -> tuple[dict, int, bool, bool]:
+    def _params(self, body: dict, endpoint: str) -> tuple[Request, int, bool, bool]:
         """(generation parameters, n, stream, include usage in the stream) from an OpenAI request body."""
         unknown = sorted(set(body) - SUPPORTED - set(NO_OP) - set(EXTRA) - {"messages", "prompt"})
         if unknown:
@@ -318,38 +318,28 @@ class App:
                 raise HTTPError(400, f"{name} must be of type {getattr(types, '__name__', types)}, got "
                                 f"{type(value).__name__}", param=name)
             return value
-        max_tokens = typed("max_completion_tokens", int) or typed("max_tokens", int, DEFAULT_MAX_TOKENS)
-        if max_tokens < 1:
-            raise HTTPError(400, f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
-        stop = typed("stop", (str, list))
-        stop = [stop] if isinstance(stop, str) else (stop or [])
         n = typed("n", int, 1)
         if not 1 <= n <= MAX_SAMPLES:
             raise HTTPError(400, f"n must be in [1, {MAX_SAMPLES}], got {n}", param="n")
         stream = typed("stream", bool, False)
         options = typed("stream_options", dict) or {}
-        params = {"max_new_tokens": max_tokens, "stop": stop,
-                  "temperature": typed("temperature", (int, float), 1.0), "top_p": typed("top_p", (int, float), 1.0),
-                  "seed": typed("seed", int), "top_k": typed("top_k", int, 0)}
-        k = typed("k", int)
-        for name in ("drafter", "policy"):
-            if typed(name, str) is not None:
-                params[name] = body[name]
-        for name in ("ngram_min", "ngram_max"):
-            if typed(name, int) is not None:
-                params[name] = body[name]
+        # the request's fields, as the body names them; OpenAI's defaults where they differ from the library's
+        params = {name: body[field] for field, name in HTTP_FIELDS.items() if field in body}
+        params = {**OPENAI_DEFAULTS, "max_new_tokens": DEFAULT_MAX_TOKENS, **params}
+        if "max_completion_tokens" in body:  # OpenAI's newer name for max_tokens
+            params["max_new_tokens"] = body["max_completion_tokens"]
+        if isinstance(params.get("stop"), str):
+            params["stop"] = [params["stop"]]
         k_values = self.engine.manifest.k_values
-        if k is not None:
-            params["k"] = k
-        elif Request.k not in k_values:  # the library's default k is not compiled here: the largest that is
+        if "k" not in params and Request.k not in k_values:  # the library's default k is not compiled here
             params["k"] = k_values[-1]
-        # every parameter checked now, before the request takes an engine or waits for one
-        request = Request().with_params(params).validate(k_values)
+        # every parameter checked now, once, before the request takes a sequence or waits for one
+        request = Request().with_params(params).validate(k_values, names={"max_new_tokens": "max_tokens"})
         drafter = request.drafter or self.engine.default_drafter
-        if drafter not in self.engine.drafters:
+        if request.speculative and drafter not in self.engine.drafters:
             raise GenerationError(f"the {drafter!r} drafter is not available on this engine; it has "
                                   f"{', '.join(self.engine.drafters)}")
-        return params, n, stream, bool(options.get("include_usage"))
+        return request, n, stream, bool(options.get("include_usage"))
 
     # -- routes -----------------------------------------------------------------------------------
     async def health(self, request):
@@ -399,7 +389,7 @@ class App:
         try:
             self._authorize(request)
             body = await self._body(request)
-            params, n, stream, include_usage = self._params(body, endpoint)
+            params, n, stream, include_usage = self._params(body, endpoint)  # params: a validated Request
             prompt_ids = self._prompt(body, endpoint)
         except HTTPError as e:
             return self._error(e, endpoint)

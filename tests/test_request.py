@@ -104,3 +104,40 @@ def test_check_prompt_never_encodes_an_oversized_text():
         raise AssertionError("a prompt longer than the context can hold must be refused unread")
     with pytest.raises(GenerationError, match="characters"):
         check_prompt("y" * 10**6, vocab_size=100, max_context=64, encode=encode)
+
+
+def test_the_cli_the_server_and_request_agree_on_the_fields():
+    """Every request field is a flag of `specrt generate` and a field of the HTTP body (but the LOSSY relaxed
+    acceptance, an operator's choice), each derived from runtime/request.py -- none spelled out by hand."""
+    from specrt.runtime import request
+
+    from specrt import cli, server
+
+    subcommands = next(a for a in cli.build_parser()._actions if a.dest == "command").choices
+    flags = {a.dest for a in subcommands["generate"]._actions}
+    assert set(request.params_of()) <= flags
+    served = set(server.HTTP_FIELDS.values())
+    assert served == set(request.params_of()) - {"acceptance", "accept_tau"}
+    assert set(server.EXTRA) == set(server.HTTP_FIELDS) - server.SUPPORTED
+
+
+def test_a_new_request_field_reaches_the_cli_and_the_server_from_one_declaration():
+    """Adding a field is one line in runtime/request.py: the CLI flag, the HTTP field and the documentation follow."""
+    import argparse
+
+    from specrt.runtime import request
+
+    @dataclasses.dataclass(frozen=True)
+    class Extended(request.Request):
+        beam_width: int = request.param(1, "int", "how many beams (a field made up for this test)", lo=1, hi=8)
+
+    parser = argparse.ArgumentParser()
+    request.add_arguments(parser, Extended)
+    args = parser.parse_args(["--beam-width", "3", "--no-draft"])
+    assert request.from_arguments(args, Extended)["beam_width"] == 3 and args.use_draft is False
+    assert request.http_fields(Extended)["beam_width"] == "beam_width"
+    assert "``beam_width`` (int, default 1): how many beams" in request.describe(Extended)
+    with pytest.raises(GenerationError, match=r"beam_width must be in \[1, 8\]"):
+        Extended(beam_width=9).validate((1, 2, 4, 8))
+    with pytest.raises(GenerationError, match="confidence_tau must be in"):  # one range, checked once: (0, 1)
+        Extended(confidence_tau=1.0).validate((1, 2, 4, 8))

@@ -34,10 +34,10 @@ def available(draft_kind: str | None) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class DrafterOptions:
-    ngram_min: int = 1  # measured: benchmarks/drafter_replay.py (README, "Drafters"); short matches propose
+    ngram_min: int = 1  # measured: benchmarks/drafter_replay.py (docs/drafters.md); short matches propose
     ngram_max: int = 8  # short continuations (NgramDrafter.depth), so a 1-gram match is worth trying
     match: str = "latest"
-    suffix_min_confidence: float = 0.1  # measured: benchmarks/drafter_replay.py (README, "Drafters")
+    suffix_min_confidence: float = 0.1  # measured: benchmarks/drafter_replay.py (docs/drafters.md)
 
 
 def make_drafter(name: str, options: DrafterOptions, draft_step=None, suffix_cache: SuffixCache | None = None,

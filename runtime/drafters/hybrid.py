@@ -23,7 +23,7 @@ from specrt.runtime.tree import Tree, merge
 MODEL_DEPTH = 2  # how deep the model's branches go in a hybrid tree: each level is a draft step per branch
 # A feature head's branches stop at its first position: the runners-up beside the greedy first token come from
 # the logits the head computed while following the last commit, so they cost no head call; a second level
-# costs one.  Measured on Spec-Bench (README, "Trees"): depth 1 drafts 2.29 tokens/pass at 42.5 tok/s,
+# costs one.  Measured on Spec-Bench (docs/drafters.md, "Trees"): depth 1 drafts 2.29 tokens/pass at 42.5 tok/s,
 # depth 2 2.40 at 39.2 (each against the ngram+recycle chain in its own run: 41.6-42.7 tok/s).
 HEAD_DEPTH = 1
 

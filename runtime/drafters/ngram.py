@@ -7,7 +7,7 @@ that followed it.  Nothing found: an empty proposal, which costs a few dictionar
 The index maps each n-gram to where its continuation starts, and is updated as tokens are committed
 (n-grams ending at the token before each new one gain a continuation): no step rescans the context.
 ``match="latest"`` keeps the most recent occurrence of an n-gram, ``"earliest"`` the first one
-(vLLM's choice); ``benchmarks/drafter_replay.py`` measured which one pays (README).
+(vLLM's choice); ``benchmarks/drafter_replay.py`` measured which one pays (docs/drafters.md).
 
 How far to trust a match depends on its length: over the verifier's own Spec-Bench outputs a 1-gram
 match's continuation was accepted for 0.8 tokens on average, a 3-gram's for 2.9, an 8-gram's for 6.5

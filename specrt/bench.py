@@ -13,8 +13,9 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from specrt.runtime.engine import Engine
 from tqdm.auto import tqdm
+
+from specrt.runtime.engine import Engine
 
 DEFAULT_PROMPTS = [
     {"name": "code", "prompt": "import os\n\n\ndef list_python_files(root):\n    \"\"\"Return every .py file under root.\"\"\"\n"},
@@ -30,12 +31,12 @@ class Config:
     temperature: float = 0.0
     acceptance: str = "strict"
     accept_tau: float | None = None
-    tau: float | None = None
+    confidence_tau: float | None = None
     drafter: str | None = None  # None = the engine's default
 
     def kwargs(self) -> dict:
         return {"k": self.k, "use_draft": self.k is not None, "policy": self.policy, "temperature": self.temperature,
-                "acceptance": self.acceptance, "accept_tau": self.accept_tau, "tau": self.tau,
+                "acceptance": self.acceptance, "accept_tau": self.accept_tau, "confidence_tau": self.confidence_tau,
                 "drafter": self.drafter if self.k is not None else None}
 
 
@@ -49,7 +50,7 @@ def policy_configs(ks: Sequence[int], k: int = 4, temperatures: Sequence[float] 
         sfx = "" if t == 0 else f" T={t}"
         out += [Config("target-only" + sfx, temperature=t)]
         out += [Config(f"fixed k={kk}{sfx}", kk, temperature=t) for kk in ks]
-        out += [Config(f"confidence k={k} tau=0.5{sfx}", k, "confidence", t, tau=0.5),
+        out += [Config(f"confidence k={k} tau=0.5{sfx}", k, "confidence", t, confidence_tau=0.5),
                 Config(f"adaptive{sfx}", k, "adaptive", t),
                 Config(f"budget k={k} 1/tok{sfx}", k, "budget", t)]
     return out
