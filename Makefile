@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test install-export install-demo lint bench-demo bench-policies bench-kv bench-peers bench-steps peers-setup demo-int4 bench-spec
+.PHONY: demo test install-export install-demo install-test build-trt head-data head-train lint bench-demo bench-policies bench-kv bench-peers bench-steps peers-setup demo-int4 bench-spec
 
 install-export:
 	$(PIP) -e ".[export,test,serve]"
@@ -17,9 +17,21 @@ install-demo:
 demo: install-demo
 	$(PYTHON) scripts/demo.py
 
-## make test: the whole test suite (CPU only; GPU/TensorRT tests are skipped with their reason)
-test: install-demo
+# the tests also build real TensorRT plans, with TensorRT for RTX from PyPI (no GPU needed to build)
+install-test: install-demo
+	$(PIP) -e ".[tensorrt]"
+
+## make test: the whole test suite (CPU only: TensorRT-RTX plans are built, not run; GPU tests are skipped with
+## their reason)
+test: install-test
 	$(PYTHON) -m pytest -q -ra
+
+## TensorRT plans of the demo pair, built here without a GPU (TensorRT-RTX, every static k profile; after
+## `make demo`): a bucketed export (shapes fixed per context bucket: CUDA graphs), then `specrt build`, timed
+build-trt: install-test
+	test -f .cache/demo/verifier-hf/config.json || $(PYTHON) scripts/demo.py --no-check
+	$(call current,.cache/demo/engine-trt,engines/demo/draft) || $(SPECRT) export $(DEMO_PAIR) --out .cache/demo/engine-trt --attention bucketed
+	start=$$(date +%s); $(SPECRT) build .cache/demo/engine-trt --force && echo "make build-trt: specrt build took $$(( $$(date +%s) - start )) s"
 
 ## speed of the demo pair, side by side (after `make demo`)
 bench-demo:

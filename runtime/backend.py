@@ -108,9 +108,10 @@ class Model(Protocol):
 
 
 def open_model(spec: ModelSpec, backend: str = "onnxruntime", *, threads: int | None = None, spin: bool = True,
-               k_values: tuple[int, ...] = (), device: int = 0) -> Model:
+               k_values: tuple[int, ...] = (), device: int = 0, cuda_graphs: bool = True) -> Model:
     """Load ``spec``'s graph with ``backend`` (one of ``BACKENDS``): ONNX Runtime on the CPU (``threads``,
-    ``spin``), or TensorRT on CUDA ``device`` (its plan's static profiles are planned from ``k_values``)."""
+    ``spin``), or TensorRT's plan on CUDA ``device`` (``k_values``: the draft lengths it must have profiles for;
+    ``cuda_graphs=False`` runs every pass eagerly)."""
     if backend == "onnxruntime":
         from specrt.runtime.ort_backend import OrtModel
 
@@ -118,5 +119,5 @@ def open_model(spec: ModelSpec, backend: str = "onnxruntime", *, threads: int | 
     if backend == "tensorrt":
         from specrt.runtime.trt_backend import TrtModel
 
-        return TrtModel(spec, k_values, device)
+        return TrtModel(spec, k_values, device, cuda_graphs)
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

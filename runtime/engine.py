@@ -158,12 +158,12 @@ class Engine:
     @classmethod
     def load(cls, path: str | Path, backend: str = "onnxruntime", threads: int | None = None,
              draft_threads: int | None = None, spin: bool = True, check_hashes: bool = True,
-             check_invariance: bool = True, device: int = 0) -> Engine:
+             check_invariance: bool = True, device: int = 0, cuda_graphs: bool = True) -> Engine:
         """Validate the manifest (schema + SHA-256 of every file) and open the models.
 
         ``backend``: ``onnxruntime`` (the CPU, always available) or ``tensorrt`` (CUDA ``device``; needs the
-        engine's plans from ``specrt build``).  ``threads``: ONNX Runtime intra-op threads for the target
-        (default: all cores, at most 8); ``draft_threads`` for the draft (default 1: a small model gains little
+        engine's plans from ``specrt build``; ``cuda_graphs=False`` runs its passes eagerly).  ``threads``: ONNX
+        Runtime intra-op threads for the target (default: all cores, at most 8); ``draft_threads`` for the draft (default 1: a small model gains little
         from more threads, and measured on 2 cores, two alternating multi-threaded sessions slow each other
         down: a draft step took 6.7 ms alternating vs 3.7 ms single-threaded); ``spin=False`` stops idle
         threads from busy-waiting between runs.  ``check_invariance``: for a quantized target, measure on this
@@ -174,7 +174,7 @@ class Engine:
         if backend not in BACKENDS:
             raise GenerationError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         manifest = load_manifest(path, check_hashes=check_hashes)
-        opts = {"spin": spin, "k_values": manifest.k_values, "device": device}
+        opts = {"spin": spin, "k_values": manifest.k_values, "device": device, "cuda_graphs": cuda_graphs}
         target = open_model(manifest.target, backend, threads=threads, **opts)
         draft = None
         if manifest.draft is not None:

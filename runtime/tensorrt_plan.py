@@ -40,15 +40,21 @@ class Profile:
 
 
 def plan_profiles(role: str, k_values: tuple[int, ...], max_context: int, prefill_max: int = PREFILL_CHUNK,
-                  kind: str = "model") -> list[Profile]:
+                  kind: str = "model", decode: bool = True) -> list[Profile]:
     """One optimization profile per stage and width; the index in this list is the TensorRT profile index.
 
-    ``kind`` is the draft's (``model`` or ``feature-head``); ``max_context`` caps the prefill width.
+    ``kind`` is the draft's (``model`` or ``feature-head``); ``max_context`` caps the prefill width.  ``decode=False``
+    leaves out the target's 1-row profile: TensorRT keeps a second copy of the weights, in another layout, for a
+    1-row profile (measured with TensorRT-RTX on the demo target: 560 MB with the prefill profile alone, 1,006 MB
+    with a 1-row and a 2-row profile, 578 MB with a 2-row and a 3-row one), so a plan without it stores the
+    weights once; its 1-row passes then run under the prefill profile.
     """
     if max_context < max(k_values) + 2:
         raise GenerationError(f"max context {max_context} leaves no room for k={max(k_values)}")
     top = min(prefill_max, max_context)
-    profiles = [Profile("prefill", 0, 1, min(64, top), top), Profile("decode", 0, 1, 1, 1)]
+    profiles = [Profile("prefill", 0, 1, min(64, top), top)]
+    if decode or role != "target":
+        profiles.append(Profile("decode", 0, 1, 1, 1))
     if role == "draft" and kind == "feature-head":
         # the head's commit pass runs the accepted rows + 1: every width up to the largest k + 1
         profiles += [Profile("commit", 0, n, n, n) for n in range(2, max(k_values) + 2)]
@@ -57,6 +63,11 @@ def plan_profiles(role: str, k_values: tuple[int, ...], max_context: int, prefil
     else:
         profiles += [Profile("verify", k, k + 1, k + 1, k + 1) for k in sorted(set(k_values)) if k + 1 > 1]
     return profiles
+
+
+def recorded_profiles(record: dict) -> list[Profile]:
+    """A plan's profiles as its manifest entry lists them, in index order (what ``select_profile`` chooses among)."""
+    return [Profile(p["stage"], p["k"], p["n_min"], p["n_opt"], p["n_max"]) for p in record["profiles"]]
 
 
 def past_length_range(profile: Profile, max_context: int) -> tuple[int, int, int]:
@@ -210,15 +221,32 @@ def binding_plan(spec: ModelSpec, n_max: int) -> list[Binding]:
     return plan
 
 
-def check_engine_compat(record: dict, trt_version: str, compute_capability: tuple[int, int]) -> None:
-    """Refuse a TensorRT engine built for another TensorRT version or GPU (engines are not portable)."""
+def check_engine_compat(record: dict, flavour: str, version: str, compute_capability: tuple[int, int]) -> str | None:
+    """Refuse a plan this runtime cannot load: built by the other flavour (TensorRT vs TensorRT-RTX), another
+    major.minor version, or for another GPU.  TensorRT 10 plans run on the GPU they were built on; TensorRT-RTX plans
+    on their targets "and later" (NVIDIA's word: the plan is specialised just in time).  Returns a note when the GPU
+    is outside NVIDIA's support matrix but not refused (Hopper, 9.x, under TensorRT-RTX: to be found out on one)."""
+    built_with = record.get("flavour", "tensorrt")
+    if built_with != flavour:
+        raise EngineDirError(f"this plan was built with {built_with}, the runtime loaded {flavour}: a plan loads only "
+                             f"in the library that built it. Install {built_with} "
+                             f"({'pip install specrt[tensorrt]' if built_with == 'tensorrt-rtx' else 'NVIDIA index'}), "
+                             "or rebuild with `specrt build DIR --force`, or use the onnxruntime backend.")
     built_trt = record.get("tensorrt_version", "?")
-    built_cc = tuple(record.get("compute_capability", (0, 0)))
-    if built_trt.split(".")[:2] != trt_version.split(".")[:2]:
-        raise EngineDirError(f"this engine was built with TensorRT {built_trt}, the runtime has {trt_version}: "
-                             "TensorRT engines only load in the version that built them. Rebuild on this machine "
-                             "with `specrt build DIR --force`, or use the ONNX Runtime backend (backend='onnxruntime').")
-    if built_cc != tuple(compute_capability):
-        raise EngineDirError(f"this engine was built for a GPU of compute capability {built_cc[0]}.{built_cc[1]}, "
-                             f"this GPU is {compute_capability[0]}.{compute_capability[1]}. Rebuild on this machine "
-                             "with `specrt build DIR --force`.")
+    if built_trt.split(".")[:2] != version.split(".")[:2]:
+        raise EngineDirError(f"this plan was built with {flavour} {built_trt}, the runtime has {version}: plans only "
+                             "load in the version that built them. Rebuild with `specrt build DIR --force`, or use the "
+                             "onnxruntime backend (backend='onnxruntime').")
+    here = f"{compute_capability[0]}.{compute_capability[1]}"
+    targets = list(record.get("compute_capabilities", []))
+    key = lambda cc: tuple(int(x) for x in cc.split("."))
+    if here in targets:
+        return None
+    if flavour == "tensorrt-rtx" and targets and key(here) > max(map(key, targets)):
+        if compute_capability[0] == 9:
+            return (f"compute capability {here} (Hopper) is not in TensorRT-RTX's support matrix; the plan (built for "
+                    f"{', '.join(targets)}) is tried as NVIDIA's 'and later' allows")
+        return None
+    raise EngineDirError(f"this plan was built for compute capabilit{'y' if len(targets) == 1 else 'ies'} "
+                         f"{', '.join(targets) or '?'}, this GPU is {here}. Rebuild with `specrt build DIR --force"
+                         f"{' --compute-capability ' + here if flavour == 'tensorrt-rtx' else ''}`.")

@@ -1,10 +1,10 @@
-"""TensorRT implementation of the backend contract (``runtime/backend.py``).  NOT YET RUN ON HARDWARE.
+"""TensorRT implementation of the backend contract (``runtime/backend.py``), on TensorRT 10 or TensorRT-RTX.
+NOT YET RUN ON HARDWARE: no GPU was lent to the tasks that wrote it.  Its Python runs on the CPU in the tests with
+TensorRT and CUDA faked at their boundary (``tests/fake_cuda.py``); plans are built for real there.
 
-Written against the documented TensorRT 10 Python API (``deserialize_cuda_engine``,
-``set_optimization_profile_async``, ``set_input_shape``, ``set_tensor_address``,
-``execute_async_v3``) and NVIDIA cuda-python (``cuda.bindings.runtime``).  TensorRT cannot be
-installed on the machines this was written on, and no GPU was lent, so none of this module has
-executed; its planning half (``tensorrt_plan``, ``cuda_graphs``) is CPU-tested.
+Written against the TensorRT 10 Python API that both flavours share (``deserialize_cuda_engine``,
+``set_optimization_profile_async``, ``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``), TensorRT-RTX's
+runtime config (built-in CUDA graphs, runtime cache) and NVIDIA cuda-python (``cuda.bindings.runtime``).
 
 Design: device-resident KV buffers allocated once at ``buffer_shape`` (fixed addresses); per-width
 input/output buffers sized from the largest profile.  After a step, the n new KV entries are copied
@@ -17,7 +17,8 @@ Two kinds of export (``kv_cache.attention``):
 * ``concat``: attention reads exactly ``past_length`` entries, a host shape tensor, so shapes change
   every step and steps run eagerly (no graphs).
 * ``concat-bucketed``: shapes depend only on n and ``bucket_length`` (a host shape tensor, constant
-  per bucket); ``past_length`` is device data.  Each step's work -- token ids and ``past_length``
+  per bucket); ``past_length`` is device data.  TensorRT-RTX captures and replays each shape's work itself
+  (``CudaGraphStrategy.WHOLE_GRAPH_CAPTURE``).  On TensorRT 10 each step's work -- token ids and ``past_length``
   copied from pinned host memory, then ``execute_async_v3`` -- is captured once per (stage, k, n,
   bucket) and replayed through ``cuda_graphs.GraphCache``: a replayed copy reads the pinned host
   memory as it is at replay time, so one graph serves every context inside its bucket.  The KV
@@ -26,8 +27,10 @@ Two kinds of export (``kv_cache.attention``):
 from __future__ import annotations
 
 import ctypes
+import logging
 
 import numpy as np
+from specrt.runtime import tensorrt_lib
 from specrt.runtime.backend import Model, ModelStep, Tree
 from specrt.runtime.cuda_graphs import CudartOps, GraphCache, check
 from specrt.runtime.errors import EngineDirError
@@ -39,9 +42,11 @@ from specrt.runtime.tensorrt_plan import (
     check_engine_compat,
     check_engine_tensors,
     graph_key,
-    plan_profiles,
+    recorded_profiles,
     select_profile,
 )
+
+log = logging.getLogger(__name__)
 
 
 def _pinned(cudart, count: int) -> np.ndarray:
@@ -52,31 +57,70 @@ def _pinned(cudart, count: int) -> np.ndarray:
 
 class TrtModel(Model):
     """A deserialized TensorRT plan on one CUDA device, shared by every sequence that runs it (each sequence has
-    its own execution context, stream and device buffers: ``TrtModelStep``)."""
+    its own execution context, stream and device buffers: ``TrtModelStep``).  The plan's own flavour is loaded
+    (``runtime/tensorrt_lib.py``); TensorRT-RTX plans get its built-in CUDA graphs where shapes are fixed (bucketed
+    exports) and a runtime cache of their just-in-time compilation, kept beside the plan."""
 
-    def __init__(self, spec: ModelSpec, k_values: tuple[int, ...], device: int = 0):
-        try:
-            import tensorrt as trt
-            from cuda.bindings import runtime as cudart
-        except ImportError as e:
-            raise EngineDirError(f"the TensorRT backend needs tensorrt and cuda-python ({e}); install them from "
-                                 "NVIDIA's index, or use the onnxruntime backend") from None
+    def __init__(self, spec: ModelSpec, k_values: tuple[int, ...], device: int = 0, cuda_graphs: bool = True):
         record = spec.raw.get("tensorrt")
         if not record:
-            raise EngineDirError(f"{spec.role} has no TensorRT engine; build one with `specrt build DIR`")
+            raise EngineDirError(f"{spec.role} has no TensorRT plan; build one with `specrt build DIR`")
+        lib = tensorrt_lib.load(record.get("flavour", "tensorrt"))
+        try:
+            from cuda.bindings import runtime as cudart
+        except ImportError as e:
+            raise EngineDirError(f"the TensorRT backend needs cuda-python ({e}): pip install cuda-python, or use the "
+                                 "onnxruntime backend") from None
         check(cudart.cudaSetDevice(device))  # every allocation, stream and graph below lives on this device
         props = check(cudart.cudaGetDeviceProperties(device))
-        check_engine_compat(record, trt.__version__, (props.major, props.minor))
-        self.trt, self.cudart, self.spec, self.device = trt, cudart, spec, device
+        note = check_engine_compat(record, lib.flavour, lib.version, (props.major, props.minor))
+        if note:
+            log.warning("%s: %s", spec.role, note)
+        self.lib, self.trt, self.cudart, self.spec, self.device = lib, lib.module, cudart, spec, device
+        trt = lib.module
         self.logger = trt.Logger(trt.Logger.WARNING)
-        blob = (spec.path.parent / record["file"]).read_bytes()
-        self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(blob)
+        plan = spec.path.parent / record["file"]
+        self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
-            raise EngineDirError(f"TensorRT could not deserialize {record['file']}; rebuild with `specrt build`")
-        self.profiles = plan_profiles(spec.role, k_values, spec.kv.buffer_shape[2], kind=spec.kind)
+            raise EngineDirError(f"{lib.flavour} could not deserialize {record['file']}; rebuild with `specrt build`")
+        self.profiles = recorded_profiles(record)  # as built (a lean plan has no 1-row target profile)
+        missing = [k for k in k_values if spec.role == "target"
+                   and not any(p.stage == "verify" and p.k == k for p in self.profiles)]
+        if missing:
+            raise EngineDirError(f"{record['file']} has no verification profile for k = {missing}; rebuild it with "
+                                 "`specrt build DIR --force`")
         self.n_max = max(p.n_max for p in self.profiles)
         self.plan = {b.name: b for b in binding_plan(spec, self.n_max)}
         check_engine_tensors(self._engine_tensors(), list(self.plan.values()))
+        # TensorRT-RTX: its own CUDA graphs where every shape is fixed per bucket (ours need TensorRT 10), and its
+        # just-in-time kernels cached beside the plan across runs
+        self.cuda_graphs = cuda_graphs  # False: every pass eager (to measure what the graphs buy)
+        self.builtin_graphs = cuda_graphs and lib.has_cuda_graphs and bool(spec.kv.bucket_length)
+        self.runtime_cache_path = plan.with_name(plan.name + ".runtime_cache") if lib.has_cuda_graphs else None
+        self._runtime_cache = None
+
+    def execution_context(self):
+        """A new execution context (TensorRT-RTX: with its runtime config -- CUDA graphs, the runtime cache)."""
+        if not self.lib.has_cuda_graphs:
+            return self.engine.create_execution_context()
+        config = self.engine.create_runtime_config()
+        if self.builtin_graphs:
+            config.cuda_graph_strategy = self.trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+        if self._runtime_cache is None:
+            self._runtime_cache = config.create_runtime_cache()
+            if self.runtime_cache_path.is_file():
+                self._runtime_cache.deserialize(self.runtime_cache_path.read_bytes())
+        config.set_runtime_cache(self._runtime_cache)
+        return self.engine.create_execution_context(config)
+
+    def save_runtime_cache(self) -> None:
+        """Write what TensorRT-RTX compiled just in time beside the plan (next runs start warm); best effort."""
+        if self._runtime_cache is None:
+            return
+        try:
+            self.runtime_cache_path.write_bytes(bytes(self._runtime_cache.serialize()))
+        except OSError as e:  # a read-only engine directory: the next run compiles again
+            log.warning("could not save the runtime cache %s: %s", self.runtime_cache_path, e)
 
     def new_step(self, max_step: int = 65) -> TrtModelStep:
         """``max_step`` is planned by the plan's profiles (``k_values``): every width up to the largest profile's
@@ -105,7 +149,7 @@ class TrtModelStep(ModelStep):
         self.model, self.spec, self.trt, self.cudart = model, model.spec, model.trt, model.cudart
         cudart, spec = model.cudart, model.spec
         check(cudart.cudaSetDevice(model.device))
-        self.context = model.engine.create_execution_context()
+        self.context = model.execution_context()
         self.stream = check(cudart.cudaStreamCreate())
         self.profiles, self.plan = model.profiles, model.plan
         n_max = model.n_max
@@ -119,6 +163,7 @@ class TrtModelStep(ModelStep):
         self._length = 0
         self._profile = -1
         self._profile_switched = False
+        self._profiles_run: set[int] = set()
         for name, ptr in self.device_ptr.items():
             self._set_address(name, ptr)
         self.bucketed = bool(spec.kv.bucket_length)
@@ -128,7 +173,8 @@ class TrtModelStep(ModelStep):
             # shape tensor, read by TensorRT at enqueue; its address must be 256-byte aligned
             self.host_bucket = aligned_host_buffer(1)
             self._set_address(spec.kv.bucket_length, self.host_bucket.ctypes.data)
-            self.graphs = GraphCache(CudartOps(), self.stream)
+            # ours where TensorRT-RTX's built-in graphs do not run (TensorRT 10)
+            self.graphs = None if model.builtin_graphs or not model.cuda_graphs else GraphCache(CudartOps(), self.stream)
         else:
             self.host_ids = np.zeros(n_max, dtype=np.int64)
             self.host_past = aligned_host_buffer(1)  # shape tensor
@@ -199,10 +245,14 @@ class TrtModelStep(ModelStep):
             if not self.context.execute_async_v3(self.stream):
                 raise RuntimeError(f"TensorRT execute_async_v3 failed for {self.spec.role} ({n} tokens at {pos})")
 
+        first_use = profile not in self._profiles_run
         if self.bucketed:
             key = graph_key(self.spec.role, self.profiles[profile], n, pos, self.max_context, kv.context_buckets)
             self.host_bucket[0] = key[-1]
-            self.graphs.run(key, enqueue, fresh=self._profile_switched)
+            if self.graphs is not None:
+                self.graphs.run(key, enqueue, fresh=self._profile_switched)
+            else:
+                enqueue()
         else:
             enqueue()
         self._profile_switched = False
@@ -219,4 +269,7 @@ class TrtModelStep(ModelStep):
                                      cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
         check(cudart.cudaStreamSynchronize(self.stream))  # the loop needs these logits to decide
         self._length = pos + n
+        if first_use:  # TensorRT-RTX compiled this profile's kernels just now: keep them for the next run
+            self._profiles_run.add(profile)
+            self.model.save_runtime_cache()
         return out

@@ -1,6 +1,7 @@
-"""TensorRT and cuda-python faked at their Python boundary, so the TensorRT backend runs on a CPU.
+"""TensorRT (either flavour) and cuda-python faked at their Python boundary, so the TensorRT backend runs on a CPU.
 
-``install(monkeypatch)`` puts a fake ``tensorrt`` and ``cuda.bindings.runtime`` into ``sys.modules``.  Device memory
+``install(monkeypatch, engine, flavour)`` puts a fake ``tensorrt`` (or ``tensorrt_rtx_bindings``, with TensorRT-RTX's
+runtime config: built-in CUDA graphs, a runtime cache) and ``cuda.bindings.runtime`` into ``sys.modules``.  Device memory
 is host memory here (``cudaMalloc`` returns the address of a numpy buffer, so the backend's copies move real
 bytes); the fake engine reports the I/O tensors of a binding plan, and its ``execute_async_v3`` reads the token ids
 and ``past_length`` where the backend put them and writes logits whose argmax is ``(token + 1) % vocab``, plus each
@@ -17,7 +18,8 @@ from enum import Enum
 import numpy as np
 from specrt.runtime.tensorrt_plan import Binding
 
-VERSION = "10.99.0"
+VERSION = "10.99.0"  # the fake TensorRT 10
+RTX_VERSION = "1.99.0"  # the fake TensorRT-RTX
 
 
 class cudaError_t(Enum):
@@ -196,11 +198,44 @@ class FakeContext:
         self.runs += 1
 
 
+class CudaGraphStrategy(Enum):
+    DISABLED = 0
+    WHOLE_GRAPH_CAPTURE = 1
+
+
+class FakeRuntimeCache:
+    def __init__(self):
+        self.data = b"jit:"
+
+    def serialize(self):
+        return self.data + b"kernels"
+
+    def deserialize(self, blob):
+        self.data = bytes(blob)
+        return True
+
+
+class FakeRuntimeConfig:
+    def __init__(self):
+        self.cuda_graph_strategy, self.cache = CudaGraphStrategy.DISABLED, None
+
+    def create_runtime_cache(self):
+        return FakeRuntimeCache()
+
+    def set_runtime_cache(self, cache):
+        self.cache = cache
+        return True
+
+
 class FakeEngine:
     def __init__(self, plan: list[Binding], vocab: int):
         self.plan, self.vocab = plan, vocab
         self.tensors = {b.name: b for b in plan}
         self.num_io_tensors = len(plan)
+        self.contexts: list[FakeContext] = []
+
+    def create_runtime_config(self):  # TensorRT-RTX only (the fake TensorRT 10 module has no CudaGraphStrategy)
+        return FakeRuntimeConfig()
 
     def get_tensor_name(self, i):
         return self.plan[i].name
@@ -217,14 +252,19 @@ class FakeEngine:
     def get_tensor_location(self, name):
         return TensorLocation.HOST if self.tensors[name].on_host else TensorLocation.DEVICE
 
-    def create_execution_context(self):
-        return FakeContext(self)
+    def create_execution_context(self, config=None):
+        context = FakeContext(self)
+        context.config = config
+        self.contexts.append(context)
+        return context
 
 
-def fake_tensorrt(engine: FakeEngine) -> types.ModuleType:
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = VERSION
+def fake_tensorrt(engine: FakeEngine, flavour: str = "tensorrt") -> types.ModuleType:
+    trt = types.ModuleType("tensorrt" if flavour == "tensorrt" else "tensorrt_rtx_bindings")
+    trt.__version__ = VERSION if flavour == "tensorrt" else RTX_VERSION
     trt.DataType, trt.TensorIOMode, trt.TensorLocation = DataType, TensorIOMode, TensorLocation
+    if flavour == "tensorrt-rtx":
+        trt.CudaGraphStrategy = CudaGraphStrategy
 
     class Logger:
         WARNING = 2
@@ -243,7 +283,7 @@ def fake_tensorrt(engine: FakeEngine) -> types.ModuleType:
     return trt
 
 
-def install(monkeypatch, engine: FakeEngine) -> FakeCudart:
+def install(monkeypatch, engine: FakeEngine, flavour: str = "tensorrt") -> FakeCudart:
     """The fakes in ``sys.modules`` for this test; returns the CUDA fake (its counters)."""
     cudart = FakeCudart()
     cuda = types.ModuleType("cuda")
@@ -252,5 +292,6 @@ def install(monkeypatch, engine: FakeEngine) -> FakeCudart:
     monkeypatch.setitem(sys.modules, "cuda", cuda)
     monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
     monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", cudart)
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(engine))
+    name = "tensorrt" if flavour == "tensorrt" else "tensorrt_rtx_bindings"
+    monkeypatch.setitem(sys.modules, name, fake_tensorrt(engine, flavour))
     return cudart

@@ -46,7 +46,7 @@ def test_an_unknown_backend_is_refused():
     assert BACKENDS == ("onnxruntime", "tensorrt")
 
 
-def _with_fake_plans(src, dst) -> None:
+def _with_fake_plans(src, dst, flavour: str = "tensorrt") -> None:
     """An engine directory with a TensorRT record per model (the plan files are placeholders the fake engine
     never reads), hashed as ``specrt build`` does."""
     shutil.copytree(src, dst)
@@ -55,26 +55,34 @@ def _with_fake_plans(src, dst) -> None:
     for spec in (m.target, m.draft):
         (dst / f"{spec.role}.plan").write_bytes(b"not a plan")
         data["models"][spec.role]["tensorrt"] = {
-            "file": f"{spec.role}.plan", "tensorrt_version": fake_cuda.VERSION, "compute_capability": [9, 0],
-            "precision": "fp32", "profiles": [p.__dict__ for p in plan_profiles(spec.role, m.k_values,
-                                                                                spec.kv.buffer_shape[2])]}
+            "file": f"{spec.role}.plan", "flavour": flavour,
+            "tensorrt_version": fake_cuda.VERSION if flavour == "tensorrt" else fake_cuda.RTX_VERSION,
+            "compute_capabilities": ["9.0"] if flavour == "tensorrt" else ["8.6"], "precision": "fp32",
+            "profiles": [p.__dict__ for p in plan_profiles(spec.role, m.k_values, spec.kv.buffer_shape[2])]}
     for p in sorted(dst.iterdir()):
         if p.is_file() and p.name != MANIFEST:
             data["files"][p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     (dst / MANIFEST).write_text(json.dumps(data))
 
 
-@pytest.fixture(params=["onnxruntime", "tensorrt (faked at the CUDA boundary)"])
-def step(request, engines, tmp_path, monkeypatch) -> ModelStep:
-    """A target step of the tiny concat engine (the graph both backends run) on each backend."""
-    if request.param == "onnxruntime":
-        return Engine.load(engines["close_concat"]).sequence().target
-    d = tmp_path / "engine"
-    _with_fake_plans(engines["close_concat"], d)
+def _fake_tensorrt_engine(src, d, monkeypatch, flavour: str = "tensorrt") -> tuple[Engine, fake_cuda.FakeCudart]:
+    """``src`` with placeholder plans, loaded on the TensorRT backend of ``flavour``, faked below the CUDA boundary."""
+    _with_fake_plans(src, d, flavour)
     m = load_manifest(d)
     n_max = max(p.n_max for p in plan_profiles("target", m.k_values, m.target.kv.buffer_shape[2]))
-    fake_cuda.install(monkeypatch, fake_cuda.FakeEngine(binding_plan(m.target, n_max), m.target.vocab_size))
-    return Engine.load(d, backend="tensorrt").sequence().target
+    cudart = fake_cuda.install(monkeypatch, fake_cuda.FakeEngine(binding_plan(m.target, n_max), m.target.vocab_size),
+                               flavour)
+    return Engine.load(d, backend="tensorrt"), cudart
+
+
+@pytest.fixture(params=["onnxruntime", "tensorrt", "tensorrt-rtx"])
+def step(request, engines, tmp_path, monkeypatch) -> ModelStep:
+    """A target step of the tiny concat engine (the graph both backends run) on each backend: ONNX Runtime for real,
+    TensorRT and TensorRT-RTX faked at the CUDA boundary."""
+    if request.param == "onnxruntime":
+        return Engine.load(engines["close_concat"]).sequence().target
+    engine, _ = _fake_tensorrt_engine(engines["close_concat"], tmp_path / "engine", monkeypatch, request.param)
+    return engine.sequence().target
 
 
 def test_the_contract_holds_on_every_backend(step):
@@ -106,12 +114,8 @@ def test_the_contract_holds_on_every_backend(step):
 def test_the_fake_tensorrt_target_generates_like_its_logits_say(engines, tmp_path, monkeypatch):
     """Through the whole engine on the TensorRT backend (faked below the CUDA boundary): greedy speculative decoding
     equals target-only decoding, and the KV scatter put every row's entries where the cache expects them."""
-    d = tmp_path / "engine"
-    _with_fake_plans(engines["close_concat"], d)
-    m = load_manifest(d)
-    n_max = max(p.n_max for p in plan_profiles("target", m.k_values, m.target.kv.buffer_shape[2]))
-    cudart = fake_cuda.install(monkeypatch, fake_cuda.FakeEngine(binding_plan(m.target, n_max), m.target.vocab_size))
-    engine = Engine.load(d, backend="tensorrt")
+    engine, cudart = _fake_tensorrt_engine(engines["close_concat"], tmp_path / "engine", monkeypatch)
+    m = engine.manifest
     plain = engine.generate([5, 17, 33], max_new_tokens=12, use_draft=False).token_ids
     assert plain == [(33 + i) % m.target.vocab_size for i in range(1, 13)]  # the fake's (token + 1) rule
     for k in (1, 2, 4):
@@ -123,3 +127,23 @@ def test_the_fake_tensorrt_target_generates_like_its_logits_say(engines, tmp_pat
     cache = cache.reshape(kvh, max_ctx, hd)
     context = [5, 17, 33, *plain][:target.length]
     assert (cache[0, :target.length, 0] == context).all() and cudart.copies > 0
+
+
+def test_tensorrt_rtx_replays_its_own_cuda_graphs_and_keeps_its_runtime_cache(engines, tmp_path, monkeypatch):
+    """TensorRT-RTX: on a bucketed export (every shape fixed per bucket) its built-in CUDA graphs run instead of
+    ours, and what it compiled just in time is written beside the plan as each profile is first used; TensorRT 10
+    keeps our own capture."""
+    engine, _ = _fake_tensorrt_engine(engines["close_bucketed"], tmp_path / "rtx", monkeypatch, "tensorrt-rtx")
+    target = engine.default_sequence.target
+    assert target.graphs is None and target.context.config.cuda_graph_strategy.name == "WHOLE_GRAPH_CAPTURE"
+    plain = engine.generate([5, 17, 33], max_new_tokens=10, use_draft=False).token_ids
+    assert engine.generate([5, 17, 33], max_new_tokens=10, k=4, drafter="ngram").token_ids == plain
+    cache = tmp_path / "rtx" / "target.plan.runtime_cache"
+    assert cache.read_bytes() == b"jit:kernels"
+    again, _ = _fake_tensorrt_engine(engines["close_bucketed"], tmp_path / "rtx2", monkeypatch, "tensorrt-rtx")
+    shutil.copy(cache, tmp_path / "rtx2" / "target.plan.runtime_cache")
+    assert again.sequence().target.context.config.cache.data == b"jit:kernels"  # the next run starts warm
+    trt10, _ = _fake_tensorrt_engine(engines["close_bucketed"], tmp_path / "trt10", monkeypatch, "tensorrt")
+    seq = trt10.sequence()
+    assert seq.target.graphs is not None
+    assert trt10.generate([5, 17, 33], max_new_tokens=10, use_draft=False).token_ids == plain

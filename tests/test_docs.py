@@ -293,7 +293,7 @@ specrt generate ./engine --no-such-flag
 make no-such-target
 python scripts/no_such_script.py --help
 python benchmarks/kv_copy.py ENGINE --no-such-option
-specrt build ./engine --fp16   # GPU only
+specrt build ./engine --lean   # GPU only
 specrt build ./engine --no-gpu-flag   # GPU only
 bash scripts/no_such_gpu_check.sh   # GPU only
 frobnicate --all

@@ -1,12 +1,13 @@
-"""GPU tests: skipped, with the reason, where there is no CUDA GPU or no TensorRT.  Run them with
-scripts/gpu_check.sh on a GPU machine."""
+"""GPU tests: skipped, with the reason, where there is no CUDA GPU or no TensorRT (either flavour).  Run them with
+scripts/gpu_check.sh on a GPU machine.  NEVER RUN YET: no GPU was lent to the tasks that wrote them."""
 from __future__ import annotations
 
 import importlib.util
 
 import pytest
+from specrt.runtime import tensorrt_lib
 
-HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
+HAVE_TRT = bool(tensorrt_lib.available())
 HAVE_CUDA = importlib.util.find_spec("cuda") is not None
 
 
@@ -23,7 +24,7 @@ def _gpu_count() -> int:
 
 
 needs_trt = pytest.mark.skipif(not (HAVE_TRT and _gpu_count()),
-                               reason="needs a CUDA GPU with TensorRT + cuda-python (not installable on CPU CI)")
+                               reason="needs a CUDA GPU with TensorRT-RTX or TensorRT, and cuda-python (CI has no GPU)")
 
 
 @pytest.mark.gpu
@@ -58,7 +59,6 @@ def test_engine_tensors_int64_and_shape_tensor_status(tmp_path, engines, name):
     INT64, past_length is a host shape tensor in the concat graph and device data in the bucketed one."""
     import shutil
 
-    import tensorrt as trt
     from specrt.export.tensorrt_build import build_engines
     from specrt.runtime.manifest import load_manifest
     from specrt.runtime.trt_backend import TrtModel
@@ -66,7 +66,8 @@ def test_engine_tensors_int64_and_shape_tensor_status(tmp_path, engines, name):
     d = tmp_path / "engine"
     shutil.copytree(engines[name], d)
     build_engines(d)
-    e = TrtModel(load_manifest(d).target, (1, 2, 4, 8)).engine  # loading runs check_engine_tensors
+    model = TrtModel(load_manifest(d).target, (1, 2, 4, 8))  # loading runs check_engine_tensors
+    e, trt = model.engine, model.trt
     assert e.get_tensor_dtype("input_ids") == trt.DataType.INT64 and e.get_tensor_dtype("past_length") == trt.DataType.INT64
     assert bool(e.is_shape_inference_io("past_length")) is (name == "close_concat")
     if name == "close_bucketed":

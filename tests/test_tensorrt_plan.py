@@ -87,13 +87,25 @@ def test_in_place_engine_is_refused_for_tensorrt_with_the_fix(engines):
         binding_plan(load_manifest(engines["close"]).target, 9)
 
 
-def test_engine_for_other_tensorrt_or_gpu_is_refused():
-    record = {"tensorrt_version": "10.3.0", "compute_capability": [9, 0]}
-    check_engine_compat(record, "10.3.1", (9, 0))
-    with pytest.raises(EngineDirError, match="TensorRT 10.3.0.*has 10.5.0.*specrt build"):
-        check_engine_compat(record, "10.5.0", (9, 0))
-    with pytest.raises(EngineDirError, match="compute capability 9.0.*8.6"):
-        check_engine_compat(record, "10.3.0", (8, 6))
+def test_a_plan_for_another_flavour_version_or_gpu_is_refused():
+    trt10 = {"flavour": "tensorrt", "tensorrt_version": "10.3.0", "compute_capabilities": ["9.0"]}
+    assert check_engine_compat(trt10, "tensorrt", "10.3.1", (9, 0)) is None
+    with pytest.raises(EngineDirError, match="tensorrt 10.3.0.*has 10.5.0.*specrt build"):
+        check_engine_compat(trt10, "tensorrt", "10.5.0", (9, 0))
+    with pytest.raises(EngineDirError, match="compute capability 9.0, this GPU is 8.6"):
+        check_engine_compat(trt10, "tensorrt", "10.3.0", (8, 6))
+    with pytest.raises(EngineDirError, match="compute capability 9.0, this GPU is 12.0"):  # TensorRT 10: that GPU only
+        check_engine_compat(trt10, "tensorrt", "10.3.0", (12, 0))
+    with pytest.raises(EngineDirError, match="built with tensorrt, the runtime loaded tensorrt-rtx"):
+        check_engine_compat(trt10, "tensorrt-rtx", "10.3.0", (9, 0))
+    rtx = {"flavour": "tensorrt-rtx", "tensorrt_version": "1.7.1.116", "compute_capabilities": ["8.0", "8.6"]}
+    assert check_engine_compat(rtx, "tensorrt-rtx", "1.7.0", (8, 6)) is None
+    assert check_engine_compat(rtx, "tensorrt-rtx", "1.7.0", (8, 9)) is None  # "and later"
+    assert "Hopper" in check_engine_compat(rtx, "tensorrt-rtx", "1.7.0", (9, 0))  # tried, with a note
+    with pytest.raises(EngineDirError, match="8.0, 8.6, this GPU is 7.5.*--compute-capability 7.5"):
+        check_engine_compat(rtx, "tensorrt-rtx", "1.7.0", (7, 5))
+    with pytest.raises(EngineDirError, match="pip install specrt.tensorrt."):
+        check_engine_compat(rtx, "tensorrt", "1.7.0", (8, 6))
 
 
 class FakeOps:
