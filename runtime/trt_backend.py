@@ -71,8 +71,12 @@ class TrtModel(Model):
         except ImportError as e:
             raise EngineDirError(f"the TensorRT backend needs cuda-python ({e}): pip install cuda-python, or use the "
                                  "onnxruntime backend") from None
-        check(cudart.cudaSetDevice(device))  # every allocation, stream and graph below lives on this device
-        props = check(cudart.cudaGetDeviceProperties(device))
+        try:  # every allocation, stream and graph below lives on this device
+            check(cudart.cudaSetDevice(device))
+            props = check(cudart.cudaGetDeviceProperties(device))
+        except RuntimeError as e:  # no GPU, no driver: a CPU-only machine
+            raise EngineDirError(f"the TensorRT backend runs plans on an NVIDIA GPU, and CUDA device {device} is not "
+                                 f"usable here ({e}); use the onnxruntime backend (the CPU)") from None
         note = check_engine_compat(record, lib.flavour, lib.version, (props.major, props.minor))
         if note:
             log.warning("%s: %s", spec.role, note)

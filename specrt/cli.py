@@ -11,6 +11,7 @@ from pathlib import Path
 
 from specrt import __version__
 from specrt.runtime import request, tensorrt_lib
+from specrt.runtime.backend import BACKENDS
 from specrt.runtime.policy import POLICIES
 from specrt.server import EXTRA as SERVER_EXTRA_FIELDS
 
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                            ("bench", "target-only vs speculative tokens/s, side by side")):
         g = sub.add_parser(name, help=helptext, description=helptext + ("." + bench_outputs if name == "bench" else ""))
         g.add_argument("engine", type=Path, help="engine directory (from `specrt export`)")
+        g.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
+                       help="onnxruntime (the CPU; default) or tensorrt (the engine's plans from `specrt build`, on an "
+                       "NVIDIA GPU)")
         g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores, max 8)")
         g.add_argument("--draft-threads", type=int, default=None, help="threads for the draft (default 1)")
         g.add_argument("--no-spin", action="store_true",
@@ -241,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=600.0, help="seconds a request may wait + run (default 600)")
     s.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413 (default 4 MiB)")
     s.add_argument("--model-name", default=None, help="the model id clients use (default: the directory's name)")
+    s.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
+                   help="onnxruntime (the CPU; default) or tensorrt (the engine's plans, on an NVIDIA GPU)")
     s.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads for the target")
     s.add_argument("--ray", action="store_true",
                    help="serve through Ray Serve instead (one engine per replica; needs ray[serve]; see docs/serving.md)")
@@ -316,7 +322,8 @@ def _export(args) -> int:
 def _generate(args) -> int:
     from specrt.runtime import Engine, GenerationError
 
-    engine = Engine.load(args.engine, threads=args.threads, draft_threads=args.draft_threads, spin=not args.no_spin)
+    engine = Engine.load(args.engine, backend=args.backend, threads=args.threads, draft_threads=args.draft_threads,
+                         spin=not args.no_spin)
     prompt = (args.prompt_ids if args.prompt_ids is not None else
               engine.chat_prompt([{"role": "user", "content": args.chat}]) if args.chat is not None else args.prompt)
     from specrt.runtime.request import MAX_SAMPLES
@@ -375,7 +382,8 @@ def _bench(args) -> int:
                          "its rows with --json-out FILE")
     elif args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    engine = Engine.load(args.engine, threads=args.threads, draft_threads=args.draft_threads, spin=not args.no_spin)
+    engine = Engine.load(args.engine, backend=args.backend, threads=args.threads, draft_threads=args.draft_threads,
+                         spin=not args.no_spin)
     prompts = json.loads(args.prompts.read_text()) if args.prompts else DEFAULT_PROMPTS
     if engine.manifest.chat_template is None:
         prompts = [p for p in prompts if "chat" not in p]
@@ -419,7 +427,8 @@ def _bench_spec(args, engine) -> int:
     ks = args.k or [4]
     engines = [(engine, peers.engine_label(engine))]
     for path in args.also_engine:
-        other = Engine.load(path, threads=args.threads, draft_threads=args.draft_threads, spin=not args.no_spin)
+        other = Engine.load(path, backend=args.backend, threads=args.threads, draft_threads=args.draft_threads,
+                            spin=not args.no_spin)
         label = peers.engine_label(other)
         engines.append((other, label if label not in {lb for _, lb in engines} else f"{label} {path.name}"))
     if len(args.engine_drafters) > len(engines):
@@ -474,7 +483,8 @@ def _bench_peers(args, engine, prompts) -> int:
     systems = peers.specrt_systems(engine, [k], args.max_new_tokens, label)
     labels = {label}
     for path in args.also_engine:
-        other = Engine.load(path, threads=args.threads, draft_threads=args.draft_threads, spin=not args.no_spin)
+        other = Engine.load(path, backend=args.backend, threads=args.threads, draft_threads=args.draft_threads,
+                            spin=not args.no_spin)
         other_label = peers.engine_label(other)
         if other_label in labels:  # e.g. two fp32 exports with different graphs: tell them apart
             other_label = f"{other_label} {path.name}"
@@ -553,7 +563,7 @@ def _serve(args) -> int:
               "use it", file=sys.stderr)
     config = server.Config(str(args.engine), engines=args.engines, max_queue=args.max_queue, api_key=args.api_key,
                            model_name=args.model_name, timeout_s=args.timeout, max_body_bytes=args.max_body_bytes,
-                           threads=args.threads)
+                           threads=args.threads, backend=args.backend)
     if args.ray:
         from specrt import ray_serve
 

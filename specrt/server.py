@@ -69,6 +69,7 @@ class Config:
     timeout_s: float = 600.0
     max_body_bytes: int = 4 << 20
     threads: int | None = None
+    backend: str = "onnxruntime"
 
 
 class Metrics:
@@ -214,7 +215,7 @@ class App:
         from starlette.routing import Route
 
         self.config = config
-        first = engine or Engine.load(config.engine_dir, threads=config.threads)
+        first = engine or Engine.load(config.engine_dir, backend=config.backend, threads=config.threads)
         self.engine = first
         self.sequences = [first.default_sequence] + [first.sequence() for _ in range(config.engines - 1)]
         self.model = config.model_name or first.manifest.root.name

@@ -128,3 +128,23 @@ def test_a_lean_plan_has_no_one_row_target_profile_and_is_smaller(pairs, tmp_pat
     assert [p.stage for p in profiles].count("decode") == 0 and profiles[select_profile(profiles, 1)].stage == "prefill"
     assert lean.plans["target"]["bytes"] < full.plans["target"]["bytes"]
     assert lean.plans["draft"]["profiles"] == full.plans["draft"]["profiles"]  # the draft's 1-row pass is its work
+
+
+def test_without_a_gpu_a_real_plan_is_refused_clearly(pairs, built):
+    """The real libraries on a machine without a GPU: loading the plans says why and what to use instead (no
+    traceback), from the library and the CLI alike."""
+    import subprocess
+    import sys
+
+    from specrt.export.tensorrt_build import local_gpu
+    from specrt.runtime import Engine
+
+    if local_gpu() is not None:
+        pytest.skip("this machine has a GPU: tests/test_gpu.py runs the plans")
+    pytest.importorskip("cuda.bindings", reason="needs cuda-python (pip install 'specrt[tensorrt]')")
+    with pytest.raises(EngineDirError, match="needs an NVIDIA GPU|not usable here.*onnxruntime backend"):
+        Engine.load(pairs["llama-concat"], backend="tensorrt")
+    r = subprocess.run([sys.executable, "-m", "specrt.cli", "generate", str(pairs["llama-concat"]), "--prompt-ids",
+                        "5,6", "--max-new-tokens", "3", "--backend", "tensorrt"], capture_output=True, text=True,
+                       check=False)
+    assert r.returncode == 2 and "onnxruntime backend" in r.stderr and "Traceback" not in r.stderr
