@@ -72,6 +72,10 @@ def main() -> int:
     from specrt import spec_bench
 
     configs = a.config or ["target-only", "ngram:8:adaptive"]
+    from specrt.runtime.request import Request
+
+    # this tree prefills every prompt afresh, as the older commit does (it has no prefix reuse to turn off)
+    fresh = {"reuse_prefix": False} if "reuse_prefix" in Request.__dataclass_fields__ else {}
     engine = Engine.load(a.engine)
     questions = spec_bench.load_questions(a.questions)[:a.limit]
     prompts = spec_bench.build_prompts(engine, questions, a.max_new_tokens)
@@ -88,7 +92,7 @@ def main() -> int:
         for p in tqdm(prompts, desc="questions", unit="turn"):
             for c in configs:
                 params = params_of(c, a.max_new_tokens)
-                mine = engine.generate(p.ids, **params)
+                mine = engine.generate(p.ids, **params, **fresh)
                 proc.stdin.write(json.dumps({"ids": p.ids, "params": params}) + "\n")
                 proc.stdin.flush()
                 theirs = json.loads(proc.stdout.readline())

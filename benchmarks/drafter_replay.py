@@ -37,7 +37,7 @@ def outputs(engine: Engine, questions, max_new_tokens: int, cache: Path) -> list
             return data["turns"]
     turns = []
     for p in build_prompts(engine, questions, max_new_tokens):
-        r = engine.generate(p.ids, max_new_tokens=max_new_tokens, use_draft=False)
+        r = engine.generate(p.ids, max_new_tokens=max_new_tokens, use_draft=False, reuse_prefix=False)
         turns.append({"category": p.category, "prompt": p.ids, "output": r.token_ids})
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps({"engine": str(engine.manifest.root), "max_new_tokens": max_new_tokens,

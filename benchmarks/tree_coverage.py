@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in tqdm(prompts, desc=f"{args.drafter or 'default'} tree {args.tree_nodes}", unit="prompt"):
         trace = io.StringIO()
         with PruneRecorder(engine) as rec:
-            out = engine.generate(p.ids, max_new_tokens=args.max_new_tokens, k=args.k, policy=args.policy,
+            out = engine.generate(p.ids, max_new_tokens=args.max_new_tokens, reuse_prefix=False, k=args.k, policy=args.policy,
                                   drafter=args.drafter, tree_nodes=args.tree_nodes, trace=trace)
         emitted = [int(t) for t in out.token_ids]
         accepted_at = {s["context"] - 1: s["accepted"] for s in passes(trace.getvalue())}  # pass position -> accepted

@@ -49,12 +49,12 @@ def main() -> int:
               f"{gpu.manifest.target.raw['tensorrt']['precision']}")
         for text in PROMPTS:
             ids = cpu.encode(text)
-            ref = cpu.generate(ids, max_new_tokens=a.max_new_tokens, use_draft=False).token_ids
-            base = gpu.generate(ids, max_new_tokens=a.max_new_tokens, use_draft=False)
+            ref = cpu.generate(ids, max_new_tokens=a.max_new_tokens, use_draft=False, reuse_prefix=False).token_ids
+            base = gpu.generate(ids, max_new_tokens=a.max_new_tokens, use_draft=False, reuse_prefix=False)
             same = base.token_ids == ref
             line = [f"target-only {base.stats.tokens_per_s:.0f} tok/s, same as ONNX Runtime: {same}"]
             for k in gpu.manifest.k_values:
-                r = gpu.generate(ids, max_new_tokens=a.max_new_tokens, k=k, drafter="model" if gpu.draft_model
+                r = gpu.generate(ids, max_new_tokens=a.max_new_tokens, reuse_prefix=False, k=k, drafter="model" if gpu.draft_model
                                  else "ngram")
                 same &= r.token_ids == ref
                 line.append(f"k={k} {r.stats.tokens_per_s:.0f} tok/s ({r.stats.tokens_per_s / base.stats.tokens_per_s:.2f}x)"

@@ -303,6 +303,18 @@ class Sequence:
         self.draft = engine.draft_model.new_step(k_max + 1) if engine.draft_model is not None else None
         self._lock = threading.Lock()
         self._generation = 0
+        # the token ids whose KV the target's cache holds, [0, len): what a next prompt starting with them reuses
+        self._cached_ids: list[int] = []
+
+    def reusable(self, prompt_ids: abc.Sequence[int]) -> int:
+        """How many of the prompt's first tokens this sequence's target cache already holds (its longest common
+        prefix with the previous generation's prompt and answer)."""
+        cached, n = self._cached_ids, 0
+        for a, b in zip(cached, prompt_ids):
+            if a != b:
+                break
+            n += 1
+        return n
 
     def generate(self, prompt: str | abc.Sequence[int], request: Request | None = None, /, *,
                  trace: str | Path | IO[str] | None = None, **params) -> Result:
@@ -357,7 +369,9 @@ class Sequence:
         decoder = Decoder(self.target, drafter, control, req.max_new_tokens, params_, rng, stats,
                           accept_tau=stats.accept_tau, tree_nodes=tree_nodes,
                           row_cost=engine.pass_costs(tree_nodes + 1) if tree_nodes else None)
-        steps = decode(decoder, ids)
+        reuse = self.reusable(prompt_ids) if req.reuse_prefix else 0
+        self._cached_ids = []  # this generation rewrites the cache: nothing is known until it ends
+        steps = decode(decoder, ids, reuse)
         tracer = None
         if trace is not None:
             tracer = TraceWriter(trace)
@@ -366,10 +380,12 @@ class Sequence:
                           seed=req.seed, acceptance=stats.acceptance, accept_tau=stats.accept_tau,
                           prompt_tokens=len(prompt_ids), max_new_tokens=req.max_new_tokens)
         self._generation += 1
-        return Stream(self._run(steps, checker, stats, result, self._generation, tracer, drafter), result, checker)
+        return Stream(self._run(steps, checker, stats, result, self._generation, tracer, drafter, decoder), result,
+                      checker)
 
     def _run(self, steps: Iterator[StepResult], checker: StopChecker, stats: Stats, result: Result,
-             generation: int, tracer: TraceWriter | None = None, drafter: Drafter | None = None) -> Iterator[Chunk]:
+             generation: int, tracer: TraceWriter | None = None, drafter: Drafter | None = None,
+             decoder: Decoder | None = None) -> Iterator[Chunk]:
         t0 = time.perf_counter()
         try:
             while True:
@@ -406,6 +422,8 @@ class Sequence:
             stats.stop_reason = checker.reason or "cancelled"
             if drafter is not None:
                 drafter.end()
+            if decoder is not None and generation == self._generation:  # what the cache holds now
+                self._cached_ids = decoder.ids[:self.target.length]
             tail = checker.take(final=True)
             result.text = checker.text
             if tracer:

@@ -78,18 +78,24 @@ class Decoder:
         self.keep_drafting = policy.keep_drafting if policy is not None and policy.needs_confidence else None
         self.row_ids = np.zeros(max(policy.max_k if policy else 0, self.tree_nodes) + 1, dtype=np.int64)
         self.length = self.last = self.emitted = 0
+        self.ids: list[int] = []  # the context: the prompt, then every emitted token (what the caches follow)
         self._step: tuple[Proposal, TokenTree | None, float] | None = None  # what plan() proposed, for apply()
 
-    def begin(self, prompt_ids: np.ndarray) -> None:
-        """Prefill: the target (and the drafter) take the prompt but its last token, which becomes ``last``."""
+    def begin(self, prompt_ids: np.ndarray, reuse: int = 0) -> None:
+        """Prefill: the target (and the drafter) take the prompt but its last token, which becomes ``last``.
+        ``reuse``: the target's cache already holds the KV of the prompt's first ``reuse`` tokens (this sequence's
+        previous prompt and answer); only the rest is run.  A feature drafter needs the features of the whole
+        prompt, so it gets a fresh prefill."""
         t0 = time.perf_counter()
+        self.ids = [int(t) for t in prompt_ids]
         if self.drafter is not None and self.drafter.needs_features:
             self.drafter.begin(prompt_ids, prefill_features(self.target, prompt_ids))
         else:
-            if len(prompt_ids) > 1:
-                self.target.prefill(prompt_ids[:-1])
-            else:
-                self.target.set_length(0)
+            reuse = min(reuse, len(prompt_ids) - 1, self.target.length)
+            self.target.set_length(reuse)
+            if len(prompt_ids) - 1 > reuse:
+                self.target.extend(prompt_ids[reuse:-1], reuse)
+            self.stats.reused_tokens = reuse
             if self.drafter is not None:
                 self.drafter.begin(prompt_ids)
         self.stats.prefill_s += time.perf_counter() - t0
@@ -166,6 +172,8 @@ class Decoder:
         self.length += v.accepted + 1
         self.last = v.next_id
         self.emitted += v.accepted + 1
+        self.ids += v.accepted_ids
+        self.ids.append(v.next_id)
         return StepResult([*v.accepted_ids, v.next_id], accepted=v.accepted, proposed=m, length=start,
                           draft_s=draft_s, verify_s=verify_s, draft_top=proposal.top, bonus=v.bonus)
 
@@ -188,9 +196,9 @@ def prefill_features(target: ModelStep, prompt_ids: np.ndarray) -> np.ndarray:
     return np.concatenate(chunks)
 
 
-def decode(decoder: Decoder, prompt_ids: np.ndarray) -> Iterator[StepResult]:
-    """One sequence's steps: the decoder's rows through its own target, a pass each."""
-    decoder.begin(prompt_ids)
+def decode(decoder: Decoder, prompt_ids: np.ndarray, reuse: int = 0) -> Iterator[StepResult]:
+    """One sequence's steps: the decoder's rows through its own target, a pass each (``reuse``: see ``begin``)."""
+    decoder.begin(prompt_ids, reuse)
     target = decoder.target
     while (rows := decoder.plan()) is not None:
         t0 = time.perf_counter()

@@ -135,6 +135,9 @@ class Request:
                                          hi_open=True, optional=True)
     max_draft_per_token: float | None = param(None, "float", "policy budget: drafted tokens per generated token "
                                               "(default 1.0)", lo=0.0, hi=float(MAX_K), optional=True)
+    reuse_prefix: bool = param(True, "bool", "start from the KV this sequence already holds for the start of the prompt "
+                               "(its previous prompt and answer: a chat's next turn prefills only its new tokens); "
+                               "false: prefill the whole prompt afresh", cli="--no-reuse-prefix")
     # LOSSY, and the serving operator's choice rather than a client's: not accepted over HTTP
     acceptance: str = param("strict", "str", "strict = lossless (default); relaxed = LOSSY, also accepts drafts "
                             "the target gives probability >= accept_tau (greedy only)", choices=("strict", "relaxed"),

@@ -18,6 +18,7 @@ class Stats:
     draft_s: float = 0.0
     verify_s: float = 0.0
     prefill_s: float = 0.0
+    reused_tokens: int = 0  # prompt tokens whose KV the sequence already held (not prefilled again)
     total_s: float = 0.0
     stop_reason: str = ""
     policy: str = "fixed"

@@ -87,12 +87,12 @@ def run_prompt(engine, title: str, prompt_ids: list[int], k: int, max_new_tokens
                policy: str = "adaptive") -> dict:
     print(f"\n=== {title} (speculative: drafter {engine.default_drafter}, {policy} k up to {k}) ===")
     sys.stdout.write(prefix)
-    stream = engine.stream(prompt_ids, max_new_tokens=max_new_tokens, k=k, policy=policy)
+    stream = engine.stream(prompt_ids, max_new_tokens=max_new_tokens, k=k, policy=policy, reuse_prefix=False)
     for chunk in stream:
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
     spec = stream.result
-    base = engine.generate(prompt_ids, max_new_tokens=max_new_tokens, use_draft=False)
+    base = engine.generate(prompt_ids, max_new_tokens=max_new_tokens, use_draft=False, reuse_prefix=False)
     s, b = spec.stats, base.stats
     print(f"\n--- {s.new_tokens} tokens | acceptance {s.acceptance_rate:.2f} | {s.tokens_per_step:.2f} tokens per "
           f"target pass | speculative {s.tokens_per_s:.1f} tok/s vs target-only {b.tokens_per_s:.1f} tok/s "

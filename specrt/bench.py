@@ -35,7 +35,8 @@ class Config:
     drafter: str | None = None  # None = the engine's default
 
     def kwargs(self) -> dict:
-        return {"k": self.k, "use_draft": self.k is not None, "policy": self.policy, "temperature": self.temperature,
+        # every row prefills its prompt afresh: a row after another on the same prompt must not reuse its KV
+        return {"reuse_prefix": False, "k": self.k, "use_draft": self.k is not None, "policy": self.policy, "temperature": self.temperature,
                 "acceptance": self.acceptance, "accept_tau": self.accept_tau, "confidence_tau": self.confidence_tau,
                 "drafter": self.drafter if self.k is not None else None}
 
@@ -116,10 +117,11 @@ def bench(engine: Engine, prompts: Sequence[dict] = DEFAULT_PROMPTS, configs: Se
         for item in prompts:
             ids = prompt_ids(engine, item)
             name = item.get("name", "prompt")
-            engine.generate(ids, max_new_tokens=8, use_draft=False)  # warm-up (allocations, ORT arenas)
+            engine.generate(ids, max_new_tokens=8, use_draft=False, reuse_prefix=False)  # warm-up (allocations, ORT arenas)
             rows = {c: Row(name, c) for c in configs}
             for rep in range(repeats):
-                reference = engine.generate(ids, max_new_tokens=max_new_tokens, use_draft=False).token_ids
+                reference = engine.generate(ids, max_new_tokens=max_new_tokens, use_draft=False,
+                                            reuse_prefix=False).token_ids
                 for c in configs:
                     r = engine.generate(ids, max_new_tokens=max_new_tokens, seed=seed + rep, **c.kwargs())
                     row, s = rows[c], r.stats

@@ -90,7 +90,9 @@ def specrt_run(engine: Engine | EngineSequence, max_new_tokens: int, **params) -
     """A RunFn for one specrt configuration (``params``: Request fields, e.g. k, drafter, policy), on an engine's
     default sequence or on a sequence of its own."""
     def go(ids: list[int], temperature: float, seed: int) -> Run:
-        r = engine.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, **params)
+        # afresh: every system runs the same prompts, and a reused prefix would skip the prefill being compared
+        r = engine.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, reuse_prefix=False,
+                            **params)
         s = r.stats
         return Run(r.token_ids, s.total_s, s.steps, s.proposed, s.accepted)
     return go

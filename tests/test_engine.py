@@ -240,3 +240,44 @@ def test_padded_one_token_steps_keep_the_cache_right(engines, references, tmp_pa
     assert min(widths) == 2  # no 1-row target pass ran
     r = engine.generate(PROMPTS[3], max_new_tokens=500, k=4)  # up to the (one smaller) context limit
     assert len(PROMPTS[3]) + len(r.token_ids) == 63 and r.stats.stop_reason == "max_context"
+
+
+def test_a_next_turn_prefills_only_its_new_tokens_and_answers_as_afresh(loaded, hf_target):
+    """Prefix reuse: a prompt that starts with this sequence's previous prompt and answer runs only the rest; the
+    answer is the one a fresh prefill gives (fp32: the reused KV differ from a fresh prefill's by rounding only),
+    and transformers' own; a prompt that diverges reuses the common part only; a request may opt out."""
+    engine = loaded["close"]
+    seq = engine.sequence()
+    first = seq.generate(PROMPTS[2], max_new_tokens=12, k=4)
+    assert first.stats.reused_tokens == 0
+    turn2 = PROMPTS[2] + first.token_ids + [7, 8, 9]
+    reused = seq.generate(turn2, max_new_tokens=12, k=4)
+    # the cache held the prompt and every emitted token but the last (pending: never run by the target)
+    assert reused.stats.reused_tokens == len(PROMPTS[2]) + len(first.token_ids) - 1
+    fresh = engine.sequence().generate(turn2, max_new_tokens=12, k=4, reuse_prefix=False)
+    assert fresh.stats.reused_tokens == 0 and reused.token_ids == fresh.token_ids == hf_greedy(hf_target, turn2, 12)
+    diverged = turn2[:5] + [300, 301]
+    assert seq.generate(diverged, max_new_tokens=4, use_draft=False).stats.reused_tokens == 5
+    assert seq.generate(diverged, max_new_tokens=4, reuse_prefix=False).stats.reused_tokens == 0
+
+
+def test_reuse_follows_what_the_cache_holds_after_a_stop_or_a_cancel(loaded):
+    engine = loaded["close"]
+    seq = engine.sequence()
+    full = seq.generate(PROMPTS[3], max_new_tokens=20, use_draft=False).token_ids
+    stream = seq.stream(PROMPTS[3], max_new_tokens=20, k=4, reuse_prefix=False)
+    for i, _ in enumerate(stream):
+        if i == 1:
+            break
+    stream.close()  # cancelled after two passes: the cache holds the prompt and what those passes kept
+    kept = len(stream.result.token_ids)
+    again = seq.generate(PROMPTS[3] + full, max_new_tokens=2, use_draft=False)
+    assert len(PROMPTS[3]) - 1 <= again.stats.reused_tokens <= len(PROMPTS[3]) + kept
+
+
+def test_a_feature_head_prefills_afresh(loaded, engines):
+    engine = Engine.load(engines["eagle"])
+    first = engine.generate(PROMPTS[2], max_new_tokens=6, drafter="eagle", k=2)
+    second = engine.generate(PROMPTS[2] + first.token_ids, max_new_tokens=6, drafter="eagle", k=2)
+    assert second.stats.reused_tokens == 0  # it needs the target's features of the whole prompt
+    assert engine.generate(PROMPTS[2] + first.token_ids, max_new_tokens=6, use_draft=False).stats.reused_tokens > 0
