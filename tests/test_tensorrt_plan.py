@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from specrt.runtime.backend import ModelStep
+from specrt.runtime.backend import PREFILL_CHUNK, ModelStep
 from specrt.runtime.cuda_graphs import GraphCache
 from specrt.runtime.errors import EngineDirError, GenerationError
 from specrt.runtime.manifest import load_manifest
@@ -28,11 +28,11 @@ from specrt.runtime.tensorrt_plan import (
 def test_profiles_are_static_per_width():
     target = plan_profiles("target", (1, 2, 4, 8), 2048)
     assert [(p.stage, p.k, p.n_min, p.n_max) for p in target] == [
-        ("prefill", 0, 1, 128), ("decode", 0, 1, 1), ("verify", 1, 2, 2), ("verify", 2, 3, 3), ("verify", 4, 5, 5),
+        ("prefill", 0, 1, 256), ("decode", 0, 1, 1), ("verify", 1, 2, 2), ("verify", 2, 3, 3), ("verify", 4, 5, 5),
         ("verify", 8, 9, 9)]
     assert all(p.static for p in target if p.stage != "prefill")
     draft = plan_profiles("draft", (1, 2, 4, 8), 2048)
-    assert [(p.stage, p.n_max) for p in draft] == [("prefill", 128), ("decode", 1), ("decode", 2)]
+    assert [(p.stage, p.n_max) for p in draft] == [("prefill", 256), ("decode", 1), ("decode", 2)]
     head = plan_profiles("draft", (1, 2, 4, 8), 2048, kind="feature-head")
     assert [p.n_max for p in head if p.stage == "commit"] == list(range(2, 10))  # commit passes of a + 1 rows
     assert select_profile(target, 5) == 4 and select_profile(target, 1) == 1
@@ -209,7 +209,7 @@ class Recording(ModelStep):
         self.passes.append((len(ids), pos, False))
         return self.inner.forward(ids, pos)
 
-    def extend(self, ids, pos, chunk=128):
+    def extend(self, ids, pos, chunk=PREFILL_CHUNK):
         out = None
         for s in range(0, len(ids), chunk):
             self.passes.append((len(ids[s:s + chunk]), pos + s, True))
