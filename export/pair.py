@@ -63,7 +63,7 @@ def export_pair(target: str | Path, draft: str | Path | None, out: str | Path, *
                 tolerance: float = DEFAULT_TOLERANCE, progress: bool = True, quant: str = "fp32",
                 target_quant: str | None = None, draft_quant: str | None = None, block_size: int = 32,
                 accuracy_level: int = 4, draft_accuracy_level: int = 4, attention: str = "auto",
-                draft_head: str | Path | None = None, tree: bool = True) -> ExportReport:
+                draft_head: str | Path | None = None, tree: bool = True, batch: bool = False) -> ExportReport:
     """Export ``target`` (the verification model) and ``draft`` into the engine directory ``out``.
 
     ``draft=None`` writes a target-only engine: it runs the context drafters (ngram, suffix) and
@@ -83,6 +83,9 @@ def export_pair(target: str | Path, draft: str | Path | None, out: str | Path, *
     ``attention`` (auto | gqa | concat) picks the graph builder:
     ``gqa`` writes the KV cache in place with ONNX Runtime's GroupQueryAttention (Llama, Mistral,
     Qwen2), ``concat`` is optimum's export; ``auto`` uses ``gqa`` wherever the checkpoint allows.
+    ``batch``: also write ``target-batch.onnx``, the target with a batch dimension (one cache slot per sequence;
+    ``gqa_graph.build(batch=True)``), quantized like the target and checked against it: what a server runs to
+    decode several requests in one pass (``runtime/batch.py``).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -206,6 +209,11 @@ def export_pair(target: str | Path, draft: str | Path | None, out: str | Path, *
                                                                  Path(draft_head))
                 report.max_abs_diff[f"draft head-{quants[role]}"] = record["drift_vs_pytorch"]
             entry["quantization"] = record
+        if batch:
+            bar.set_description("batch graph")
+            models["target"]["batch_graph"] = export_batch_graph(target_dir, tmp, max_context, models["target"],
+                                                                 quants["target"], block_size, accuracy_level,
+                                                                 manifest if verify else None)
         if verify:
             # Measured, not assumed: whether a verification pass scores each row as 1-token decoding
             # does (runtime/invariance.py); the runtime pads 1-token target steps when min_rows is 2.
@@ -248,6 +256,35 @@ def export_pair(target: str | Path, draft: str | Path | None, out: str | Path, *
         shutil.rmtree(work, ignore_errors=True)
         bar.close()
     return report
+
+
+def export_batch_graph(target_dir: Path, out: Path, max_context: int, entry: dict, quant: str, block_size: int,
+                       accuracy_level: int, manifest: dict | None) -> dict:
+    """``target-batch.onnx`` beside the target: the same model with a batch dimension, quantized the same way;
+    with ``manifest``, its logits are checked against the target graph's, sequence by sequence."""
+    import onnx
+    import torch
+    from specrt.export import gqa_graph
+    from transformers import AutoModelForCausalLM
+
+    if entry["kv_cache"].get("update") != "in-place":
+        raise ExportError("a batch graph needs the in-place (gqa) target graph: Llama, Mistral or Qwen2 checkpoints "
+                          "with --attention auto or gqa")
+    hf = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    layers = tuple((entry.get("features") or {}).get("layers", ()))
+    model = gqa_graph.build(hf, max_context, layers, batch=True)
+    del hf
+    path = out / "target-batch.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+    record = {"file": path.name, "external_data": path.name + ".data"}
+    if quant != "fp32":
+        quantize_file(path, quant, block_size, accuracy_level)
+    if manifest is not None:
+        from specrt.runtime.batch import compare_batch_graph
+
+        record["verification"] = compare_batch_graph(model_spec(out, "target", manifest), path)
+    return record
 
 
 def _eos_ids(cfg, tok) -> list[int]:

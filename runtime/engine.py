@@ -16,7 +16,7 @@ import numpy as np
 from specrt.runtime import invariance
 from specrt.runtime.backend import BACKENDS, Model, open_model
 from specrt.runtime.drafters import Drafter, DrafterOptions, RecycleTable, SuffixCache, available, make_drafter
-from specrt.runtime.errors import GenerationError
+from specrt.runtime.errors import EngineDirError, GenerationError
 from specrt.runtime.loop import Decoder, StepResult, decode
 from specrt.runtime.manifest import Manifest, load_draft_vocab, load_manifest
 from specrt.runtime.policy import make_policy
@@ -118,11 +118,12 @@ class Engine:
         self._costs_lock = threading.Lock()
         self._warned_chains = False
         self._default: Sequence | None = None
+        self.batch = self.batcher = None  # max_batch > 1: the batch graph's slots and their scheduler
 
     @property
     def supports_tree(self) -> bool:
-        """Whether the target's graph takes tree passes."""
-        return bool(self.manifest.target.kv.tree)
+        """Whether the target's graph takes tree passes (a batching engine's batch graph does not)."""
+        return bool(self.target_model.spec.kv.tree)
 
     @property
     def trees_lossless(self) -> bool:
@@ -138,6 +139,8 @@ class Engine:
     @property
     def chains_only_reason(self) -> str | None:
         """Why this engine verifies chains only, or None where it takes trees (``trees_lossless``)."""
+        if self.batcher is not None:
+            return "it serves batches, and its batch graph takes chain passes only"
         if not self.supports_tree:
             return "its graph takes no tree passes (re-export it with --attention gqa)"
         if not self.trees_lossless:
@@ -158,7 +161,8 @@ class Engine:
     @classmethod
     def load(cls, path: str | Path, backend: str = "onnxruntime", threads: int | None = None,
              draft_threads: int | None = None, spin: bool = True, check_hashes: bool = True,
-             check_invariance: bool = True, device: int = 0, cuda_graphs: bool = True) -> Engine:
+             check_invariance: bool = True, device: int = 0, cuda_graphs: bool = True,
+             max_batch: int = 1) -> Engine:
         """Validate the manifest (schema + SHA-256 of every file) and open the models.
 
         ``backend``: ``onnxruntime`` (the CPU, always available) or ``tensorrt`` (CUDA ``device``; needs the
@@ -169,13 +173,25 @@ class Engine:
         threads from busy-waiting between runs.  ``check_invariance``: for a quantized target, measure on this
         machine whether verification passes score rows as 1-token decoding does (a few target passes, see
         ``runtime.invariance``) and pad 1-token passes where needed; otherwise the export machine's
-        measurement in the manifest is trusted.
+        measurement in the manifest is trusted.  ``max_batch`` > 1: serve up to that many sequences at once
+        from the target's batch graph (an engine exported with ``--batch``; ``runtime/batch.py``): their one-token
+        steps share passes, and each still speculates alone where that yields more; trees are off.
         """
         if backend not in BACKENDS:
             raise GenerationError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         manifest = load_manifest(path, check_hashes=check_hashes)
+        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or not 1 <= max_batch <= 256:
+            raise GenerationError(f"max_batch must be an integer in [1, 256], got {max_batch!r}")
+        target_spec = manifest.target
+        if max_batch > 1:
+            if target_spec.batch_graph is None:
+                raise EngineDirError(f"{path}: this engine has no batch graph, so it serves one sequence per pass; "
+                                     "re-export it with `specrt export ... --batch` (or use max_batch=1)")
+            if backend != "onnxruntime":
+                raise GenerationError("batched serving runs on the onnxruntime backend")
+            target_spec = target_spec.batch_graph  # every sequence runs in a slot of its buffers
         opts = {"spin": spin, "k_values": manifest.k_values, "device": device, "cuda_graphs": cuda_graphs}
-        target = open_model(manifest.target, backend, threads=threads, **opts)
+        target = open_model(target_spec, backend, threads=threads, **opts)
         draft = None
         if manifest.draft is not None:
             draft = open_model(manifest.draft, backend, threads=draft_threads or 1, **opts)
@@ -188,6 +204,8 @@ class Engine:
                 trust_single=not invariance.integer_activations(manifest.target.raw["quantization"]))
             min_rows = engine.row_invariance.min_rows
         engine.min_rows = min_rows or 1
+        if max_batch > 1:
+            engine._start_batching(max_batch)
         if min_rows is None:
             warnings.warn(
                 f"{path}: the target's multi-token verification passes score positions differently from "
@@ -196,11 +214,27 @@ class Engine:
                 "speculation.", LosslessnessWarning, stacklevel=2)
         return engine
 
+    def _start_batching(self, max_batch: int) -> None:
+        from specrt.runtime.batch import Batcher, BatchTarget
+
+        k_max = max(self.manifest.k_values)
+        self.batch = BatchTarget(self.target_model, max_batch, k_max + 1)
+        for step in self.batch.steps:
+            step.min_rows = self.min_rows
+        solo = self.pass_costs(k_max + 1)
+        self.batcher = Batcher(self.batch, solo, self.batch.measure())
+        self._free_slots = list(range(max_batch))
+
     # -- sequences --------------------------------------------------------------------
     def sequence(self, recycle_table: RecycleTable | None = None, suffix_cache: SuffixCache | None = None) -> Sequence:
         """A new sequence of this engine: its own KV caches (target and draft), sharing everything else -- or, given
         here, a recycle table or suffix cache of its own (a benchmark keeps runs apart so).  Run one generation per
-        sequence at a time, each sequence in its own thread."""
+        sequence at a time, each sequence in its own thread.  A batching engine (``max_batch``) has that many
+        sequences at most, one per cache slot."""
+        if self.batcher is not None:
+            if not self._free_slots:
+                raise GenerationError(f"this engine serves {self.batch.slots} sequences at most (max_batch)")
+            return Sequence(self, recycle_table, suffix_cache, slot=self._free_slots.pop(0))
         return Sequence(self, recycle_table, suffix_cache)
 
     @property
@@ -293,13 +327,17 @@ class Sequence:
     time.  Everything else -- weights, tokenizer, suffix cache, recycle table, measured costs -- is the engine's."""
 
     def __init__(self, engine: Engine, recycle_table: RecycleTable | None = None,
-                 suffix_cache: SuffixCache | None = None):
+                 suffix_cache: SuffixCache | None = None, slot: int | None = None):
         self.engine = engine
         self.recycle_table = recycle_table or engine.recycle_table
         self.suffix_cache = suffix_cache or engine.suffix_cache
         k_max = max(engine.manifest.k_values)
-        self.target = engine.target_model.new_step(k_max + 1)
-        self.target.min_rows = engine.min_rows
+        self.slot = slot  # a batching engine's cache slot: this sequence's passes go through its batcher
+        if slot is None:
+            self.target = engine.target_model.new_step(k_max + 1)
+            self.target.min_rows = engine.min_rows
+        else:
+            self.target = engine.batch.steps[slot]
         self.draft = engine.draft_model.new_step(k_max + 1) if engine.draft_model is not None else None
         self._lock = threading.Lock()
         self._generation = 0
@@ -371,7 +409,10 @@ class Sequence:
                           row_cost=engine.pass_costs(tree_nodes + 1) if tree_nodes else None)
         reuse = self.reusable(prompt_ids) if req.reuse_prefix else 0
         self._cached_ids = []  # this generation rewrites the cache: nothing is known until it ends
-        steps = decode(decoder, ids, reuse)
+        if self.slot is None:
+            steps = decode(decoder, ids, reuse)
+        else:  # the engine's scheduler runs the passes, this sequence's among others'
+            steps = engine.batcher.run(self.slot, decoder, ids, reuse, engine.manifest.eos_token_ids)
         tracer = None
         if trace is not None:
             tracer = TraceWriter(trace)
@@ -420,6 +461,10 @@ class Sequence:
         finally:
             stats.total_s = time.perf_counter() - t0
             stats.stop_reason = checker.reason or "cancelled"
+            close = getattr(steps, "close", None)
+            if close is not None:  # a scheduler's stream stops running this sequence's passes
+                with self._lock:
+                    close()
             if drafter is not None:
                 drafter.end()
             if decoder is not None and generation == self._generation:  # what the cache holds now

@@ -18,6 +18,13 @@ class KVCache:
         self.capacity = buffer_shape[2]
         self.length = 0  # entries [0, length) are valid
 
+    @classmethod
+    def over(cls, keys: list[np.ndarray], values: list[np.ndarray]) -> KVCache:
+        """A cache over buffers that exist already: one slot of a batch's buffers (contiguous [1, ...] views)."""
+        cache = cls.__new__(cls)
+        cache.keys, cache.values, cache.capacity, cache.length = keys, values, keys[0].shape[2], 0
+        return cache
+
     def write(self, pos: int, new_keys: list[np.ndarray], new_values: list[np.ndarray], n: int) -> None:
         """Store n new entries (arrays [1, kvh, >=n, hd]) at [pos, pos+n).  Copies O(n), never O(length)."""
         assert 0 <= pos <= self.length and pos + n <= self.capacity, (pos, n, self.length, self.capacity)

@@ -86,17 +86,26 @@ class Decoder:
         ``reuse``: the target's cache already holds the KV of the prompt's first ``reuse`` tokens (this sequence's
         previous prompt and answer); only the rest is run.  A feature drafter needs the features of the whole
         prompt, so it gets a fresh prefill."""
-        t0 = time.perf_counter()
+        for _ in self.prefill(prompt_ids, reuse):
+            pass
+
+    def prefill(self, prompt_ids: np.ndarray, reuse: int = 0) -> Iterator[None]:
+        """``begin``, a target pass at a time: yields after each prefill chunk (a scheduler interleaves other
+        sequences' passes there)."""
         self.ids = [int(t) for t in prompt_ids]
-        if self.drafter is not None and self.drafter.needs_features:
-            self.drafter.begin(prompt_ids, prefill_features(self.target, prompt_ids))
-        else:
-            reuse = min(reuse, len(prompt_ids) - 1, self.target.length)
-            self.target.set_length(reuse)
-            if len(prompt_ids) - 1 > reuse:
-                self.target.extend(prompt_ids[reuse:-1], reuse)
-            self.stats.reused_tokens = reuse
-            if self.drafter is not None:
+        feature_drafter = self.drafter is not None and self.drafter.needs_features
+        reuse = 0 if feature_drafter else min(reuse, len(prompt_ids) - 1, self.target.length)
+        self.stats.reused_tokens = reuse
+        features = [] if feature_drafter else None
+        t0 = time.perf_counter()
+        for _ in prefill_chunks(self.target, prompt_ids, reuse, features):
+            self.stats.prefill_s += time.perf_counter() - t0
+            yield
+            t0 = time.perf_counter()
+        if self.drafter is not None:
+            if feature_drafter:
+                self.drafter.begin(prompt_ids, np.concatenate(features) if features else np.zeros((0, 0), np.float32))
+            else:
                 self.drafter.begin(prompt_ids)
         self.stats.prefill_s += time.perf_counter() - t0
         self.length, self.last = len(prompt_ids), int(prompt_ids[-1])
@@ -105,17 +114,18 @@ class Decoder:
     def done(self) -> bool:
         return self.emitted >= self.max_new_tokens or self.length >= self.max_context
 
-    def plan(self) -> Rows | None:
+    def plan(self, k_cap: int | None = None) -> Rows | None:
         """Propose: ``last`` and the drafter's proposal (a chain, or a tree pruned to what pays), as the rows of
-        this step's target pass; None when the generation has emitted all it may."""
+        this step's target pass; None when the generation has emitted all it may.  ``k_cap``: at most this many
+        proposals (a scheduler's choice: 0 puts the sequence's one row into a batched pass)."""
         if self.done:
             return None
         t0 = time.perf_counter()
         proposal, tree = empty(), None
         if self.drafter is not None:
             # fewer proposals near the end: never emit past max_new_tokens or the context
-            k = self.policy.next_k(max(0, min(self.max_new_tokens - self.emitted - 1,
-                                              self.max_context - self.length - 1)))
+            limit = max(0, min(self.max_new_tokens - self.emitted - 1, self.max_context - self.length - 1))
+            k = self.policy.next_k(limit if k_cap is None else min(limit, k_cap))
             # a tree pass writes its m + 1 rows at length - 1 onwards: at most max_context - length nodes
             nodes = min(max(self.tree_nodes, k), self.max_context - self.length)
             if k > 0 and self.tree_nodes and self.length >= 2 and nodes >= 2:
@@ -178,22 +188,31 @@ class Decoder:
                           draft_s=draft_s, verify_s=verify_s, draft_top=proposal.top, bonus=v.bonus)
 
 
+def prefill_chunks(target: ModelStep, prompt_ids: np.ndarray, reuse: int = 0,
+                   features: list[np.ndarray] | None = None) -> Iterator[None]:
+    """Run the prompt but its last token through ``target`` from position ``reuse`` (whose earlier entries it holds),
+    one prefill-stage pass (``extend`` of a chunk) at a time, yielding after each.  ``features``: also collect each
+    chunk's rows' features (a feature head's prefill; every prompt token but the last, [L - 1, F] in all)."""
+    n = len(prompt_ids) - 1
+    target.set_length(reuse)
+    for start in range(reuse, n, PREFILL_CHUNK):
+        chunk = prompt_ids[start:min(n, start + PREFILL_CHUNK)]
+        target.extend(chunk, start)  # the LM head runs on the chunk's last row only
+        if features is not None:
+            features.append(target.features().copy())  # the last pass's rows: extend makes one pass of a chunk
+            assert len(features[-1]) == len(chunk), "extend split a prefill chunk: its features cover the last pass only"
+        yield
+
+
 def prefill_features(target: ModelStep, prompt_ids: np.ndarray) -> np.ndarray:
     """Prefill, keeping the target's features of every prompt token but the last [L - 1, F] (a feature head's).
 
     One chunk per ``extend`` (a prefill-stage pass: the LM head runs on the chunk's last row only -- on every row
     it made the demo target's feature prefill 10-15% slower), then its rows' features."""
-    n = len(prompt_ids) - 1
-    target.set_length(0)
-    if n == 0:
-        return np.zeros((0, 0), np.float32)
-    chunks = []
-    for start in range(0, n, PREFILL_CHUNK):
-        chunk = prompt_ids[start:min(n, start + PREFILL_CHUNK)]
-        target.extend(chunk, start)
-        chunks.append(target.features().copy())  # the last pass's rows: extend makes one pass of a chunk this size
-        assert len(chunks[-1]) == len(chunk), "extend split a prefill chunk: its features cover the last pass only"
-    return np.concatenate(chunks)
+    features: list[np.ndarray] = []
+    for _ in prefill_chunks(target, prompt_ids, 0, features):
+        pass
+    return np.concatenate(features) if features else np.zeros((0, 0), np.float32)
 
 
 def decode(decoder: Decoder, prompt_ids: np.ndarray, reuse: int = 0) -> Iterator[StepResult]:

@@ -8,6 +8,7 @@ directory fails here with a message that says what to do.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -88,6 +89,15 @@ class ModelSpec:
     def features(self) -> dict | None:
         """A target's extra output of hidden states for a feature head: {output, layers, size}."""
         return self.raw.get("features")
+
+    @property
+    def batch_graph(self) -> ModelSpec | None:
+        """The target's batch form (``target-batch.onnx``: one cache slot per sequence, no tree inputs), or None."""
+        record = self.raw.get("batch_graph")
+        if not record:
+            return None
+        kv = dataclasses.replace(self.kv, position_ids=None, tree_bias=None)
+        return dataclasses.replace(self, path=self.path.parent / record["file"], kv=kv)
 
     @property
     def feature_head(self) -> dict | None:
@@ -325,6 +335,8 @@ def load_manifest(root: str | Path, check_hashes: bool = True) -> Manifest:
                                  f"is corrupt or was modified. {_REEXPORT}")
     for m in data["models"].values():
         check_external_data(root, m["file"], data["files"])
+        if m.get("batch_graph"):
+            check_external_data(root, m["batch_graph"]["file"], data["files"])
     pair, tok = data["pair"], data["tokenizer"]
     return Manifest(
         root=root,

@@ -123,13 +123,15 @@ class OrtModelStep(ModelStep):
     """One sequence on an exported model: its static KV cache, driven through its own IOBinding over a
     (possibly shared) ``OrtModel`` (a ``ModelSpec`` opens a model of its own: export checks, tests)."""
 
-    def __init__(self, spec: ModelSpec | OrtModel, threads: int | None = None, max_step: int = 65, spin: bool = True):
+    def __init__(self, spec: ModelSpec | OrtModel, threads: int | None = None, max_step: int = 65, spin: bool = True,
+                 cache: KVCache | None = None):
+        """``cache``: run over these buffers (a slot of a batch graph's, ``runtime/batch.py``) instead of its own."""
         self.model = spec if isinstance(spec, OrtModel) else OrtModel(spec, "cpu", threads, spin)
         self.spec = spec = self.model.spec
         self.session = self.model.session
         kv = spec.kv
         self.dtype = _DTYPES[spec.dtype]
-        self.cache = KVCache(spec.num_layers, kv.buffer_shape, self.dtype)
+        self.cache = cache or KVCache(spec.num_layers, kv.buffer_shape, self.dtype)
         self._vocab = spec.vocab_size
         self._max_step = max_step
         self.binding = self.session.io_binding()

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -107,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "and concatenates the cache every step); bucketed = concat reading whole context buckets, masked, so "
                    "shapes are fixed per bucket (for TensorRT + CUDA graphs); auto (default) = gqa where the "
                    "checkpoint allows")
+    e.add_argument("--batch", action="store_true",
+                   help="also write target-batch.onnx, the target with one cache slot per sequence, quantized like "
+                   "the target and checked against it: `specrt serve --max-batch` decodes several requests in one "
+                   "pass with it (gqa targets)")
 
     bench_outputs = (" Output: the plain bench prints its table and writes only --json-out; --peers and "
                      "--spec-bench print theirs and write a report, REPORT.md with REPORT.json (the rows) and "
@@ -238,7 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--engines", type=int, default=1,
-                   help="concurrent generations; they share one copy of the weights (default 1)")
+                   help="concurrent generations, each running passes of its own; they share one copy of the weights "
+                   "(default 1; with --max-batch the batch's slots are the concurrent generations)")
+    s.add_argument("--max-batch", type=int, default=None,
+                   help="sequences whose one-token steps share each target pass (an engine exported with --batch); "
+                   "each still speculates alone when that yields more tokens per second. Default: 4 per core, at "
+                   "most 16, on engines with a batch graph; 1 otherwise")
     s.add_argument("--max-queue", type=int, default=16,
                    help="requests that may wait for an engine; more get 429 + Retry-After (default 16)")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 request")
@@ -303,7 +313,7 @@ def _export(args) -> int:
                          quant=args.quant, target_quant=args.target_quant, draft_quant=args.draft_quant,
                          block_size=args.block_size, accuracy_level=args.accuracy_level,
                          draft_accuracy_level=args.draft_accuracy_level, attention=args.attention,
-                         draft_head=args.draft_head)
+                         draft_head=args.draft_head, batch=args.batch)
     for role, diffs in report.max_abs_diff.items():
         shown = ", ".join(f"{k} {v:.1e}" for k, v in diffs.items() if not k.endswith("argmax_equal"))
         same = ", ".join(f"{k.removesuffix('_argmax_equal')} {v:.1%}" for k, v in diffs.items()
@@ -561,9 +571,18 @@ def _serve(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"specrt serve: warning: listening on {args.host} without --api-key: anyone who can reach it can "
               "use it", file=sys.stderr)
+    max_batch = args.max_batch
+    if max_batch is None:  # from the machine, where the engine can batch
+        from specrt.runtime.manifest import load_manifest
+
+        has_batch = load_manifest(args.engine, check_hashes=False).target.batch_graph is not None
+        max_batch = min(16, 4 * (os.cpu_count() or 1)) if has_batch and args.engines == 1 else 1
+    if max_batch < 1 or (max_batch > 1 and args.engines > 1):
+        raise GenerationError("--max-batch must be >= 1, and --engines 1 with --max-batch > 1 (the batch's slots "
+                              "are the concurrent generations)")
     config = server.Config(str(args.engine), engines=args.engines, max_queue=args.max_queue, api_key=args.api_key,
                            model_name=args.model_name, timeout_s=args.timeout, max_body_bytes=args.max_body_bytes,
-                           threads=args.threads, backend=args.backend)
+                           threads=args.threads, backend=args.backend, max_batch=max_batch)
     if args.ray:
         from specrt import ray_serve
 

@@ -70,6 +70,7 @@ class Config:
     max_body_bytes: int = 4 << 20
     threads: int | None = None
     backend: str = "onnxruntime"
+    max_batch: int = 1  # > 1: that many sequences share the engine's batched passes (its batch graph)
 
 
 class Metrics:
@@ -101,6 +102,16 @@ class Metrics:
         self.proposed = Counter("specrt_draft_proposed_tokens", "draft tokens proposed", registry=r)
         self.accepted = Counter("specrt_draft_accepted_tokens", "draft tokens accepted", registry=r)
         self.passes = Counter("specrt_target_passes", "target (verification) passes", registry=r)
+        # a batching engine's scheduler (max_batch > 1): its passes and their rows, read at each scrape
+        self.batched_passes = Gauge("specrt_batched_passes", "target passes shared by several sequences", registry=r)
+        self.solo_passes = Gauge("specrt_solo_passes", "speculative passes of one sequence (batching engine)",
+                                 registry=r)
+        self.batch_rows = Gauge("specrt_batched_pass_rows", "rows of the batched passes (one per slot in range)",
+                                registry=r)
+        self.engine = None
+
+    def watch(self, engine) -> None:
+        self.engine = engine
 
     def observe(self, stats, first_token_s: float | None, start: float) -> None:
         self.generated.inc(stats.new_tokens)
@@ -121,6 +132,11 @@ class Metrics:
     def render(self) -> bytes:
         from prometheus_client import generate_latest
 
+        batcher = getattr(self.engine, "batcher", None)
+        if batcher is not None:
+            self.batched_passes.set(batcher.batched_passes)
+            self.solo_passes.set(batcher.solo_passes)
+            self.batch_rows.set(self.engine.batch.rows)
         return generate_latest(self.registry)
 
 
@@ -215,11 +231,15 @@ class App:
         from starlette.routing import Route
 
         self.config = config
-        first = engine or Engine.load(config.engine_dir, backend=config.backend, threads=config.threads)
+        first = engine or Engine.load(config.engine_dir, backend=config.backend, threads=config.threads,
+                                      max_batch=config.max_batch)
         self.engine = first
-        self.sequences = [first.default_sequence] + [first.sequence() for _ in range(config.engines - 1)]
+        # concurrent generations: the batching engine's slots, or --engines sequences of their own passes
+        concurrent = first.batch.slots if first.batcher is not None else config.engines
+        self.sequences = [first.default_sequence] + [first.sequence() for _ in range(concurrent - 1)]
         self.model = config.model_name or first.manifest.root.name
         self.metrics = Metrics()
+        self.metrics.watch(first)
         self.scheduler: Scheduler | None = None
         self.created = int(time.time())
         routes = [Route("/v1/chat/completions", self.chat, methods=["POST"]),
