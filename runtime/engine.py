@@ -71,13 +71,32 @@ class Stream:
             close()
 
 
-# The default drafter per kind of draft in the engine (None: no draft), chosen by the Spec-Bench run in
-# docs/benchmarks.md (fp32 demo pair): n-gram lookup 1.45x overall against the 11M draft model's
-# 1.01x and hybrid's 1.35x; on a feature-head engine hybrid (n-gram first, then the head) 1.26x against
-# the head alone 0.98x.  A request's `drafter` overrides it.  (Chains by default: ngram+recycle as a tree
-# of 32 ran 1.50x in the same run, 3% over the chain -- within this machine's run-to-run noise, and a
-# first tree use measures pass costs; `drafter="ngram+recycle", tree_nodes=32` asks for it.)
-DEFAULT_DRAFTER = {"model": "ngram", "feature-head": "hybrid", None: "ngram"}
+# What a request that names no drafter, k, policy or tree size gets, per kind of draft in the engine (None: no
+# draft): the fastest rows of the Spec-Bench run in docs/benchmarks.md.  On the demo pair (a draft model) n-gram
+# lookup beat the 11M draft model; on a feature head's engine the hybrid (a context match, else the head) as a tree
+# of 32 with adaptive k up to 8 was the fastest fp32 row; a target that quantizes activations to int8 verifies
+# chains only (``trees_lossless``), and n-gram was its fastest drafter.  The adaptive policy drafts nothing where
+# drafting does not pay (a chat answer that repeats nothing: measured no slower than target-only beyond noise).
+DEFAULTS = {"model": {"drafter": "ngram", "k": 8, "policy": "adaptive", "tree_nodes": 0},
+            "feature-head": {"drafter": "hybrid", "k": 8, "policy": "adaptive", "tree_nodes": 32},
+            None: {"drafter": "ngram", "k": 8, "policy": "adaptive", "tree_nodes": 0}}
+
+
+def request_defaults(manifest: Manifest, trees: bool | None = None) -> dict:
+    """Drafter, k, policy and tree size for a request that names none: measured on Spec-Bench (``DEFAULTS``, per
+    draft kind); chains, and n-gram instead of the hybrid, where the target verifies chains only (``trees``: whether
+    this engine takes lossless tree passes; default: what the manifest says)."""
+    kind = manifest.draft.kind if manifest.draft is not None else None
+    integer = invariance.integer_activations(manifest.target.raw.get("quantization"))
+    if trees is None:
+        trees = bool(manifest.target.kv.tree) and not integer
+    d = dict(DEFAULTS[kind])
+    d["k"] = min(d["k"], max(manifest.k_values))
+    if not trees:
+        d["tree_nodes"] = 0
+        if d["drafter"] == "hybrid" and integer:
+            d["drafter"] = "ngram"
+    return d
 
 
 class LosslessnessWarning(UserWarning):
@@ -149,9 +168,14 @@ class Engine:
         return None
 
     @property
+    def defaults(self) -> dict:
+        """What a request that leaves them unset gets (``request_defaults``); chains on a batching engine."""
+        return request_defaults(self.manifest, trees=self.trees_lossless)
+
+    @property
     def default_drafter(self) -> str:
-        """What runs when a request names no drafter: measured on Spec-Bench (docs/benchmarks.md), per engine kind."""
-        return DEFAULT_DRAFTER[self.draft_kind]
+        """What runs when a request names no drafter (``defaults``)."""
+        return self.defaults["drafter"]
 
     @property
     def drafters(self) -> tuple[str, ...]:
@@ -373,7 +397,7 @@ class Sequence:
         ``trace``: a path or text file to append a JSON Lines trace to (see ``specrt.runtime.trace``).
         """
         engine = self.engine
-        req = (request or Request()).with_params(params).validate(engine.manifest.k_values)
+        req = (request or Request()).with_params(params).with_defaults(engine.defaults).validate(engine.manifest.k_values)
         prompt_ids = engine.prompt_ids(prompt)
         params_ = req.sampling
         use_draft = req.speculative

@@ -101,12 +101,13 @@ def param(default, kind: str, help: str, **spec):
 
 @dataclass(frozen=True)
 class Request:
-    """What to generate.  ``k=None`` or ``use_draft=False``: the target alone (the baseline).  Every field's type,
-    range and help is declared here once (``Param``); ``validate`` checks them all."""
+    """What to generate.  ``use_draft=False``: the target alone (the baseline).  ``drafter``, ``k``, ``policy`` and
+    ``tree_nodes`` left None are the engine's (``Engine.defaults``: what measured fastest on its kind).  Every
+    field's type, range and help is declared here once (``Param``); ``validate`` checks them all."""
 
     max_new_tokens: int = param(128, "int", "tokens to generate at most", lo=1, http="max_tokens")
-    k: int | None = param(4, "int", "draft tokens per target pass: one of the engine's k values (any up to the largest "
-                          "with policy adaptive); none = the target alone", lo=1, hi=MAX_K, optional=True)
+    k: int | None = param(None, "int", "draft tokens per target pass: one of the engine's k values (the most, with "
+                          "policy adaptive); default: the engine's", lo=1, hi=MAX_K, optional=True)
     stop: tuple[str, ...] = param((), "strings", f"stop strings (at most {MAX_STOPS}); the text stops before one")
     temperature: float = param(0.0, "float", "0 = greedy; sampling follows the target's distribution exactly",
                                lo=0.0, hi=1e6)
@@ -121,15 +122,16 @@ class Request:
                                 "context match, else the model or head), recycle (the target's own latest top next "
                                 "tokens after each token), ngram+recycle (a context match, else recycle); default: "
                                 "the engine's", choices=DRAFTERS, optional=True)
-    tree_nodes: int = param(0, "int", "verify trees of up to this many candidate tokens per target pass (pruned to "
-                            "what pays by the engine's measured pass costs); 0 = chains", hi=MAX_TREE_NODES)
+    tree_nodes: int | None = param(None, "int", "verify trees of up to this many candidate tokens per target pass "
+                                   "(pruned to what pays by the engine's measured pass costs); 0 = chains; default: "
+                                   "the engine's", hi=MAX_TREE_NODES, optional=True)
     ngram_min: int | None = param(None, "int", "shortest context match of the n-gram drafters (default 1)", lo=1,
                                   hi=16, optional=True)
     ngram_max: int | None = param(None, "int", "longest context match of the n-gram drafters (default 8)", lo=1,
                                   hi=16, optional=True)
-    policy: str = param("fixed", "str", "how many tokens to draft per step: fixed (k), confidence (stop below "
-                        "confidence_tau), adaptive (k from measured acceptance and costs), budget "
-                        "(max_draft_per_token)", choices=POLICIES)
+    policy: str | None = param(None, "str", "how many tokens to draft per step: fixed (k), confidence (stop below "
+                               "confidence_tau), adaptive (k up to the largest from measured acceptance and costs), "
+                               "budget (max_draft_per_token); default: the engine's", choices=POLICIES, optional=True)
     confidence_tau: float | None = param(None, "float", "policy confidence: stop drafting when the draft's top "
                                          "probability falls below this (default 0.5)", lo=0.0, hi=1.0, lo_open=True,
                                          hi_open=True, optional=True)
@@ -155,7 +157,11 @@ class Request:
 
     @property
     def speculative(self) -> bool:
-        return bool(self.use_draft) and self.k is not None
+        return bool(self.use_draft)
+
+    def with_defaults(self, defaults: dict) -> Request:
+        """Fields left None take ``defaults`` (an engine's: ``Engine.defaults``)."""
+        return replace(self, **{name: value for name, value in defaults.items() if getattr(self, name) is None})
 
     @property
     def sampling(self) -> SamplingParams:

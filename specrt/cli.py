@@ -549,10 +549,13 @@ def _info(args) -> int:
         print("   draft: none (target-only engine: drafts from the context and the target's own predictions, "
               "--drafter ngram | suffix | recycle | ngram+recycle)")
     from specrt.runtime.drafters import available
-    from specrt.runtime.engine import DEFAULT_DRAFTER
+    from specrt.runtime.engine import request_defaults
 
     kind = m.draft.kind if m.draft is not None else None
-    print(f"  drafters: {', '.join(available(kind))} (default {DEFAULT_DRAFTER[kind]})")
+    d = request_defaults(m)
+    print(f"  drafters: {', '.join(available(kind))}; a request that names none: {d['drafter']}, "
+          f"{d['policy']} k up to {d['k']}" + (f", trees of {d['tree_nodes']}" if d["tree_nodes"] else ", chains")
+          + " (measured fastest on Spec-Bench; docs/benchmarks.md)")
     print(f"  pair: k {list(m.k_values)}, max context {m.max_context}, EOS {sorted(m.eos_token_ids)}")
     print("  manifest valid, all file hashes match")
     return 0

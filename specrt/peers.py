@@ -107,7 +107,7 @@ def specrt_systems(engine: Engine, ks: Sequence[int], max_new_tokens: int, label
     """
     suffix = f" [{label}]" if label else ""
     base = f"{BASELINE}{suffix}"
-    systems = [System(base, specrt_run(engine, max_new_tokens, k=None))]
+    systems = [System(base, specrt_run(engine, max_new_tokens, use_draft=False))]
     pairs = list(plan) if plan is not None else [(d, n) for d in drafters for n in tree_nodes]
     for drafter, nodes in pairs:
         for k in ks:

@@ -352,10 +352,10 @@ class App:
         if isinstance(params.get("stop"), str):
             params["stop"] = [params["stop"]]
         k_values = self.engine.manifest.k_values
-        if "k" not in params and Request.k not in k_values:  # the library's default k is not compiled here
-            params["k"] = k_values[-1]
-        # every parameter checked now, once, before the request takes a sequence or waits for one
-        request = Request().with_params(params).validate(k_values, names={"max_new_tokens": "max_tokens"})
+        # every parameter checked now, once, before the request takes a sequence or waits for one; what the
+        # request leaves unset is the engine's (its measured defaults)
+        request = Request().with_params(params).with_defaults(self.engine.defaults).validate(
+            k_values, names={"max_new_tokens": "max_tokens"})
         drafter = request.drafter or self.engine.default_drafter
         if request.speculative and drafter not in self.engine.drafters:
             raise GenerationError(f"the {drafter!r} drafter is not available on this engine; it has "

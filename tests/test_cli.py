@@ -95,7 +95,7 @@ def test_generate_streams_text(engines):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--k", "3"], "compiled k values"),
+    (["--k", "3", "--policy", "fixed"], "compiled k values"),
     (["--temperature", "-1"], "temperature"),
 ])
 def test_generate_errors_are_one_clear_line(engines, args, match):
@@ -173,6 +173,6 @@ def test_generate_with_each_drafter_equals_no_draft(engines, drafter):
 
 def test_target_only_engine_cli(engines):
     info = specrt("info", engines["target_only"]).stdout
-    assert "draft: none" in info and "default ngram" in info
+    assert "draft: none" in info and "a request that names none: ngram, adaptive k up to 8, chains" in info
     p = specrt("generate", engines["target_only"], "--prompt-ids", "5,17", "--drafter", "model", check=False)
     assert p.returncode == 2 and "needs a draft model" in p.stderr and "Traceback" not in p.stderr

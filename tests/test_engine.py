@@ -106,8 +106,13 @@ def test_default_drafters_follow_spec_bench(loaded, engines):
     from specrt.runtime import Engine
 
     assert loaded["close"].default_drafter == "ngram"
+    assert loaded["close"].defaults == {"drafter": "ngram", "k": 8, "policy": "adaptive", "tree_nodes": 0}
     assert loaded["close"].generate([5, 5, 5, 5], max_new_tokens=4, k=2).stats.drafter == "ngram"
-    assert Engine.load(engines["eagle"]).default_drafter == "hybrid"
+    eagle = Engine.load(engines["eagle"])
+    assert eagle.defaults == {"drafter": "hybrid", "k": 8, "policy": "adaptive", "tree_nodes": 32}
+    plain = eagle.generate(PROMPTS[2], max_new_tokens=20, use_draft=False).token_ids
+    r = eagle.generate(PROMPTS[2], max_new_tokens=20)  # nothing named: the head's hybrid tree, adaptive k
+    assert r.token_ids == plain and r.stats.drafter == "hybrid" and r.stats.policy == "adaptive"
     assert loaded["target_only"].default_drafter == "ngram"
 
 
