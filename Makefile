@@ -33,6 +33,21 @@ build-trt: install-test
 	$(call current,.cache/demo/engine-trt,engines/demo/draft) || $(SPECRT) export $(DEMO_PAIR) --out .cache/demo/engine-trt --attention bucketed
 	start=$$(date +%s); $(SPECRT) build .cache/demo/engine-trt --force && echo "make build-trt: specrt build took $$(( $$(date +%s) - start )) s"
 
+## the draft head's training data (hours of CPU; resumable: rerun to continue, progress and ETA shown): the verifier's
+## own answers to ~26,000 prompts from the Debian documents below, the standard library and its own user turns
+HEAD_DEBS := python3.11-doc fortunes fortunes-de fortunes-es fortunes-it debian-reference-en perl-doc
+head-data: install-export
+	test -f .cache/demo/verifier-hf/config.json || $(PYTHON) scripts/demo.py --no-check
+	dpkg -s $(HEAD_DEBS) >/dev/null 2>&1 || apt-get install -y -q $(HEAD_DEBS) || echo "warning: could not install $(HEAD_DEBS): their sources are skipped"
+	$(PYTHON) scripts/head_data.py --verifier .cache/demo/verifier-hf --out .cache/head/data --passages 1200
+	$(PYTHON) scripts/head_data.py --verifier .cache/demo/verifier-hf --out .cache/head/data --stage card
+
+## train the head on that data (resumable; early stopping on held-out source families), then export it into
+## engines/demo/head with its model card
+head-train: install-export
+	$(PYTHON) scripts/train_head.py --verifier .cache/demo/verifier-hf --data .cache/head/data --out .cache/head/run --patience 6
+	$(PYTHON) scripts/train_head.py --verifier .cache/demo/verifier-hf --data .cache/head/data --out .cache/head/run --export engines/demo/head
+
 ## speed of the demo pair, side by side (after `make demo`)
 bench-demo:
 	$(PYTHON) -m specrt.cli bench .cache/demo/engine --drafters model --k 1,2,4 --repeats 3 --max-new-tokens 96 --prompts benchmarks/demo_prompts.json --json-out .cache/demo/bench.json
