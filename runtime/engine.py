@@ -16,6 +16,7 @@ import numpy as np
 from specrt.runtime import invariance
 from specrt.runtime.backend import BACKENDS, Model, open_model
 from specrt.runtime.drafters import Drafter, DrafterOptions, RecycleTable, SuffixCache, available, make_drafter
+from specrt.runtime.drafters.datastore import Datastore
 from specrt.runtime.errors import EngineDirError, GenerationError
 from specrt.runtime.loop import Decoder, StepResult, decode
 from specrt.runtime.manifest import Manifest, load_draft_vocab, load_manifest
@@ -129,6 +130,7 @@ class Engine:
         self.min_rows = min_rows  # every sequence's target passes run at least this many rows (runtime.invariance)
         # Earlier generations' prompts and outputs, for the suffix drafter (bounded; oldest evicted).
         self.suffix_cache = SuffixCache()
+        self.datastore: Datastore | None = None  # a static table of the target's answers for suffix (load())
         # The target's own latest next-token predictions per token, for the recycle drafters (1.5 MB at 49k).
         self.recycle_table = RecycleTable(manifest.target.vocab_size)
         self.row_invariance: invariance.RowInvariance | None = None  # measured at load (quantized targets)
@@ -186,7 +188,7 @@ class Engine:
     def load(cls, path: str | Path, backend: str = "onnxruntime", threads: int | None = None,
              draft_threads: int | None = None, spin: bool = True, check_hashes: bool = True,
              check_invariance: bool = True, device: int = 0, cuda_graphs: bool = True,
-             max_batch: int = 1) -> Engine:
+             max_batch: int = 1, datastore: str | Path | None = None) -> Engine:
         """Validate the manifest (schema + SHA-256 of every file) and open the models.
 
         ``backend``: ``onnxruntime`` (the CPU, always available) or ``tensorrt`` (CUDA ``device``; needs the
@@ -199,11 +201,15 @@ class Engine:
         ``runtime.invariance``) and pad 1-token passes where needed; otherwise the export machine's
         measurement in the manifest is trusted.  ``max_batch`` > 1: serve up to that many sequences at once
         from the target's batch graph (an engine exported with ``--batch``; ``runtime/batch.py``): their one-token
-        steps share passes, and each still speculates alone where that yields more; trees are off.
+        steps share passes, and each still speculates alone where that yields more; trees are off.  ``datastore``:
+        an ``.npz`` from ``scripts/build_datastore.py`` (``runtime/drafters/datastore.py``) that the ``suffix``
+        drafter consults where its live cache knows less; read and checked on the first suffix generation.
         """
         if backend not in BACKENDS:
             raise GenerationError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         manifest = load_manifest(path, check_hashes=check_hashes)
+        # a missing file fails here, before the models open; its contents are read on first use
+        store = Datastore.load(datastore, manifest.target.vocab_size) if datastore is not None else None
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or not 1 <= max_batch <= 256:
             raise GenerationError(f"max_batch must be an integer in [1, 256], got {max_batch!r}")
         target_spec = manifest.target
@@ -220,6 +226,7 @@ class Engine:
         if manifest.draft is not None:
             draft = open_model(manifest.draft, backend, threads=draft_threads or 1, **opts)
         engine = cls(manifest, target, draft)
+        engine.datastore = store
         recorded = manifest.target.raw.get("batch_invariance")
         min_rows = recorded["min_rows"] if recorded else 1
         if check_invariance and manifest.target.raw.get("quantization"):
@@ -411,7 +418,7 @@ class Sequence:
             drafter = make_drafter(req.drafter or engine.default_drafter, options, self.draft, self.suffix_cache,
                                    max_k=max(engine.manifest.k_values), want_top=trace is not None,
                                    vocab_map=engine.draft_vocab, target_vocab=engine.manifest.target.vocab_size,
-                                   recycle_table=self.recycle_table)
+                                   recycle_table=self.recycle_table, datastore=engine.datastore)
         control = make_policy(req.policy, req.k or 1, engine.manifest.k_values, req.confidence_tau,
                               req.max_draft_per_token) if use_draft else None
         rng = np.random.default_rng(req.seed)

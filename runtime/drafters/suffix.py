@@ -14,6 +14,11 @@ whose n-grams are usually seen once (probability 1).
 The cache is bounded: ``budget_tokens`` tokens of whole sequences, the oldest evicted first (their
 counts removed).  Updates cost O(ngram_max) per committed token; a proposal O(ngram_max) lookups per
 drafted token -- nothing proportional to the context or the cache.
+
+A ``Datastore`` (``datastore.py``: a frozen table built from the target's own answers) answers where the live
+cache knows the context only by a shorter suffix, or not at all: a fresh engine then still drafts the phrases
+its target habitually writes.  The walk is the same; each position takes the longer of the two matches, the
+live cache on a tie (it holds this prompt and this engine's recent work).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from specrt.runtime.drafters.base import Drafter, KeepDrafting, Proposal, empty, tree_proposal
+from specrt.runtime.drafters.datastore import Datastore
 from specrt.runtime.errors import GenerationError
 from specrt.runtime.sampling import SamplingParams
 
@@ -100,13 +106,40 @@ class SuffixCache:
 class SuffixDrafter(Drafter):
     name = "suffix"
 
-    def __init__(self, cache: SuffixCache, min_confidence: float = 0.1, length_factor: float = 2.0):
+    def __init__(self, cache: SuffixCache, min_confidence: float = 0.1, length_factor: float = 2.0,
+                 datastore: Datastore | None = None):
         if not 0.0 <= min_confidence <= 1.0:
             raise GenerationError(f"min_confidence must be in [0, 1], got {min_confidence!r}")
         self.cache, self.min_confidence, self.length_factor = cache, min_confidence, length_factor
+        self.datastore = datastore
         self.tokens: list[int] = []
 
+    def continuation(self, tail: list[int]) -> tuple[int, int, int, int] | None:
+        """(token, count, total, n) for the longest context of n tokens ending ``tail`` that the live cache or
+        the datastore knows; the live cache wins a tie.  Call with the cache's lock held."""
+        cache, hit, n = self.cache, None, 0
+        for n in range(min(cache.ngram_max, len(tail)), cache.ngram_min - 1, -1):
+            hit = cache.best(tuple(tail[len(tail) - n:]))
+            if hit is not None:
+                break
+        stored = self.stored(tail, n if hit is not None else 0)
+        if stored is not None:
+            return stored
+        return (*hit, n) if hit is not None else None
+
+    def stored(self, tail: list[int], longer_than: int) -> tuple[int, int, int, int] | None:
+        """(token, count, total, n) of the datastore's longest context ending ``tail`` with n > ``longer_than``."""
+        if self.datastore is None:
+            return None
+        for n in range(min(self.datastore.ngram_max, len(tail)), longer_than, -1):
+            hit = self.datastore.best(tail[len(tail) - n:])
+            if hit is not None:
+                return (*hit, n)
+        return None
+
     def begin(self, prompt_ids: np.ndarray, features: np.ndarray | None = None) -> None:
+        if self.datastore is not None:
+            self.datastore.arrays()  # read (and checked) now: a bad file fails the request before any token
         self.tokens = [int(t) for t in prompt_ids]
         with self.cache.lock:
             for i in range(1, len(self.tokens)):
@@ -118,17 +151,13 @@ class SuffixDrafter(Drafter):
             return empty()
         cache, ctx, out = self.cache, self.tokens, []
         confidence, limit = 1.0, k
+        reach = max(cache.ngram_max, self.datastore.ngram_max if self.datastore is not None else 0)
         with cache.lock:
             while len(out) < limit:
-                hit, n = None, 0
-                tail = ctx[-cache.ngram_max:] + out
-                for n in range(min(cache.ngram_max, len(tail)), cache.ngram_min - 1, -1):
-                    hit = cache.best(tuple(tail[len(tail) - n:]))
-                    if hit is not None:
-                        break
+                hit = self.continuation(ctx[-reach:] + out)
                 if hit is None:
                     break
-                token, count, total = hit
+                token, count, total, n = hit
                 confidence *= count / total
                 if confidence < self.min_confidence:
                     break
@@ -142,7 +171,8 @@ class SuffixDrafter(Drafter):
         continuations, until ``nodes`` nodes or nothing above ``min_confidence``."""
         import heapq
 
-        cache, ctx = self.cache, self.tokens[-self.cache.ngram_max:]
+        cache = self.cache
+        ctx = self.tokens[-max(cache.ngram_max, self.datastore.ngram_max if self.datastore is not None else 0):]
         tokens: list[int] = []
         parents: list[int] = []
         scores: list[float] = []
@@ -155,11 +185,14 @@ class SuffixDrafter(Drafter):
                 if len(path) >= k:
                     continue
                 tail = ctx + path
-                options = []
+                options, n = [], 0
                 for n in range(min(cache.ngram_max, len(tail)), cache.ngram_min - 1, -1):
                     options = cache.top(tuple(tail[len(tail) - n:]), 2)
                     if options:
                         break
+                stored = self.stored(tail, n if options else 0)  # a longer match: its one continuation
+                if stored is not None:
+                    options = [(stored[0], stored[1] / stored[2])]
                 for token, p in options:
                     score = -neg * p
                     if score < self.min_confidence or len(tokens) >= nodes:

@@ -1,0 +1,187 @@
+"""runtime/drafters/datastore.py: the frozen continuation table, its file, and the suffix drafter it seeds."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from specrt.runtime import GenerationError
+from specrt.runtime.drafters import Datastore, SuffixCache, SuffixDrafter
+from specrt.runtime.drafters.datastore import FORMAT_VERSION, context_hash, hash_windows
+from specrt.runtime.sampling import SamplingParams
+
+GREEDY, RNG = SamplingParams(), np.random.default_rng(0)
+
+
+def reference(seqs: list[list[int]], ngram_max: int, min_count: int) -> dict[tuple, tuple[int, int, int]]:
+    """The table by brute force: context -> (most frequent next token, smallest on a tie; its count; total)."""
+    follow: dict[tuple, Counter] = {}
+    for s in seqs:
+        for i in range(1, len(s)):
+            for n in range(1, min(ngram_max, i) + 1):
+                follow.setdefault(tuple(s[i - n:i]), Counter())[s[i]] += 1
+    out = {}
+    for ctx, c in follow.items():
+        total = sum(c.values())
+        if total >= min_count:
+            token = min(c, key=lambda t: (-c[t], t))
+            out[ctx] = (token, c[token], total)
+    return out
+
+
+@settings(max_examples=100, deadline=None)
+@given(seqs=st.lists(st.lists(st.integers(0, 5), max_size=25), max_size=6), ngram_max=st.integers(1, 4),
+       min_count=st.integers(1, 3))
+def test_build_keeps_each_common_contexts_most_frequent_continuation(seqs, ngram_max, min_count):
+    store = Datastore.build(seqs, ngram_max=ngram_max, min_count=min_count)
+    want = reference(seqs, ngram_max, min_count)
+    assert len(store) == len(want)
+    for ctx, entry in want.items():
+        assert store.best(ctx) == entry
+    assert store.best([9]) is None and store.best([]) is None  # unseen; no context at all
+    assert store.best([0] * (ngram_max + 1)) is None  # longer than the table holds
+
+
+def test_one_hash_for_one_context_and_windows_agree():
+    tokens = np.array([0, 1, 2**31 - 1, 7, 7, 49151])
+    for n in (1, 2, 3):
+        ends = np.arange(n, len(tokens))
+        assert hash_windows(tokens, ends, n).tolist() == [context_hash(tokens[e - n:e].tolist()) for e in ends]
+    assert context_hash([7]) != context_hash([7, 7]) != context_hash([0, 7])  # n is part of the key
+
+
+def test_save_load_round_trip_is_lazy(tmp_path):
+    store = Datastore.build([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 3, 4]], ngram_max=3)
+    path = tmp_path / "store.npz"
+    store.save(path)
+    loaded = Datastore.load(path, vocab_size=6)
+    assert loaded._arrays is None  # nothing read until first use
+    assert loaded.best([1, 2, 3]) == (4, 2, 3) and loaded.best([3]) == (4, 2, 3) and loaded.best([4]) is None
+    assert len(loaded) == len(store) and loaded.nbytes == store.nbytes == 20 * len(store)
+    assert loaded.ngram_max == 3 and loaded.min_count == 2
+    with pytest.raises(GenerationError, match="no such datastore"):
+        Datastore.load(tmp_path / "missing.npz")
+
+
+def arrays(store: Datastore) -> dict[str, np.ndarray]:
+    keys, token_ids, counts, totals = store.arrays()
+    return {"keys": keys, "token_ids": token_ids, "counts": counts, "totals": totals,
+            "header": np.array([FORMAT_VERSION, store.ngram_max, store.min_count], np.int64)}
+
+
+def swap(field: str, value):
+    return lambda a: a | {field: value(a[field])}
+
+
+HOSTILE = [  # (what is wrong, how to write it, what the error says)
+    ("a token as int64", swap("token_ids", lambda x: x.astype(np.int64)), "token_ids is int64"),
+    ("keys unsorted", swap("keys", lambda x: x[::-1].copy()), "not strictly increasing"),
+    ("a duplicated key", swap("keys", lambda x: np.r_[x[:1], x[:-1]]), "not strictly increasing"),
+    ("a pickled object array", swap("counts", lambda x: np.array([{"x": 1}] * len(x), dtype=object)),
+     "unreadable array"),
+    ("a missing array", lambda a: {k: v for k, v in a.items() if k != "totals"}, "expected"),
+    ("lengths differ", swap("totals", lambda x: x[:-1]), "one shared length"),
+    ("count above total", swap("counts", lambda x: x + 100), "count <= total"),
+    ("a token outside the vocabulary", swap("token_ids", lambda x: x + 1000), "outside the target's vocabulary"),
+    ("another format version", swap("header", lambda x: np.r_[99, x[1:]]), "format version 99"),
+]
+
+
+@pytest.mark.parametrize("what,write,says", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_a_hostile_file_is_refused_naming_it(tmp_path, what, write, says):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **write(arrays(Datastore.build([[1, 2, 3, 1, 2, 3, 1, 2, 4]] * 2, ngram_max=3))))
+    store = Datastore.load(path, vocab_size=10)
+    with pytest.raises(GenerationError, match=f"{path}.*{says}"):
+        store.best([1, 2])
+
+
+@pytest.mark.parametrize("content", [b"not a zip at all", b"PK\x03\x04truncated", b""])
+def test_a_file_that_is_no_archive_is_refused(tmp_path, content):
+    path = tmp_path / "junk.npz"
+    path.write_bytes(content)
+    with pytest.raises(GenerationError, match=f"{path}: not a valid specrt datastore"):
+        Datastore.load(path).arrays()
+
+
+def test_a_member_that_inflates_is_refused_before_reading(tmp_path):
+    path = tmp_path / "bomb.npz"
+    buf = io.BytesIO()
+    np.save(buf, np.zeros(1 << 20, np.uint64))  # 8 MB of zeros compress to a few KB
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("keys.npy", buf.getvalue())
+    with pytest.raises(GenerationError, match="uncompressed"):
+        Datastore.load(path).arrays()
+
+
+def test_the_datastore_answers_where_the_live_cache_knows_a_shorter_context():
+    store = Datastore.build([[7, 2, 3, 4, 5, 6]] * 3, ngram_max=3)
+    prompt = np.array([9, 2, 3, 7, 2, 3])  # live: (2, 3) -> 7 (a 2-token match); stored: (7, 2, 3) -> 4
+    d = SuffixDrafter(SuffixCache(), min_confidence=0.5, length_factor=10, datastore=store)
+    d.begin(prompt)
+    assert d.propose(3, GREEDY, RNG).token_ids.tolist() == [4, 5, 6]
+    plain = SuffixDrafter(SuffixCache(), min_confidence=0.5, length_factor=10)
+    plain.begin(prompt)
+    assert plain.propose(3, GREEDY, RNG).token_ids.tolist() == [7, 2, 3]
+    tie = SuffixDrafter(SuffixCache(), min_confidence=0.5, length_factor=10,
+                        datastore=Datastore.build([[2, 3, 4]] * 3, ngram_max=2))
+    tie.begin(prompt)  # (2, 3) -> 7 live and (2, 3) -> 4 stored: the live cache holds this very context
+    assert tie.propose(1, GREEDY, RNG).token_ids.tolist() == [7]
+    fresh = SuffixDrafter(SuffixCache(), min_confidence=0.5, datastore=store)
+    fresh.begin(np.array([8, 7]))  # nothing live follows 7: the store's (7,) -> 2, then its longer contexts
+    assert fresh.propose(8, GREEDY, RNG).token_ids.tolist() == [2, 3, 4]  # 1 + 2 x a 1-token match
+    tree = fresh.propose_tree(3, 8, GREEDY, RNG)
+    assert tree.token_ids.tolist() == [2, 3, 4] and tree.parents.tolist() == [-1, 0, 1]
+
+
+@pytest.fixture(scope="module")
+def target_only(engines):
+    from specrt.runtime import Engine
+
+    engine = Engine.load(engines["target_only"])
+    # the tiny target may pick EOS; without it both runs go the full length
+    engine.manifest = dataclasses.replace(engine.manifest, eos_token_ids=frozenset())
+    return engine
+
+
+PROMPTS = [[5], [17, 33, 2], list(range(40, 52))]
+
+
+def test_greedy_output_with_a_datastore_equals_target_only(target_only, engines, tmp_path: Path):
+    """Proposals from the datastore are only proposals: right ones save passes, wrong ones are rejected, and
+    the output is target-only's either way."""
+    from specrt.runtime import Engine
+
+    plain = {tuple(p): target_only.generate(p, max_new_tokens=30, use_draft=False).token_ids for p in PROMPTS}
+    vocab = target_only.manifest.target.vocab_size
+    right = [list(p) + out for p, out in plain.items()] * 2  # the target's own text: accepted
+    wrong = [[(t + 1) % vocab for t in s] for s in right]  # every continuation shifted by one: rejected
+    for name, seqs, accepted in (("right", right, True), ("wrong", wrong, False)):
+        path = tmp_path / f"{name}.npz"
+        Datastore.build(seqs, ngram_max=4).save(path)
+        engine = Engine.load(engines["target_only"], datastore=path)
+        engine.manifest = target_only.manifest
+        proposed = taken = 0
+        for p in PROMPTS:
+            engine.suffix_cache.clear()  # only the datastore drafts what the prompt does not hold
+            r = engine.generate(p, max_new_tokens=30, drafter="suffix", k=4)
+            assert r.token_ids == plain[tuple(p)], (name, p)
+            proposed, taken = proposed + r.stats.proposed, taken + r.stats.accepted
+        assert proposed > 0 and (taken > proposed // 2 if accepted else taken < proposed // 2), (name, taken, proposed)
+
+
+def test_a_bad_datastore_fails_the_request_before_any_token(engines, tmp_path):
+    from specrt.runtime import Engine
+
+    path = tmp_path / "bad.npz"
+    path.write_bytes(b"junk")
+    engine = Engine.load(engines["target_only"], datastore=path)
+    assert engine.generate([5], max_new_tokens=3, drafter="ngram").token_ids  # not read: suffix never ran
+    with pytest.raises(GenerationError, match="not a valid specrt datastore"):
+        engine.generate([5], max_new_tokens=3, drafter="suffix")
