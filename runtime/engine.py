@@ -248,6 +248,15 @@ class Engine:
     def _start_batching(self, max_batch: int) -> None:
         from specrt.runtime.batch import Batcher, BatchTarget
 
+        if self.min_rows != 1:
+            # Such a target (int8 activations) scores a 1-row pass differently, so alone its 1-token steps run as
+            # 2-row passes; a batched pass cannot (ONNX Runtime's GroupQueryAttention takes one row per sequence
+            # in a batch), and its rows then differ from the solo ones in the last bits -- which the next layers'
+            # int8 rounding amplifies: measured, 15 of 16 Spec-Bench answers changed under load.
+            raise GenerationError(
+                "this engine's target quantizes activations (its 1-token steps run as 2-row passes), so a batched "
+                "pass would score a sequence differently from the same sequence alone and change its answer; "
+                "serve it with max_batch=1 (`specrt serve --engines N` runs N generations at once)")
         k_max = max(self.manifest.k_values)
         self.batch = BatchTarget(self.target_model, max_batch, k_max + 1)
         for step in self.batch.steps:

@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=int, default=None,
                    help="sequences whose one-token steps share each target pass (an engine exported with --batch); "
                    "each still speculates alone when that yields more tokens per second. Default: 4 per core, at "
-                   "most 16, on engines with a batch graph; 1 otherwise")
+                   "most 16, on engines with a batch graph and float activations; 1 otherwise (an int8-rows target "
+                   "scores a batched row differently from the same row alone, so it does not batch)")
     s.add_argument("--max-queue", type=int, default=16,
                    help="requests that may wait for an engine; more get 429 + Retry-After (default 16)")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 request")
@@ -576,10 +577,13 @@ def _serve(args) -> int:
               "use it", file=sys.stderr)
     max_batch = args.max_batch
     if max_batch is None:  # from the machine, where the engine can batch
+        from specrt.runtime.invariance import integer_activations
         from specrt.runtime.manifest import load_manifest
 
-        has_batch = load_manifest(args.engine, check_hashes=False).target.batch_graph is not None
-        max_batch = min(16, 4 * (os.cpu_count() or 1)) if has_batch and args.engines == 1 else 1
+        target = load_manifest(args.engine, check_hashes=False).target
+        # a target with int8 activations cannot batch without changing answers (runtime/batch.py)
+        can_batch = target.batch_graph is not None and not integer_activations(target.raw.get("quantization"))
+        max_batch = min(16, 4 * (os.cpu_count() or 1)) if can_batch and args.engines == 1 else 1
     if max_batch < 1 or (max_batch > 1 and args.engines > 1):
         raise GenerationError("--max-batch must be >= 1, and --engines 1 with --max-batch > 1 (the batch's slots "
                               "are the concurrent generations)")
