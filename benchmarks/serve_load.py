@@ -17,8 +17,9 @@ Or several server configurations, each started and stopped here, one after anoth
         --serve "forks=.cache/demo/engine-batch --engines 8 --max-batch 1" \\
         --serve "batched=.cache/demo/engine-batch --max-batch 8" --json-out .cache/serve_load.json
 
-Every greedy answer is checked against the first configuration's answer to the same prompt (a batched server must
-answer each request as it is answered alone); a difference is reported and makes the exit status 1.
+Every greedy answer is checked against the answer to the same prompt from the first configuration of the same
+engine directory at its lowest load (a batched server must answer each request as it is answered alone); a
+difference is reported and makes the exit status 1.
 """
 from __future__ import annotations
 
@@ -130,8 +131,10 @@ def main() -> int:
     if args.spec_bench:
         prompts = [json.loads(line)["turns"][0] for line in args.spec_bench.read_text().splitlines() if line.strip()]
     levels = [int(c) for c in args.clients.split(",")]
-    runs = {}
+    runs, engines = {}, {}
     for spec in args.serve or [None]:
+        if spec is not None:
+            engines[spec.partition("=")[0]] = shlex.split(spec.partition("=")[2])[0]
         label, proc, url = ("server", None, args.url) if spec is None else started(spec)
         print(f"\n{label}\n\n| clients | requests/s | tokens/s | latency p50 / p99 (s) | first token p50 / p99 (s) |")
         print("|---:|---:|---:|---|---|", flush=True)
@@ -142,13 +145,16 @@ def main() -> int:
                 proc.terminate()
                 proc.wait(timeout=60)
     same = True
-    reference = next(iter(runs.values()))
+    first: dict[str, str] = {}  # engine directory -> the label of its first configuration
     for label, rows in runs.items():
-        for row, ref in zip(rows, reference):
-            diff = [p for p, text in row["answers"].items() if ref["answers"].get(p, text) != text]
+        ref_label = first.setdefault(engines.get(label, label), label)
+        reference = runs[ref_label][0]["answers"]  # that configuration at 1 client: each request alone
+        for row in rows:
+            diff = [p for p, text in row["answers"].items() if reference.get(p, text) != text]
             if diff:
                 same = False
-                print(f"{label}, {row['clients']} clients: {len(diff)} answers differ from the first run's", flush=True)
+                print(f"{label}, {row['clients']} clients: {len(diff)} answers differ from {ref_label} at "
+                      f"{runs[ref_label][0]['clients']} client(s)", flush=True)
     print("\nevery answer identical across configurations and loads" if same else "\nANSWERS DIFFER")
     if args.json_out:
         args.json_out.write_text(json.dumps(runs, indent=1))
