@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--draft-threads", type=int, default=None, help="threads for the draft (default 1)")
         g.add_argument("--no-spin", action="store_true",
                        help="idle ONNX Runtime threads sleep instead of busy-waiting between runs")
+        g.add_argument("--datastore", type=Path, default=None, metavar="FILE",
+                       help="a .npz from scripts/build_datastore.py: the suffix drafter also drafts from it")
         if name == "generate":
             src = g.add_mutually_exclusive_group(required=True)
             src.add_argument("--prompt", help="prompt text")
@@ -334,7 +336,7 @@ def _generate(args) -> int:
     from specrt.runtime import Engine, GenerationError
 
     engine = Engine.load(args.engine, backend=args.backend, threads=args.threads, draft_threads=args.draft_threads,
-                         spin=not args.no_spin)
+                         spin=not args.no_spin, datastore=args.datastore)
     prompt = (args.prompt_ids if args.prompt_ids is not None else
               engine.chat_prompt([{"role": "user", "content": args.chat}]) if args.chat is not None else args.prompt)
     from specrt.runtime.request import MAX_SAMPLES
@@ -394,7 +396,7 @@ def _bench(args) -> int:
     elif args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
     engine = Engine.load(args.engine, backend=args.backend, threads=args.threads, draft_threads=args.draft_threads,
-                         spin=not args.no_spin)
+                         spin=not args.no_spin, datastore=args.datastore)
     prompts = json.loads(args.prompts.read_text()) if args.prompts else DEFAULT_PROMPTS
     if engine.manifest.chat_template is None:
         prompts = [p for p in prompts if "chat" not in p]

@@ -185,3 +185,24 @@ def test_a_bad_datastore_fails_the_request_before_any_token(engines, tmp_path):
     assert engine.generate([5], max_new_tokens=3, drafter="ngram").token_ids  # not read: suffix never ran
     with pytest.raises(GenerationError, match="not a valid specrt datastore"):
         engine.generate([5], max_new_tokens=3, drafter="suffix")
+
+
+def test_cli_generate_takes_a_datastore(engines, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    def generate(*args):
+        return subprocess.run([sys.executable, "-m", "specrt.cli", "generate", str(engines["target_only"]),
+                               "--prompt-ids", "5,17,33", "--max-new-tokens", "12", "--json", *map(str, args)],
+                              capture_output=True, text=True, timeout=600, check=False)
+
+    plain = json.loads(generate("--no-draft").stdout)
+    good = tmp_path / "good.npz"
+    Datastore.build([[5, 17, 33, *plain["token_ids"]]] * 2).save(good)
+    seeded = json.loads(generate("--drafter", "suffix", "--k", "4", "--datastore", good).stdout)
+    assert seeded["token_ids"] == plain["token_ids"] and seeded["stats"]["accepted"] > 0
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"junk")
+    p = generate("--drafter", "suffix", "--datastore", bad)
+    assert p.returncode == 2 and f"{bad}: not a valid specrt datastore" in p.stderr and "Traceback" not in p.stderr
