@@ -10,6 +10,17 @@ measured pass cost by rows (``t(rows)``, measured here at the median context of 
 drafting cost (propose + commit, microseconds) at 64 and 2,000 tokens of context.
 
     python benchmarks/drafter_replay.py .cache/demo/engine ../shared/benchmarks/spec_bench/dev.jsonl
+
+``--datastore FILE`` (from ``scripts/build_datastore.py``) adds ``suffix`` with it beside ``suffix`` without, each
+with the engine's cache shared across the turns (as an engine serves them) and with a fresh cache per turn (what a
+fresh engine, or a question unlike the earlier ones, gets), and ``hybrid`` (the engine's draft model behind the
+context match; its draft passes make that row slower to replay).  ``--only NAME,NAME`` keeps those configurations;
+``--acceptance-only`` skips every timing (pass costs, drafting cost) and needs nothing but the target's outputs;
+``--pass-costs ROWS:MS,...`` predicts the speedup from pass costs measured before (interpolated) instead:
+
+    python benchmarks/drafter_replay.py .cache/demo/engine ../shared/benchmarks/spec_bench/dev.jsonl --k 4,8 \
+        --datastore .cache/datastore/answers.npz --acceptance-only --pass-costs 1:22.2,4:25,8:30.8,12:31.3,16:35.4 \
+        --only "ngram 1-8 latest,suffix,suffix + datastore,suffix fresh,suffix fresh + datastore,hybrid"
 """
 from __future__ import annotations
 
@@ -22,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 from specrt.runtime import Engine
-from specrt.runtime.drafters import NgramDrafter, SuffixCache, SuffixDrafter
+from specrt.runtime.drafters import Datastore, DrafterOptions, NgramDrafter, SuffixCache, SuffixDrafter, make_drafter
 from specrt.runtime.sampling import SamplingParams
 
 from specrt.spec_bench import CATEGORIES, build_prompts, load_questions
@@ -98,13 +109,28 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--cache", type=Path, default=Path(".cache/replay/spec_bench_outputs.json"))
     ap.add_argument("--k", type=lambda t: [int(x) for x in t.split(",")], default=[2, 4, 8, 16])
+    ap.add_argument("--datastore", type=Path, default=None, metavar="FILE",
+                    help="also replay suffix with this datastore, and hybrid")
+    ap.add_argument("--only", type=lambda t: [x.strip() for x in t.split(",") if x.strip()], default=None,
+                    metavar="NAMES", help="only these configurations (comma-separated names as printed)")
+    ap.add_argument("--acceptance-only", action="store_true",
+                    help="tokens per pass only: no pass costs or drafting cost measured")
+    ap.add_argument("--pass-costs", type=lambda t: dict(tuple(map(float, x.split(":"))) for x in t.split(",")),
+                    default=None, metavar="ROWS:MS,...",
+                    help="target pass milliseconds by rows, measured before (interpolated): a predicted speedup "
+                    "without measuring")
     args = ap.parse_args()
     engine = Engine.load(args.engine)
     turns = outputs(engine, load_questions(args.questions), args.max_new_tokens, args.cache)
-    context = int(statistics.median(len(t["prompt"]) for t in turns))
-    cost = pass_costs(engine, context, max_rows=max(args.k) + 1)
-    print(f"target pass cost by rows at context {context} (ms): "
-          + ", ".join(f"{n}: {1e3 * c:.1f}" for n, c in cost.items()))
+    cost = None
+    if args.pass_costs:
+        rows, ms = zip(*sorted(args.pass_costs.items()))
+        cost = {n: float(np.interp(n, rows, ms)) / 1e3 for n in range(1, max(args.k) + 2)}
+    elif not args.acceptance_only:
+        context = int(statistics.median(len(t["prompt"]) for t in turns))
+        cost = pass_costs(engine, context, max_rows=max(args.k) + 1)
+        print(f"target pass cost by rows at context {context} (ms): "
+              + ", ".join(f"{n}: {1e3 * c:.1f}" for n, c in cost.items()))
     configs = {}
     for n_min, n_max in ((1, 3), (2, 3), (2, 4), (3, 5), (1, 5), (1, 8)):
         for match in ("latest", "earliest"):
@@ -113,15 +139,34 @@ def main() -> int:
                     lambda a=n_min, b=n_max, m=match, t=trim: NgramDrafter(a, b, m, t))
     for conf in (0.1, 0.3, 0.5):
         for factor in (1.0, 2.0, 4.0):
-            configs[f"suffix conf {conf} x{factor:g}"] = ("suffix", conf, factor)
+            configs[f"suffix conf {conf} x{factor:g}"] = ("suffix", conf, factor, None, True)
+    if args.datastore is not None:
+        store = Datastore.load(args.datastore, engine.manifest.target.vocab_size)
+        print(f"datastore {args.datastore}: {len(store)} entries, contexts of 1-{store.ngram_max} tokens seen >= "
+              f"{store.min_count} times, {store.nbytes / 1e6:.1f} MB")
+        conf = DrafterOptions().suffix_min_confidence
+        for shared in (True, False):  # the cache across turns, or a fresh one each turn
+            label = "" if shared else " fresh"
+            configs[f"suffix{label}"] = ("suffix", conf, 2.0, None, shared)
+            configs[f"suffix{label} + datastore"] = ("suffix", conf, 2.0, store, shared)
+        if "model" in engine.drafters:
+            draft = engine.sequence().draft
+            configs["hybrid"] = lambda: make_drafter("hybrid", DrafterOptions(), draft,
+                                                     max_k=max(engine.manifest.k_values))
+    if args.only:
+        if unknown := set(args.only) - set(configs):
+            ap.error(f"--only: no configuration {', '.join(sorted(unknown))}; choose from {', '.join(configs)}")
+        configs = {name: configs[name] for name in args.only}
     cats = [c for c in CATEGORIES if any(t["category"] == c for t in turns)]
     print(f"\n{'configuration':<32} {'k':>3} " + " ".join(f"{c[:11]:>11}" for c in cats) +
-          f" {'overall':>9} {'rows/pass':>9} {'predicted':>9}")
+          f" {'overall':>9} {'rows/pass':>9}" + ("" if cost is None else f" {'predicted':>9}"))
     for name, make in configs.items():
         for k in args.k:
             if isinstance(make, tuple):
+                _, c, f, store, shared = make
                 cache = SuffixCache()
-                factory = (lambda cache=cache, c=make[1], f=make[2]: SuffixDrafter(cache, c, f))
+                factory = (lambda cache=cache, c=c, f=f, store=store, shared=shared:
+                           SuffixDrafter(cache if shared else SuffixCache(), c, f, datastore=store))
             else:
                 factory = make
             per_cat = {c: [0, 0] for c in cats}
@@ -133,9 +178,13 @@ def main() -> int:
                 all_rows += rows
             tokens = sum(v[0] for v in per_cat.values())
             steps = sum(v[1] for v in per_cat.values())
-            predicted = tokens * cost[1] / sum(cost[min(r, max(cost))] for r in all_rows)
-            print(f"{name:<32} {k:>3} " + " ".join(f"{v[0] / v[1]:>11.2f}" for v in per_cat.values()) +
-                  f" {tokens / steps:>9.2f} {statistics.mean(all_rows):>9.2f} {predicted:>8.2f}x")
+            line = (f"{name:<32} {k:>3} " + " ".join(f"{v[0] / v[1]:>11.2f}" for v in per_cat.values()) +
+                    f" {tokens / steps:>9.2f} {statistics.mean(all_rows):>9.2f}")
+            if cost is not None:
+                line += f" {tokens * cost[1] / sum(cost[min(r, max(cost))] for r in all_rows):>8.2f}x"
+            print(line, flush=True)
+    if args.acceptance_only:
+        return 0
     print("\ndrafting cost per step (propose + commit), microseconds:")
     for name, make in (("ngram 1-8", lambda: NgramDrafter(1, 8)), ("suffix", lambda: SuffixDrafter(SuffixCache()))):
         print(f"  {name:<10} context 64: {drafting_cost(make, 64):.1f} us   context 2000: "
