@@ -25,10 +25,12 @@ QUESTIONS = Path(__file__).resolve().parent.parent.parent / "shared" / "benchmar
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("engine", type=Path, help="an engine exported with --batch")
-    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--clients", type=int, default=8, help="concurrent clients, and the engine's slots (>= 2)")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     args = ap.parse_args(argv)
+    if args.clients < 2:
+        ap.error("--clients must be >= 2 (one client never shares a pass)")
     from specrt.runtime import Engine
     from specrt.runtime.batch import Batcher
 
@@ -97,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{1000 * seconds[kind] / max(counts[kind], 1):6.1f} ms each")
     print(f"  rows per batched pass {rows[0] / max(counts['batched pass'], 1):.2f}; tokens per solo step "
           f"{solo_tokens[0] / max(counts['solo step'], 1):.2f}; batched pass costs at load (ms): "
-          + ", ".join(f"{b}: {1000 * c:.1f}" for b, c in engine.batcher.batch_costs.items()))
+          + ", ".join(f"{b}: {1000 * c:.1f}" for b, c in engine.batcher.batch_costs.items())
+          + "; solo pass costs by rows (ms): "
+          + ", ".join(f"{n}: {1000 * c:.1f}" for n, c in engine.batcher.solo_costs.items()))
     return 0
 
 

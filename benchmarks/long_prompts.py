@@ -1,0 +1,213 @@
+#!/usr/bin/env python
+"""What long prompts cost: time to first token and per-pass cost by rows at contexts of 128 to 2,048 tokens, for
+specrt engines and the peers, in one run; plus ONNX Runtime's per-operator profile of a prefill chunk and of 1-, 5-
+and 9-row passes at the longest context.
+
+* time to first token: ``generate(prompt, max_new_tokens=1)`` on a prompt of N tokens (Spec-Bench RAG text, cut),
+  afresh (no prefix reuse), median of 3; peers (onnxruntime-genai, OpenVINO GenAI) through their workers in their
+  own Pythons.
+* pass cost: a target pass of 1, 5 and 9 rows at a context of N cache entries (what verification costs as a
+  prompt grows); for the peers, their time per generated token after the first (they expose no multi-row pass).
+* profile: ms per operator type, summed over the passes.
+
+    python benchmarks/long_prompts.py --engine .cache/demo/engine --engine .cache/demo/engine-q8d \\
+        --engine .cache/demo/engine-int4 --genai-model .cache/genai/int4 --genai-python .cache/genai-venv/bin/python \\
+        --openvino-model .cache/openvino/int4 --openvino-python .cache/openvino-venv/bin/python \\
+        --json-out .cache/long_prompts.json --plot .cache/long_prompts.png
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+CONTEXTS = (128, 512, 1024, 2048)
+ROWS = (1, 5, 9)
+QUESTIONS = Path(__file__).resolve().parent.parent.parent / "shared" / "benchmarks" / "spec_bench" / "dev.jsonl"
+
+
+def prompt_of(engine, n: int, variant: int = 0) -> list[int]:
+    """n tokens of chat-rendered Spec-Bench RAG text (questions repeated to length).  Each ``variant`` starts from
+    another question, so no two variants share a prefix: OpenVINO GenAI caches prefixes across calls by default,
+    and a repeated prompt would time its cache, not a prefill."""
+    rag = [json.loads(line) for line in QUESTIONS.read_text().splitlines() if '"rag"' in line]
+    rag = rag[variant % len(rag):] + rag[:variant % len(rag)]
+    ids: list[int] = []
+    for q in rag * 8:
+        ids += engine.chat_prompt([{"role": "user", "content": q["turns"][0]}])
+        if len(ids) >= n:
+            break
+    return ids[:n]
+
+
+def median_time(fn, repeats: int = 3) -> float:
+    """Median seconds of ``fn(i)`` for i in 1..repeats."""
+    times = []
+    for i in range(1, repeats + 1):
+        t0 = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def specrt_rows(path: Path, contexts, repeats: int) -> dict:
+    from specrt.runtime import Engine
+
+    engine = Engine.load(path)
+    out = {"ttft": {}, "pass_ms": {}}
+    top = engine.max_context - max(ROWS) - 1
+    for n in contexts:
+        n = min(n, top)
+        ids = prompt_of(engine, n)
+        engine.generate(ids, max_new_tokens=1, use_draft=False, reuse_prefix=False)  # warm
+        out["ttft"][n] = median_time(lambda i, n=n: engine.generate(prompt_of(engine, n, i), max_new_tokens=1,
+                                                                    use_draft=False, reuse_prefix=False), repeats)
+        step = engine.sequence().target
+        step.prefill(np.asarray(ids, np.int64))
+        for rows in ROWS:
+            def one(_=0, rows=rows, step=step, ids=ids, n=n):
+                step.forward(np.asarray(ids[:rows], np.int64), n)
+                step.set_length(n)
+            one()
+            out["pass_ms"].setdefault(n, {})[rows] = median_time(one, 5) * 1e3
+    return out
+
+
+def profile(path: Path, context: int) -> dict:
+    """ms per operator type: a prefill chunk at ``context``, and a pass of each row count at ``context``."""
+    from specrt.runtime import ort_backend
+    from specrt.runtime.backend import PREFILL_CHUNK
+    from specrt.runtime.manifest import load_manifest
+
+    spec = load_manifest(path, check_hashes=False).target
+    context = min(context, spec.kv.buffer_shape[2] - PREFILL_CHUNK - 1)
+    out = {}
+    for label, rows in [("prefill chunk", PREFILL_CHUNK)] + [(f"{r} rows", r) for r in ROWS]:
+        original = ort_backend.session_options
+        tmp = Path(tempfile.mkdtemp())
+
+        def options(t, s=True, tmp=tmp, original=original):
+            so = original(t, s)
+            so.enable_profiling, so.profile_file_prefix = True, str(tmp / "p")
+            return so
+        ort_backend.session_options = options
+        try:
+            step = ort_backend.OrtModelStep(spec, threads=None)
+        finally:
+            ort_backend.session_options = original
+        ids = (np.arange(context + rows) * 7919 % 5000 + 10).astype(np.int64)
+        step.prefill(ids[:context])
+        runs = 3
+        for _ in range(runs):
+            step.forward(ids[context:context + rows], context, last_only=rows == PREFILL_CHUNK)
+            step.set_length(context)
+        events = json.loads(Path(step.session.end_profiling()).read_text())
+        last = [e for e in events if e.get("name") == "model_run"][-runs:]
+        lo, hi = last[0]["ts"], last[-1]["ts"] + last[-1]["dur"]
+        per = collections.Counter()
+        for e in events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and lo <= e["ts"] <= hi:
+                per[e["args"].get("op_name", "?")] += e["dur"] / 1e3 / runs
+        out[label] = {op: round(ms, 2) for op, ms in per.most_common(8)}
+        out[label]["wall"] = round(statistics.median(e["dur"] for e in last) / 1e3, 2)
+    return out
+
+
+def peer_rows(python: str, script: str, setup: dict, what: str, engine, contexts, repeats: int) -> dict:
+    from specrt.peers import Worker
+
+    worker = Worker(python, script, setup, what, f"check the {what} Python and model folder")
+    out = {"ttft": {}, "per_token_ms": {}}
+    try:
+        for n in contexts:
+            ids = prompt_of(engine, n)
+            worker.run(ids, 0.0, 0, 1)  # warm
+            out["ttft"][n] = statistics.median(worker.run(prompt_of(engine, n, i), 0.0, 0, 1).seconds
+                                               for i in range(1, repeats + 1))
+            r = worker.run(prompt_of(engine, n, repeats + 1), 0.0, 0, 17)
+            out["per_token_ms"][n] = max(0.0, (r.seconds - out["ttft"][n]) / max(1, len(r.token_ids) - 1)) * 1e3
+    finally:
+        worker.close()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engine", type=Path, action="append", default=[], help="specrt engine directories")
+    ap.add_argument("--genai-model", type=Path, default=None)
+    ap.add_argument("--genai-python", default=None)
+    ap.add_argument("--openvino-model", type=Path, default=None)
+    ap.add_argument("--openvino-python", default=None)
+    ap.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--json-out", type=Path, default=None)
+    ap.add_argument("--plot", type=Path, default=None, help="a PNG: time to first token and 5-row pass cost by context")
+    a = ap.parse_args()
+    from specrt.runtime import Engine
+
+    contexts = [int(c) for c in a.contexts.split(",")]
+    results = {}
+    for path in a.engine:
+        results[f"specrt {path.name}"] = specrt_rows(path, contexts, a.repeats)
+        if not a.no_profile:
+            results[f"specrt {path.name}"]["profile_at_2048"] = profile(path, max(contexts))
+    any_engine = Engine.load(a.engine[0], check_invariance=False)
+    if a.genai_model:
+        results[f"onnxruntime-genai {a.genai_model.name}"] = peer_rows(
+            a.genai_python or sys.executable, "genai_worker.py", {"model": str(a.genai_model.resolve())},
+            "onnxruntime-genai", any_engine, contexts, a.repeats)
+    if a.openvino_model:
+        results[f"OpenVINO GenAI {a.openvino_model.name}"] = peer_rows(
+            a.openvino_python or sys.executable, "openvino_worker.py",
+            {"model": str(a.openvino_model.resolve()), "mode": "plain", "num_assistant_tokens": 4,
+             "max_ngram_size": 3, "draft": None}, "OpenVINO GenAI", any_engine, contexts, a.repeats)
+    print("| system | " + " | ".join(f"TTFT {n}" for n in contexts) + " | "
+          + " | ".join(f"{r}-row pass @{n}" for n in contexts for r in ROWS) + " |")
+    for name, r in results.items():
+        ttft = " | ".join(f"{r['ttft'].get(n, r['ttft'].get(min(r['ttft'], key=lambda m: abs(m - n)))):.2f} s"
+                          for n in contexts)
+        if "pass_ms" in r:
+            passes = " | ".join(f"{r['pass_ms'][m][rows]:.1f}" for m in sorted(r["pass_ms"]) for rows in ROWS)
+        else:
+            passes = " | ".join(f"{r['per_token_ms'][n]:.1f} (per token)" if rows == 1 else "-"
+                                for n in contexts for rows in ROWS)
+        print(f"| {name} | {ttft} | {passes} |")
+        for label, ops in r.get("profile_at_2048", {}).items():
+            print(f"    {name}, {label}: {ops}")
+    if a.json_out:
+        a.json_out.write_text(json.dumps(results, indent=1))
+    if a.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        for name, r in results.items():
+            xs = sorted(r["ttft"])
+            left.plot(xs, [r["ttft"][x] for x in xs], marker="o", label=name)
+            if "pass_ms" in r:
+                xs = sorted(r["pass_ms"])
+                right.plot(xs, [r["pass_ms"][x][5] for x in xs], marker="o", label=f"{name} (5 rows)")
+            else:
+                right.plot(contexts, [r["per_token_ms"][x] for x in contexts], marker="x", linestyle="--",
+                           label=f"{name} (per token)")
+        left.set(xlabel="prompt tokens", ylabel="time to first token (s)", title="time to first token")
+        right.set(xlabel="context (tokens)", ylabel="ms", title="a verification pass / a decode step")
+        left.legend(fontsize=7)
+        right.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(a.plot, dpi=110)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
