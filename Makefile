@@ -111,4 +111,5 @@ demo-int4:
 	$(PYTHON) -m specrt.cli bench .cache/demo/engine-int4 --k 1,2,4 --repeats 2 --max-new-tokens 64 --prompts benchmarks/demo_prompts.json --json-out .cache/demo/bench_int4.json
 
 lint:
+	$(PYTHON) -m ruff --version >/dev/null 2>&1 || $(PIP) ruff==0.17.6
 	$(PYTHON) -m ruff check .

@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     for p in tqdm(prompts, desc=f"{args.drafter} k={args.k}", unit="prompt"):
         base = engine.generate(p.ids, max_new_tokens=args.max_new_tokens, use_draft=False, reuse_prefix=False)
         trace = io.StringIO()
-        spec = engine.generate(p.ids, max_new_tokens=args.max_new_tokens, reuse_prefix=False, k=args.k, drafter=args.drafter,
+        spec = engine.generate(p.ids, max_new_tokens=args.max_new_tokens, reuse_prefix=False, k=args.k, policy="fixed",
+                               tree_nodes=0, drafter=args.drafter,
                                trace=trace)
         for cat in (p.category, "overall"):
             steps[cat] += passes(trace.getvalue())

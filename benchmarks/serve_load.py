@@ -18,7 +18,7 @@ Or several server configurations, each started and stopped here, one after anoth
         --serve "batched=.cache/demo/engine-batch --max-batch 8" --json-out .cache/serve_load.json
 
 Every greedy answer is checked against the answer to the same prompt from the first configuration of the same
-engine directory at its lowest load (a batched server must answer each request as it is answered alone); a
+engine directory at the first --clients level (a batched server must answer each request as it is answered alone); a
 difference is reported and makes the exit status 1.
 """
 from __future__ import annotations

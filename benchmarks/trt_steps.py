@@ -54,7 +54,8 @@ def main() -> int:
             same = base.token_ids == ref
             line = [f"target-only {base.stats.tokens_per_s:.0f} tok/s, same as ONNX Runtime: {same}"]
             for k in gpu.manifest.k_values:
-                r = gpu.generate(ids, max_new_tokens=a.max_new_tokens, reuse_prefix=False, k=k, drafter="model" if gpu.draft_model
+                r = gpu.generate(ids, max_new_tokens=a.max_new_tokens, reuse_prefix=False, k=k, policy="fixed", tree_nodes=0,
+                                 drafter="model" if gpu.draft_model
                                  else "ngram")
                 same &= r.token_ids == ref
                 line.append(f"k={k} {r.stats.tokens_per_s:.0f} tok/s ({r.stats.tokens_per_s / base.stats.tokens_per_s:.2f}x)"

@@ -74,7 +74,7 @@ class Stream:
 
 # What a request that names no drafter, k, policy or tree size gets, per kind of draft in the engine (None: no
 # draft): the fastest rows of the Spec-Bench run in docs/benchmarks.md.  On the demo pair (a draft model) n-gram
-# lookup beat the 11M draft model; on a feature head's engine the hybrid (a context match, else the head) as a tree
+# lookup beat the 11M draft model (ngram+recycle as a tree of 32 ran 2% faster, within noise: chains kept, simpler); on a feature head's engine the hybrid (a context match, else the head) as a tree
 # of 32 with adaptive k up to 8 was the fastest fp32 row; a target that quantizes activations to int8 verifies
 # chains only (``trees_lossless``), and n-gram was its fastest drafter.  The adaptive policy drafts nothing where
 # drafting does not pay (a chat answer that repeats nothing: measured no slower than target-only beyond noise).
@@ -92,7 +92,8 @@ def request_defaults(manifest: Manifest, trees: bool | None = None) -> dict:
     if trees is None:
         trees = bool(manifest.target.kv.tree) and not integer
     d = dict(DEFAULTS[kind])
-    d["k"] = min(d["k"], max(manifest.k_values))
+    # the largest compiled k up to the default's (fixed k must be compiled; adaptive drafts at most k)
+    d["k"] = max((v for v in manifest.k_values if v <= d["k"]), default=min(manifest.k_values))
     if not trees:
         d["tree_nodes"] = 0
         if d["drafter"] == "hybrid" and integer:
@@ -172,7 +173,7 @@ class Engine:
     @property
     def defaults(self) -> dict:
         """What a request that leaves them unset gets (``request_defaults``); chains on a batching engine."""
-        return request_defaults(self.manifest, trees=self.trees_lossless)
+        return request_defaults(self.manifest, trees=self.trees_lossless and self.batcher is None)
 
     @property
     def default_drafter(self) -> str:

@@ -192,8 +192,8 @@ def make_policy(name: str, k: int, k_values: Sequence[int], confidence_tau: floa
         return Fixed(k)
     if name == "confidence":
         return Confidence(k, 0.5 if confidence_tau is None else confidence_tau)
-    if name == "adaptive":
-        return Adaptive(tuple(k_values))
+    if name == "adaptive":  # k is the most it drafts: the compiled values up to it (the smallest if none is)
+        return Adaptive(tuple(v for v in k_values if v <= k) or (min(k_values),))
     if name == "budget":
         return Budget(k, 1.0 if max_draft_per_token is None else max_draft_per_token)
     raise GenerationError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")

@@ -160,8 +160,12 @@ class Request:
         return bool(self.use_draft)
 
     def with_defaults(self, defaults: dict) -> Request:
-        """Fields left None take ``defaults`` (an engine's: ``Engine.defaults``)."""
-        return replace(self, **{name: value for name, value in defaults.items() if getattr(self, name) is None})
+        """Fields left None take ``defaults`` (an engine's: ``Engine.defaults``); relaxed acceptance verifies chains,
+        so it takes no default tree."""
+        filled = {name: value for name, value in defaults.items() if getattr(self, name) is None}
+        if self.acceptance == "relaxed" and self.tree_nodes is None:
+            filled["tree_nodes"] = 0
+        return replace(self, **filled)
 
     @property
     def sampling(self) -> SamplingParams:

@@ -38,7 +38,7 @@ class Config:
         # every row prefills its prompt afresh: a row after another on the same prompt must not reuse its KV
         return {"reuse_prefix": False, "k": self.k, "use_draft": self.k is not None, "policy": self.policy, "temperature": self.temperature,
                 "acceptance": self.acceptance, "accept_tau": self.accept_tau, "confidence_tau": self.confidence_tau,
-                "drafter": self.drafter if self.k is not None else None}
+                "drafter": self.drafter if self.k is not None else None, "tree_nodes": 0}
 
 
 def fixed_configs(ks: Sequence[int]) -> list[Config]:

@@ -339,6 +339,10 @@ def _generate(args) -> int:
                          spin=not args.no_spin, datastore=args.datastore)
     prompt = (args.prompt_ids if args.prompt_ids is not None else
               engine.chat_prompt([{"role": "user", "content": args.chat}]) if args.chat is not None else args.prompt)
+    drafter = request.from_arguments(args).get("drafter") or engine.default_drafter
+    if args.datastore is not None and drafter != "suffix":
+        print(f"specrt generate: warning: --datastore is read by the suffix drafter only; this run drafts with "
+              f"{drafter!r} (add --drafter suffix)", file=sys.stderr)
     from specrt.runtime.request import MAX_SAMPLES
 
     if not 1 <= args.num_samples <= MAX_SAMPLES:

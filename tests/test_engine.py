@@ -116,6 +116,26 @@ def test_default_drafters_follow_spec_bench(loaded, engines):
     assert loaded["target_only"].default_drafter == "ngram"
 
 
+@pytest.mark.product_defaults
+def test_what_a_request_names_overrides_the_defaults(loaded, engines):
+    """A k without a policy caps the adaptive default; relaxed acceptance gets chains, not the default tree; a
+    default k is one the engine compiled."""
+    from specrt.runtime import Engine
+    from specrt.runtime.engine import request_defaults
+    from specrt.runtime.policy import make_policy
+    from specrt.runtime.request import Request
+
+    eagle = Engine.load(engines["eagle"])
+    req = Request(k=2).with_defaults(eagle.defaults).validate(eagle.manifest.k_values)
+    assert req.policy == "adaptive" and make_policy(req.policy, req.k, eagle.manifest.k_values).k_values == (1, 2)
+    assert make_policy("adaptive", 3, (2, 4, 8)).k_values == (2,) and make_policy("adaptive", 1, (2, 4)).k_values == (2,)
+    relaxed = Request(acceptance="relaxed", accept_tau=0.5).with_defaults(eagle.defaults)
+    assert relaxed.tree_nodes == 0 and relaxed.validate(eagle.manifest.k_values).drafter == "hybrid"
+    m = loaded["close"].manifest
+    assert request_defaults(dataclasses.replace(m, k_values=(1, 2, 4, 16)))["k"] == 4
+    assert request_defaults(dataclasses.replace(m, k_values=(16,)))["k"] == 16
+
+
 def test_target_only_engine_defaults_to_ngram(loaded):
     engine = loaded["target_only"]
     assert engine.draft_model is None and engine.default_drafter == "ngram" and engine.drafters == ("ngram", "suffix", "recycle",

@@ -199,6 +199,11 @@ class Datastore:
             want = {*FIELDS, "header"}
             if set(npz.files) != want:
                 raise bad(f"arrays {sorted(npz.files)}, expected {sorted(want)}")
+            expected = {**{name: np.dtype(dtype) for name, dtype in FIELDS.items()}, "header": np.dtype(np.int64)}
+            for name in want:  # each member's own header first: a small file must not make numpy allocate much
+                why = _member_problem(npz.zip, name, expected[name])
+                if why:
+                    raise bad(f"{name}: {why}")
             try:
                 arrays = {name: npz[name] for name in want}
             except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # object arrays: pickles, refused
@@ -226,3 +231,28 @@ class Datastore:
                       f"[0, {self.vocab_size})")
         self._ngram_max, self.min_count = ngram_max, min_count
         self._arrays = (keys, token_ids, counts, totals)
+
+
+def _member_problem(archive: zipfile.ZipFile, name: str, dtype: np.dtype) -> str | None:
+    """Why the archive's ``name.npy`` is not a 1-D array of ``dtype`` whose data fits in the member, or None: read
+    from its .npy header alone, before numpy allocates the array the header declares."""
+    try:
+        info = archive.getinfo(name + ".npy")
+    except KeyError:
+        return "not an .npy member"
+    try:
+        with archive.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _fortran, got = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _fortran, got = np.lib.format.read_array_header_2_0(f)
+            else:
+                return f".npy format {version} not supported"
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        return f"unreadable .npy header ({e})"
+    if got != dtype or len(shape) != 1:
+        return f"{got} {shape}, expected a 1-D {dtype} array"
+    if shape[0] * got.itemsize > info.file_size:
+        return f"declares {shape[0]} entries, more than its {info.file_size} bytes hold"
+    return None

@@ -80,11 +80,11 @@ def swap(field: str, value):
 
 
 HOSTILE = [  # (what is wrong, how to write it, what the error says)
-    ("a token as int64", swap("token_ids", lambda x: x.astype(np.int64)), "token_ids is int64"),
+    ("a token as int64", swap("token_ids", lambda x: x.astype(np.int64)), "token_ids: int64 .*expected a 1-D int32"),
     ("keys unsorted", swap("keys", lambda x: x[::-1].copy()), "not strictly increasing"),
     ("a duplicated key", swap("keys", lambda x: np.r_[x[:1], x[:-1]]), "not strictly increasing"),
     ("a pickled object array", swap("counts", lambda x: np.array([{"x": 1}] * len(x), dtype=object)),
-     "unreadable array"),
+     "counts: object .*expected a 1-D uint32"),
     ("a missing array", lambda a: {k: v for k, v in a.items() if k != "totals"}, "expected"),
     ("lengths differ", swap("totals", lambda x: x[:-1]), "one shared length"),
     ("count above total", swap("counts", lambda x: x + 100), "count <= total"),
@@ -118,6 +118,34 @@ def test_a_member_that_inflates_is_refused_before_reading(tmp_path):
         z.writestr("keys.npy", buf.getvalue())
     with pytest.raises(GenerationError, match="uncompressed"):
         Datastore.load(path).arrays()
+
+
+def _rewritten(tmp_path, name: str, change) -> Path:
+    """A valid datastore's members, ``change``d (a dict of member name -> bytes), written uncompressed as ``name``."""
+    Datastore.build([[1, 2, 3, 1, 2, 3, 4]] * 3, ngram_max=3).save(tmp_path / "ok.npz")
+    with zipfile.ZipFile(tmp_path / "ok.npz") as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    change(members)
+    with zipfile.ZipFile(tmp_path / name, "w") as z:
+        for n, data in members.items():
+            z.writestr(n, data)
+    return tmp_path / name
+
+
+def test_a_header_that_declares_more_than_its_member_holds_is_refused_before_numpy_allocates(tmp_path):
+    header = io.BytesIO()  # 10**14 entries declared in a 144-byte member: numpy would try to allocate 728 TiB
+    np.lib.format.write_array_header_1_0(header, {"descr": "<u8", "fortran_order": False, "shape": (10 ** 14,)})
+    path = _rewritten(tmp_path, "huge.npz", lambda m: m.update({"keys.npy": header.getvalue() + bytes(16)}))
+    with pytest.raises(GenerationError, match="declares 100000000000000 entries"):
+        Datastore.load(path).arrays()
+
+
+def test_a_member_that_is_no_npy_array_is_refused(tmp_path):
+    def raw(members):
+        del members["keys.npy"]
+        members["keys"] = b"raw bytes"  # numpy hands such a member back as bytes, not an array
+    with pytest.raises(GenerationError, match="keys: not an .npy member"):
+        Datastore.load(_rewritten(tmp_path, "raw.npz", raw)).arrays()
 
 
 def test_the_datastore_answers_where_the_live_cache_knows_a_shorter_context():
