@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 import threading
 import time
@@ -69,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     Batcher._round = round_
     Batcher._batched = timed("batched pass", batched)
     Batcher._solo = timed("solo step", solo)
-    questions = [json.loads(line)["turns"][0] for line in QUESTIONS.read_text().splitlines() if line.strip()]
+    from specrt.spec_bench import load_questions
+
+    questions = [q["turns"][0] for q in load_questions(QUESTIONS)]
     prompts = [engine.chat_prompt([{"role": "user", "content": q}]) for q in questions[:args.requests]]
     todo = list(enumerate(prompts))
     lock = threading.Lock()

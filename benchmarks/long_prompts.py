@@ -37,7 +37,9 @@ def prompt_of(engine, n: int, variant: int = 0) -> list[int]:
     """n tokens of chat-rendered Spec-Bench RAG text (questions repeated to length).  Each ``variant`` starts from
     another question, so no two variants share a prefix: OpenVINO GenAI caches prefixes across calls by default,
     and a repeated prompt would time its cache, not a prefill."""
-    rag = [json.loads(line) for line in QUESTIONS.read_text().splitlines() if '"rag"' in line]
+    from specrt.spec_bench import load_questions
+
+    rag = [q for q in load_questions(QUESTIONS) if q["category"] == "rag"]
     rag = rag[variant % len(rag):] + rag[:variant % len(rag)]
     ids: list[int] = []
     for q in rag * 8:

@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=96, help="tokens per answer (default 96)")
     ap.add_argument("--json-out", type=Path, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
-    questions = [q for q in map(json.loads, args.questions.read_text().splitlines()) if len(q["turns"]) > 1]
+    from specrt.spec_bench import load_questions
+
+    questions = [q for q in load_questions(args.questions) if len(q["turns"]) > 1]
     rows = []
     print(f"{'engine':<24} {'drafter':<12} {'convs':>5} {'prompt':>6} {'reused':>6} {'prefill ms reused/fresh':>24} "
           f"{'answers differ':>14}")
