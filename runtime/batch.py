@@ -23,6 +23,9 @@ activations to int8: alone, its 1-token steps run as 2-row passes (``runtime/inv
 differs from a 1-row pass in the last bits, and a batched pass cannot hold 2 rows per sequence; the next layers'
 int8 rounding turns those bits into other answers (measured: 15 of 16 Spec-Bench answers changed under load), so
 such engines do not batch (``Engine.load`` says so).  Trees need the tree graph, so batched engines verify chains.
+A sampled request still follows the target's distribution token by token, but its random numbers are drawn per step
+and a batched decode step draws other ones than a speculative step, so under load the same seed can give another
+text than alone (as an adaptive policy's k choices, which follow measured timings, can alone).
 """
 from __future__ import annotations
 
