@@ -45,7 +45,7 @@ head-data: install-export
 ## train the head on that data (resumable; early stopping on held-out source families), then export it into
 ## engines/demo/head with its model card
 head-train: install-export
-	$(PYTHON) scripts/train_head.py --verifier .cache/demo/verifier-hf --data .cache/head/data --out .cache/head/run --patience 6
+	$(PYTHON) scripts/train_head.py --verifier .cache/demo/verifier-hf --data .cache/head/data --out .cache/head/run --patience 6 --bf16
 	$(PYTHON) scripts/train_head.py --verifier .cache/demo/verifier-hf --data .cache/head/data --out .cache/head/run --export engines/demo/head
 
 ## speed of the demo pair, side by side (after `make demo`)

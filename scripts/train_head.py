@@ -218,7 +218,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--features", choices=("eagle3", "eagle1"), default="eagle3",
                     help="eagle3: layers 3, 15, 27 concatenated; eagle1: the last layer before the norm")
-    ap.add_argument("--draft-vocab", type=int, default=16384)
+    ap.add_argument("--draft-vocab", type=int, default=8192,
+                    help="output tokens: the data's most frequent (8,192 cover 97.6%% of the verifier's answer tokens "
+                         "in head_data.py's data, 16,384 99.8%% at twice the output layer's cost)")
     ap.add_argument("--steps-unrolled", type=int, default=3, help="training-time test: draft steps unrolled")
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
