@@ -409,6 +409,8 @@ def export(args, cfg, head, draft_vocab, shards, eval_seqs, to_draft, step, seco
               "train_conversations": len(train_seqs), "held_out_conversations": len(eval_seqs),
               "parameters": count_params(weights), "held_out": ev, "curve": curve,
               "checkpoint": args.checkpoint if step else "none",
+              "data_cards": [json.loads((d / "card.json").read_text()) for d in args.data
+                             if (d / "card.json").is_file()],
               # the exported checkpoint's own training invocation (its last resume), then this export's
               "training_args": json_safe(trained_args or {}), "export_args": json_safe(vars(args))}
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -450,7 +452,26 @@ def model_card(record: dict, cfg, vocab: int) -> str:
         lines.append(f"| {c['step']} | {c['minutes']} | {c['tokens']:,} | {c['loss']:.3f} | "
                      + " / ".join(f"{a:.3f}" for a in c["acceptance_by_position"])
                      + f" | {c['tokens_per_pass'].get('4', c['tokens_per_pass'].get(4, 0)):.2f} |")
+    for card in record.get("data_cards", []):
+        lines += data_card(card)
     return "\n".join(lines) + "\n"
+
+
+def data_card(card: dict) -> list[str]:
+    """The data's sources and shares (``head_data.py --stage card``), as model-card lines."""
+    lines = ["", "## Data", "",
+             (f"{card['conversations']:,} conversations written by the verifier itself (greedy; about a tenth "
+              f"sampled at temperature 0.7; some with a second user turn), {card['answer_tokens']:,} answer tokens, "
+              f"answering the first of {card['prompts']:,} prompts (the list after near-duplicate removal; "
+              "`head_data.py` answers it in a fixed order and the card counts what was answered). Nothing of it is committed: `make head-data` rebuilds it "
+              "(`scripts/head_data.py`, resumable, hours on two cores) and `make head-train` this head."), "",
+             "| source | families | conversations | answer tokens | share of answer tokens | two turns | sampled |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, src in card["sources"].items():
+        lines.append(f"| {name} | {src['families']:,} | {src['conversations']:,} | {src['answer_tokens']:,} | "
+                     f"{src['share_of_answer_tokens']:.1%} | {src['two_turn']:,} | {src['sampled']:,} |")
+    lines += ["", "Kinds of request: " + ", ".join(f"{k} {v:,}" for k, v in card["kinds"].items()) + "."]
+    return lines
 
 
 if __name__ == "__main__":
