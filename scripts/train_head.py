@@ -462,8 +462,8 @@ def data_card(card: dict) -> list[str]:
     lines = ["", "## Data", "",
              (f"{card['conversations']:,} conversations written by the verifier itself (greedy; about a tenth "
               f"sampled at temperature 0.7; some with a second user turn), {card['answer_tokens']:,} answer tokens, "
-              f"answering the first of {card['prompts']:,} prompts (the list after near-duplicate removal; "
-              "`head_data.py` answers it in a fixed order and the card counts what was answered). Nothing of it is committed: `make head-data` rebuilds it "
+              f"the answers to {card['conversations']:,} of the {card['prompts']:,} prompts in its prompt list (after "
+              "near-duplicate removal; a rerun of `head_data.py` answers more). Nothing of it is committed: `make head-data` rebuilds it "
               "(`scripts/head_data.py`, resumable, hours on two cores) and `make head-train` this head."), "",
              "| source | families | conversations | answer tokens | share of answer tokens | two turns | sampled |",
              "|---|---:|---:|---:|---:|---:|---:|"]
