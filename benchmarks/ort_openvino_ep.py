@@ -11,8 +11,8 @@ them in place and is faster still than the CPU column.
 
 It needs ``onnxruntime-openvino`` (a whole ONNX Runtime build with the provider; it replaces ``onnxruntime``, so
 give it its own virtual environment) -- the PyPI plugin ``onnxruntime-ep-openvino`` offers no device on a
-non-Intel CPU.  That build reads ONNX IR version 13 at most; the graph is re-saved with IR 10 into
-``--work`` (its weights hard-linked, so ``--work`` must be on the engine's file system).
+non-Intel CPU.  That build reads ONNX IR version 13 at most (specrt writes 14); the graph is re-saved with
+IR 10 into ``--work`` (its weights hard-linked, so ``--work`` must be on the engine's file system).
 
     python -m venv .cache/ort-ov-venv && .cache/ort-ov-venv/bin/pip install onnxruntime-openvino numpy onnx
     .cache/ort-ov-venv/bin/python benchmarks/ort_openvino_ep.py .cache/demo/engine-int4 --context 1024
@@ -36,6 +36,8 @@ def ir10_copy(engine: Path, work: Path) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     for data in engine.glob("target.onnx.data"):
         link = work / data.name
+        if link.exists() and not os.path.samefile(link, data):
+            link.unlink()  # the engine was exported again since
         if not link.exists():
             os.link(data, link)
     model = onnx.load(engine / "target.onnx", load_external_data=False)
@@ -45,7 +47,7 @@ def ir10_copy(engine: Path, work: Path) -> Path:
 
 
 class Graph:
-    """One session over the target graph with its own fp32 caches, fed as the engine feeds it."""
+    """One session over the target graph with its own fp32 caches, fed as the engine feeds it (but not in place)."""
 
     def __init__(self, path: Path, providers: list, threads: int):
         import onnxruntime as ort
@@ -61,16 +63,17 @@ class Graph:
                       if i.name.startswith("cache_")}
         self.outputs = [o.name for o in self.session.get_outputs()]
 
-    def run(self, ids: np.ndarray, past: int, keep: bool) -> tuple[np.ndarray, float]:
+    def run(self, ids: np.ndarray, past: int, prefill: bool) -> tuple[np.ndarray, float]:
+        """One pass; a prefill chunk keeps its cache entries and, as the engine asks, only its last row's logits."""
         n = ids.shape[1]
         feed = {"input_ids": ids, "past_length": np.array([past], np.int64),
-                "logits_from": np.array([0], np.int64),
+                "logits_from": np.array([n - 1 if prefill else 0], np.int64),
                 "position_ids": (past + np.arange(n, dtype=np.int64))[None],
                 "tree_bias": np.zeros((1, 1, n, n), np.float32), **self.cache}
         t = time.perf_counter()
         res = self.session.run(None, feed)
         dt = time.perf_counter() - t
-        if keep:
+        if prefill:
             for name, value in zip(self.outputs, res):
                 if name.startswith("present_"):
                     self.cache["cache_" + name[len("present_"):]][...] = value
@@ -94,10 +97,15 @@ def main() -> int:
         print("this onnxruntime has no OpenVINOExecutionProvider: run it with onnxruntime-openvino's Python "
               "(see --help)", file=sys.stderr)
         return 2
-    path = ir10_copy(args.engine, args.work / args.engine.name)
+    try:
+        path = ir10_copy(args.engine, args.work / args.engine.name)
+    except OSError as exc:
+        print(f"cannot prepare the IR 10 copy in {args.work} (it must be on the engine's file system): {exc}",
+              file=sys.stderr)
+        return 2
+    openvino = ("OpenVINOExecutionProvider", {"device_type": "CPU", "num_of_threads": str(args.threads)})
     graphs = {"cpu": Graph(path, ["CPUExecutionProvider"], args.threads),
-              "openvino": Graph(path, [("OpenVINOExecutionProvider", {"device_type": "CPU"}),
-                                       "CPUExecutionProvider"], args.threads)}
+              "openvino": Graph(path, [openvino, "CPUExecutionProvider"], args.threads)}
     if graphs["openvino"].providers[0] != "OpenVINOExecutionProvider":
         print("the OpenVINO provider did not take the graph", file=sys.stderr)
         return 1
@@ -109,7 +117,7 @@ def main() -> int:
         prefill = 0.0
         for p in range(0, args.context, 256):
             try:
-                _, dt = g.run(prompt[:, p:p + 256], p, keep=True)
+                _, dt = g.run(prompt[:, p:p + 256], p, prefill=True)
             except ort.capi.onnxruntime_pybind11_state.Fail as exc:  # OpenVINO compiles on the first run
                 print(f"the {name} provider cannot run {args.engine}'s target graph: "
                       f"{str(exc).strip().splitlines()[0]}", file=sys.stderr)
@@ -122,7 +130,7 @@ def main() -> int:
         times: dict[str, list[float]] = {name: [] for name in graphs}
         for _ in range(args.repeats):
             for name, g in graphs.items():
-                logits[name], dt = g.run(ids, args.context, keep=False)
+                logits[name], dt = g.run(ids, args.context, prefill=False)
                 times[name].append(dt)
         for name in graphs:
             result[name]["rows_ms"][rows] = round(1000 * float(np.median(times[name])), 1)

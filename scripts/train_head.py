@@ -219,8 +219,9 @@ def main() -> int:
     ap.add_argument("--features", choices=("eagle3", "eagle1"), default="eagle3",
                     help="eagle3: layers 3, 15, 27 concatenated; eagle1: the last layer before the norm")
     ap.add_argument("--draft-vocab", type=int, default=8192,
-                    help="output tokens: the data's most frequent (8,192 cover 97.6%% of the verifier's answer tokens "
-                         "in head_data.py's data, 16,384 99.8%% at twice the output layer's cost)")
+                    help="output tokens: the data's most frequent (8,192 cover 97.6%% of the verifier's answer "
+                         "tokens in head_data.py's data, 16,384 99.8%% at twice the output layer's cost); a resumed "
+                         "run keeps the vocabulary it started with (OUT/draft_vocab.json)")
     ap.add_argument("--steps-unrolled", type=int, default=3, help="training-time test: draft steps unrolled")
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
@@ -409,8 +410,8 @@ def export(args, cfg, head, draft_vocab, shards, eval_seqs, to_draft, step, seco
               "train_conversations": len(train_seqs), "held_out_conversations": len(eval_seqs),
               "parameters": count_params(weights), "held_out": ev, "curve": curve,
               "checkpoint": args.checkpoint if step else "none",
-              "data_cards": [json.loads((d / "card.json").read_text()) for d in args.data
-                             if (d / "card.json").is_file()],
+              "data_cards": {str(d): json.loads((d / "card.json").read_text()) for d in args.data
+                             if (d / "card.json").is_file()},
               # the exported checkpoint's own training invocation (its last resume), then this export's
               "training_args": json_safe(trained_args or {}), "export_args": json_safe(vars(args))}
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -452,19 +453,25 @@ def model_card(record: dict, cfg, vocab: int) -> str:
         lines.append(f"| {c['step']} | {c['minutes']} | {c['tokens']:,} | {c['loss']:.3f} | "
                      + " / ".join(f"{a:.3f}" for a in c["acceptance_by_position"])
                      + f" | {c['tokens_per_pass'].get('4', c['tokens_per_pass'].get(4, 0)):.2f} |")
-    for card in record.get("data_cards", []):
-        lines += data_card(card)
+    cards = record.get("data_cards", {})
+    for where, card in cards.items():
+        lines += data_card(card, f"Data ({where})" if len(cards) > 1 else "Data")
     return "\n".join(lines) + "\n"
 
 
-def data_card(card: dict) -> list[str]:
+def data_card(card: dict, title: str = "Data") -> list[str]:
     """The data's sources and shares (``head_data.py --stage card``), as model-card lines."""
-    lines = ["", "## Data", "",
-             (f"{card['conversations']:,} conversations written by the verifier itself (greedy; about a tenth "
-              f"sampled at temperature 0.7; some with a second user turn), {card['answer_tokens']:,} answer tokens, "
-              f"the answers to {card['conversations']:,} of the {card['prompts']:,} prompts in its prompt list (after "
-              "near-duplicate removal; a rerun of `head_data.py` answers more). Nothing of it is committed: `make head-data` rebuilds it "
-              "(`scripts/head_data.py`, resumable, hours on two cores) and `make head-train` this head."), "",
+    sampled = sum(src["sampled"] for src in card["sources"].values()) / max(1, card["conversations"])
+    two_turn = sum(src["two_turn"] for src in card["sources"].values()) / max(1, card["conversations"])
+    rest = card["prompts"] - card["conversations"]
+    lines = ["", f"## {title}", "",
+             (f"{card['conversations']:,} conversations written by the verifier itself ({1 - sampled:.0%} greedy, "
+              f"{sampled:.0%} sampled at temperature 0.7; {two_turn:.0%} with a second user turn), "
+              f"{card['answer_tokens']:,} answer tokens: the answers to {card['conversations']:,} of the "
+              f"{card['prompts']:,} prompts in its prompt list (after near-duplicate removal"
+              + (f"; {rest:,} not answered yet, a rerun of `head_data.py` answers more" if rest > 0 else "")
+              + "). Nothing of it is committed: `make head-data` rebuilds it (`scripts/head_data.py`, resumable, "
+              "hours on two cores) and `make head-train` this head."), "",
              "| source | families | conversations | answer tokens | share of answer tokens | two turns | sampled |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, src in card["sources"].items():
