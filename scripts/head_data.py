@@ -16,8 +16,9 @@ log-probabilities recorded while it writes them.  Resumable stages, each with a 
 
     python scripts/head_data.py --verifier .cache/demo/verifier-hf --out .cache/head/data
 
-Rerun the same command to resume (a stopped ``answers`` stage loses at most the shard it was filling).
-Hours of CPU in all (measured here: ~350 answer tokens/s on 2 cores); CI never runs it.  Needs the
+Rerun the same command to resume (Ctrl-C or SIGTERM keeps every finished conversation; only those being written
+are answered again).
+Hours of CPU in all (measured on 2 cores: ~200 answer tokens/s, and ~45 on a machine half as fast); CI never runs it.  Needs the
 Debian packages named in ``head_prompts.py`` (``make head-data`` installs them where it can).
 Spec-Bench's questions are never read.
 """
@@ -27,6 +28,7 @@ import argparse
 import collections
 import json
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -39,7 +41,7 @@ import head_prompts
 
 FEATURE_LAYERS = (3, 15, 27)
 TOP_K = 8
-SHARD_TOKENS = 1 << 17
+SHARD_TOKENS = 1 << 15  # ~70 conversations: a hard stop (power, SIGKILL) loses at most one shard
 PROMPT_TAIL = 256  # prompt tokens recorded before the answer (the runtime head reads a window of 256)
 
 
@@ -224,13 +226,21 @@ def stage_answers(args, tok: Tokens, prompts: list[dict]) -> None:
     print(f"{len(done)} conversations done in {len(shards)} shards; {len(jobs)} to go", file=sys.stderr)
     bar = Progress(len(jobs), "verifier answers")
     t0, tokens = time.time(), 0
-    for d in batch_gen.generate(target, jobs, args.max_new_tokens, tok.eos, turn_end=tok.turn_end, top_k=TOP_K,
-                                seed=args.seed):
-        writer.add(d)
-        tokens += sum(len(a) for a in d.answers)
-        bar(1)
-        bar.bar.set_postfix(answer_tok_s=f"{tokens / (time.time() - t0):.0f}")
-    writer.flush()
+    # Ctrl-C or a kill (SIGTERM) stops between passes and keeps every finished conversation (a shorter last
+    # shard); only the conversations still being written are lost, and a rerun answers them again
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        for d in batch_gen.generate(target, jobs, args.max_new_tokens, tok.eos, turn_end=tok.turn_end, top_k=TOP_K,
+                                    seed=args.seed):
+            writer.add(d)
+            tokens += sum(len(a) for a in d.answers)
+            bar(1)
+            bar.bar.set_postfix(answer_tok_s=f"{tokens / (time.time() - t0):.0f}")
+    except KeyboardInterrupt:
+        print(f"\nstopped: keeping the {len(writer.items)} conversations finished since the last shard; rerun to "
+              "resume", file=sys.stderr)
+    finally:
+        writer.flush()
 
 
 def stage_card(args, prompts: list[dict]) -> dict:

@@ -244,6 +244,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the matmuls (AVX-512 BF16 CPUs)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init-from", type=Path, default=None, metavar="HEAD_DIR",
+                    help="start a new run from an exported head (e.g. engines/demo/head): its layers as they are, its "
+                    "output rows moved to the new draft vocabulary (tokens it lacked keep the verifier's own LM-head "
+                    "rows); ignored when OUT holds a checkpoint")
     ap.add_argument("--export", type=Path, default=None, help="write the trained head here and stop")
     ap.add_argument("--checkpoint", choices=("best", "last"), default="best",
                     help="what --export writes: the checkpoint with the best held-out tokens per pass (default; "
@@ -304,6 +308,8 @@ def main() -> int:
                             betas=(0.9, 0.95))
     step, seconds, tokens_seen = 0, 0.0, 0
     ckpt = args.out / "ckpt.pt"
+    if args.init_from and not ckpt.is_file() and not args.export:
+        init_from_head(head, args.init_from, draft_vocab)
     source = ckpt
     if args.export and args.checkpoint == "best" and (args.out / "best.pt").is_file():
         source = args.out / "best.pt"
@@ -386,6 +392,31 @@ def main() -> int:
     return 0
 
 
+def init_from_head(head, head_dir: Path, draft_vocab: np.ndarray) -> None:
+    """Load an exported head's weights into ``head``; output rows follow their target token into the new draft
+    vocabulary (a head trained on other data has another vocabulary)."""
+    import torch
+    from safetensors.torch import load_file
+    from specrt.export.feature_head import DRAFT_VOCAB, HEAD_WEIGHTS
+
+    weights = load_file(str(head_dir / HEAD_WEIGHTS))
+    old_vocab = np.array(json.loads((head_dir / DRAFT_VOCAB).read_text()), dtype=np.int64)
+    own = head.state_dict()
+    for name, w in weights.items():
+        if name != "lm_head.weight" and (name not in own or own[name].shape != w.shape):
+            raise SystemExit(f"--init-from {head_dir}: {name} {tuple(w.shape)} does not fit this head "
+                             f"({tuple(own[name].shape) if name in own else 'absent'}): another size or feature set")
+    old_row = {int(t): i for i, t in enumerate(old_vocab)}
+    pairs = [(j, old_row[int(t)]) for j, t in enumerate(draft_vocab) if int(t) in old_row]
+    with torch.no_grad():
+        head.load_state_dict({k: v.float() for k, v in weights.items() if k != "lm_head.weight"}, strict=False)
+        if pairs:
+            new_idx, old_idx = (torch.tensor(x) for x in zip(*pairs))
+            head.lm_head.weight[new_idx] = weights["lm_head.weight"][old_idx].float()
+    print(f"initialised from {head_dir}: {len(pairs):,} of {len(draft_vocab):,} output rows carried over",
+          file=sys.stderr)
+
+
 def json_safe(args: dict) -> dict:
     return {k: [str(x) for x in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v
             for k, v in args.items()}
@@ -436,7 +467,9 @@ def model_card(record: dict, cfg, vocab: int) -> str:
         f"{record['tokens_trained']:,} (windows of {record['training_args'].get('window')} slots, "
         f"{record['training_args'].get('steps_unrolled')} draft steps unrolled)"),
         f"- data: {record['train_conversations']:,} conversations (held out: {record['held_out_conversations']:,})",
-        f"- features: {record['training_args'].get('features')}",
+        f"- features: {record['training_args'].get('features')}"
+        + (f"; initialised from the head in `{record['training_args']['init_from']}` (its weights at the start of "
+           "this run)" if record["training_args"].get("init_from") not in (None, "None") else ""),
         (f"- exported checkpoint: the {record.get('checkpoint', 'last')} one (`--checkpoint`; 'best' = the best "
          "held-out tokens per pass at k=4 among the evaluations below, so the held-out numbers here are slightly "
          "optimistic -- Spec-Bench, never seen in training or selection, is the test)"), "",
