@@ -254,6 +254,39 @@ def generate(target: BatchedTarget, jobs: Iterable[Job], max_new_tokens: int, eo
             last[i], past[i] = nxt, s.length
 
 
+def replay(target: BatchedTarget, job: Job, answers: list[list[int]], top_k: int = 8) -> Done | None:
+    """What ``generate`` records for ``job`` had it written ``answers`` (token ids kept from an earlier run):
+    the same rows -- prompt from ``keep_from``, answers, follow-up turns -- by one teacher-forced pass over the
+    whole conversation in slot 0, at prefill speed instead of one pass per token.  The features come from
+    another pass shape than decoding's, so they match it to float rounding, not bit for bit.  None when the
+    conversation does not fit a slot or has more answers than the job has turns."""
+    if len(answers) > 1 + len(job.follow_ups):
+        return None
+    full, roles = list(job.first_ids), [0] * len(job.first_ids)
+    for turn, answer in enumerate(answers):
+        full += answer
+        roles += [1] * len(answer)
+        if turn + 1 < len(answers):
+            follow = job.follow_ups[turn]
+            full += follow
+            roles += [0] * len(follow)
+    if len(full) >= target.max_context or len(full) < 2:
+        return None
+    out = target.extend(0, np.asarray(full[:-1], np.int64), 0, rows_from=job.keep_from)
+    if "top_ids" in out:
+        tops, logps = out["top_ids"].astype(np.int32), out["top_logp"].astype(np.float32)
+    else:
+        tops, logps = log_softmax_top(out["logits"], top_k)
+    n = len(full) - job.keep_from  # rows recorded; the last one (never run) stays zero, as in ``generate``
+    feats = None
+    if "hidden_states" in out:
+        hidden = out["hidden_states"].astype(np.float16)
+        feats = np.concatenate([hidden, np.zeros((n - len(hidden), hidden.shape[1]), np.float16)])
+    tops = np.concatenate([tops, np.zeros((n - len(tops), top_k), np.int32)])
+    logps = np.concatenate([logps, np.full((n - len(logps), top_k), -30, np.float32)]).astype(np.float16)
+    return Done(job, full[job.keep_from:], roles[job.keep_from:], [list(a) for a in answers], feats, tops, logps)
+
+
 def check(target: BatchedTarget, prompts: list[list[int]], steps: int = 4) -> None:
     """Decoding in a batch scores each sequence exactly as decoding it alone (raises otherwise)."""
     alone = []

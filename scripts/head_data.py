@@ -11,21 +11,28 @@ log-probabilities recorded while it writes them.  Resumable stages, each with a 
                 pass through its batched in-place graph (``batch_gen.py``); each recorded token's features
                 (the inputs of layers 3, 15 and 27: EAGLE-3's low / middle / high) and the verifier's top-8
                 next-token log-probs (the soft targets), for the prompt's last 256 tokens and everything
-                after, written as memory-mappable shards                     -> shard_*/, answers.jsonl
+                after, written as memory-mappable shards                                 -> shard_*/
+                With ``--keep DIR``, each shard's answers also go to DIR as token ids (and the seeds too):
+                git-sized, and a later run on a machine without the shards rebuilds them from there by
+                teacher-forced passes at prefill speed, generating only what was never answered.
 4. ``card``     the data card: sources, kinds, prompt and answer tokens, shares          -> card.json
 
-    python scripts/head_data.py --verifier .cache/demo/verifier-hf --out .cache/head/data
+    python scripts/head_data.py --verifier .cache/demo/verifier-hf --out .cache/head/data \\
+        --keep engines/demo/head-data
 
-Rerun the same command to resume (Ctrl-C or SIGTERM keeps every finished conversation; only those being written
-are answered again).
-Hours of CPU in all (measured on 2 cores: ~200 answer tokens/s, and ~45 on a machine half as fast); CI never runs it.  Needs the
-Debian packages named in ``head_prompts.py`` (``make head-data`` installs them where it can).
+Rerun the same command to resume (Ctrl-C or SIGTERM keeps every finished conversation; only those being
+written are answered again).  Hours of CPU in all (measured on 2 cores: ~200 answer tokens/s, ~45 on a machine
+half as fast); CI never runs it.  Needs the Debian packages named in ``head_prompts.py`` (``make head-data``
+installs them where it can); the prompt list is rebuilt from them and the seeds, so kept answers whose prompt
+text differs (another package version) are skipped and answered again.
 Spec-Bench's questions are never read.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import gzip
+import hashlib
 import json
 import random
 import signal
@@ -167,8 +174,8 @@ def stage_prompts(args, tok: Tokens, seeds: list[dict]) -> list[dict]:
 class ShardWriter:
     """Conversations gathered into shards of ~SHARD_TOKENS tokens, each written whole (``done`` last)."""
 
-    def __init__(self, out: Path, first_index: int):
-        self.out, self.index = out, first_index
+    def __init__(self, out: Path, first_index: int, on_flush=None):
+        self.out, self.index, self.on_flush = out, first_index, on_flush
         self.items: list[batch_gen.Done] = []
         self.tokens = 0
 
@@ -196,34 +203,94 @@ class ShardWriter:
         (d / "convs.json").write_text(json.dumps(convs))
         (d / "meta.json").write_text(json.dumps({"feature_layers": list(FEATURE_LAYERS), "top_k": TOP_K}))
         (d / "done").write_text("ok")
+        if self.on_flush:
+            self.on_flush(self.items)
         self.index += 1
         self.items, self.tokens = [], 0
+
+
+def prompt_sha(p: dict) -> str:
+    """Which prompt an answer answers: its turns' text (a prompt list rebuilt elsewhere may number them otherwise)."""
+    return hashlib.sha256(json.dumps(p["turns"]).encode()).hexdigest()[:16]
+
+
+def keep_answers(keep: Path, prompts_by_id: dict[str, dict], convs: list[dict]) -> None:
+    """The answers' token ids (``convs``: a shard's ``convs.json``), gzipped JSON lines, one file per shard named
+    by its content: small enough for git (~1 KB per conversation), and all that a machine without the shards
+    needs to rebuild them (``batch_gen.replay``)."""
+    lines = "".join(json.dumps({"id": c["id"], "prompt_sha": prompt_sha(prompts_by_id[c["id"]]),
+                                "sampled": bool(c.get("sampled")), "answers": c["answers"]},
+                               separators=(",", ":")) + "\n" for c in convs)
+    name = hashlib.sha256(lines.encode()).hexdigest()[:12]
+    keep.mkdir(parents=True, exist_ok=True)
+    tmp = keep / f"answers_{name}.partial"
+    tmp.write_bytes(gzip.compress(lines.encode(), mtime=0))
+    tmp.replace(keep / f"answers_{name}.jsonl.gz")
+
+
+def kept_answers(keep: Path | None) -> list[dict]:
+    if keep is None:
+        return []
+    return [json.loads(line) for f in sorted(keep.glob("answers_*.jsonl.gz"))
+            for line in gzip.decompress(f.read_bytes()).decode().splitlines()]
 
 
 def finished_shards(out: Path) -> list[Path]:
     return sorted(p for p in out.glob("shard_*") if (p / "done").is_file())
 
 
-def stage_answers(args, tok: Tokens, prompts: list[dict]) -> None:
+def job_for(p: dict, tok: Tokens, args, sampled: bool) -> batch_gen.Job | None:
+    ids = tok.chat(p["turns"][0])
+    if len(ids) + args.max_new_tokens * len(p["turns"]) + 64 >= args.max_context:
+        return None
+    meta = {k: p[k] for k in ("source", "family", "kind")} | {"sampled": bool(sampled)}
+    return batch_gen.Job(p["id"], ids, [tok.follow_up(t) for t in p["turns"][1:]],
+                         temperature=0.7 if sampled else 0.0, keep_from=max(0, len(ids) - PROMPT_TAIL), meta=meta)
+
+
+def stage_answers(args, tok: Tokens, prompts: list[dict], generate: bool = True) -> None:
     shards = finished_shards(args.out)
     done = {c["id"] for s in shards for c in json.loads((s / "convs.json").read_text())}
     rng = np.random.default_rng(args.seed)
-    todo = [p for p in prompts if p["id"] not in done]
-    if not todo:
+    by_id = {p["id"]: p for p in prompts}
+    # one draw per prompt in list order, answered or not: which answers are sampled never depends on what is done
+    sampled = {p["id"]: rng.random() < args.sampled for p in prompts}
+    kept = kept_answers(args.keep)
+    if args.keep:  # shards answered without --keep: their answers too
+        kept_ids = {k["id"] for k in kept}
+        for s in shards:
+            convs = [c for c in json.loads((s / "convs.json").read_text()) if c["id"] not in kept_ids and c["id"] in by_id]
+            if convs:
+                keep_answers(args.keep, by_id, convs)
+    kept = [k for k in kept if k["id"] not in done]
+    replayable = [k for k in kept if k["id"] in by_id and k["prompt_sha"] == prompt_sha(by_id[k["id"]])]
+    if len(replayable) < len(kept):
+        print(f"{len(kept) - len(replayable)} kept answers answer prompts this prompt list does not hold (another "
+              "Debian package version?): skipped", file=sys.stderr)
+    replay_ids = {k["id"] for k in replayable}
+    todo = [p for p in prompts if p["id"] not in done and p["id"] not in replay_ids]
+    if not replayable and (not todo or not generate):
         return
-    jobs = []
-    for p in todo:
-        ids = tok.chat(p["turns"][0])
-        if len(ids) + args.max_new_tokens * len(p["turns"]) + 64 >= args.max_context:
-            continue
-        sampled = rng.random() < args.sampled
-        meta = {k: p[k] for k in ("source", "family", "kind")} | {"sampled": bool(sampled)}
-        jobs.append(batch_gen.Job(p["id"], ids, [tok.follow_up(t) for t in p["turns"][1:]],
-                                  temperature=0.7 if sampled else 0.0, keep_from=max(0, len(ids) - PROMPT_TAIL),
-                                  meta=meta))
     target = load_target(args)
-    writer = ShardWriter(args.out, int(shards[-1].name.split("_")[1]) + 1 if shards else 0)
-    print(f"{len(done)} conversations done in {len(shards)} shards; {len(jobs)} to go", file=sys.stderr)
+    next_index = int(shards[-1].name.split("_")[1]) + 1 if shards else 0
+    if replayable:  # the answers are in git: rebuild their shards by teacher-forced passes, no generation
+        writer = ShardWriter(args.out, next_index)
+        bar = Progress(len(replayable), "rebuild from kept answers")
+        for k in replayable:
+            job = job_for(by_id[k["id"]], tok, args, k["sampled"])
+            d = batch_gen.replay(target, job, k["answers"], TOP_K) if job else None
+            if d is not None:
+                writer.add(d)
+            bar(1)
+        writer.flush()
+        next_index = writer.index
+    if not generate:
+        return
+    jobs = [j for j in (job_for(p, tok, args, sampled[p["id"]]) for p in todo) if j is not None]
+    keep = (lambda items: keep_answers(args.keep, by_id, [{"id": d.job.key, **d.job.meta, "answers": d.answers}
+                                                          for d in items])) if args.keep else None
+    writer = ShardWriter(args.out, next_index, keep)
+    print(f"{len(done) + len(replayable)} conversations done; {len(jobs)} to go", file=sys.stderr)
     bar = Progress(len(jobs), "verifier answers")
     t0, tokens = time.time(), 0
     # Ctrl-C or a kill (SIGTERM) stops between passes and keeps every finished conversation (a shorter last
@@ -279,7 +346,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--verifier", type=Path, required=True, help="HuggingFace checkpoint of the verifier (target)")
     ap.add_argument("--out", type=Path, required=True, help="the data folder (created; resumed when it exists)")
-    ap.add_argument("--stage", choices=("all", "seeds", "prompts", "answers", "card"), default="all")
+    ap.add_argument("--stage", choices=("all", "seeds", "prompts", "answers", "rebuild", "card"), default="all",
+                    help="run up to this stage (rebuild: the shards of the answers kept in --keep only, no "
+                    "generation; then the card)")
     ap.add_argument("--magpie", type=int, default=2600, help="verifier-written requests (default 2600)")
     ap.add_argument("--passages", type=int, default=1200, help="verifier-written passages (default 1200)")
     ap.add_argument("--scale", type=float, default=1.0, help="scales the offline sources' counts")
@@ -289,17 +358,31 @@ def main() -> int:
     ap.add_argument("--max-context", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                    help="also keep the seeds and every answer as token ids here, gzipped, small enough for git "
+                    "(engines/demo/head-data); a run on a machine without the shards rebuilds them from DIR by "
+                    "teacher-forced passes instead of generating the answers again")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     tok = Tokens(args.verifier)
-    seeds = stage_seeds(args, tok) if args.stage in ("all", "seeds", "prompts") else []
+    kept_seeds = args.keep / "seeds.jsonl.gz" if args.keep else None
+    if kept_seeds and kept_seeds.is_file() and not (args.out / "seeds.jsonl").is_file():
+        (args.out / "seeds.jsonl").write_bytes(gzip.decompress(kept_seeds.read_bytes()))
+    seed_file = args.out / "seeds.jsonl"
+    seeds = stage_seeds(args, tok) if args.stage in ("all", "seeds", "prompts") else \
+        [json.loads(line) for line in seed_file.read_text().splitlines()] if seed_file.is_file() else []
+    if kept_seeds and (args.out / "seeds.jsonl").is_file():
+        data = gzip.compress((args.out / "seeds.jsonl").read_bytes(), mtime=0)
+        if not kept_seeds.is_file() or kept_seeds.read_bytes() != data:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            kept_seeds.write_bytes(data)
     if args.stage == "seeds":
         return 0
     prompts = stage_prompts(args, tok, seeds) if args.stage != "card" or not (args.out / "prompts.jsonl").is_file() \
         else [json.loads(line) for line in (args.out / "prompts.jsonl").read_text().splitlines()]
-    if args.stage in ("all", "answers"):
-        stage_answers(args, tok, prompts)
-    if args.stage in ("all", "card"):
+    if args.stage in ("all", "answers", "rebuild"):
+        stage_answers(args, tok, prompts, generate=args.stage != "rebuild")
+    if args.stage in ("all", "rebuild", "card"):
         card = stage_card(args, prompts)
         print(json.dumps({k: card[k] for k in ("prompts", "conversations", "answer_tokens")}), file=sys.stderr)
     return 0

@@ -26,6 +26,7 @@ from __future__ import annotations
 import ast
 import random
 import re
+import zlib
 from pathlib import Path
 
 DOC_SOURCES = Path("/usr/share/doc/python3.11/html/_sources")
@@ -513,8 +514,10 @@ def add_follow_ups(rng: random.Random, prompts: list[dict], share: float = 0.25)
 
 
 def _shingles(text: str, n: int = 5) -> set[int]:
+    # crc32, not hash(): str hashes change with every process, and the prompt list must come out the same on any
+    # machine (kept answers are matched to it: head_data.py --keep)
     words = re.findall(r"\w+", text.lower())
-    return {hash(" ".join(words[i:i + n])) for i in range(max(1, len(words) - n + 1))}
+    return {zlib.crc32(" ".join(words[i:i + n]).encode()) for i in range(max(1, len(words) - n + 1))}
 
 
 def dedup(prompts: list[dict], threshold: float = 0.8, bands: int = 16, rows: int = 4) -> list[dict]:

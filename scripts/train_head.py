@@ -245,9 +245,8 @@ def main() -> int:
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the matmuls (AVX-512 BF16 CPUs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init-from", type=Path, default=None, metavar="HEAD_DIR",
-                    help="start a new run from an exported head (e.g. engines/demo/head): its layers as they are, its "
-                    "output rows moved to the new draft vocabulary (tokens it lacked keep the verifier's own LM-head "
-                    "rows); ignored when OUT holds a checkpoint")
+                    help="start a new run from an exported head (e.g. engines/demo/head): its weights and its draft "
+                    "vocabulary (--draft-vocab is ignored); ignored when OUT holds a checkpoint")
     ap.add_argument("--export", type=Path, default=None, help="write the trained head here and stop")
     ap.add_argument("--checkpoint", choices=("best", "last"), default="best",
                     help="what --export writes: the checkpoint with the best held-out tokens per pass (default; "
@@ -257,6 +256,7 @@ def main() -> int:
     import torch
     from specrt.export.feature_head import (
         DRAFT_VOCAB,
+        HEAD_WEIGHTS,
         HeadConfig,
         make_head,
         trainable_state,
@@ -268,6 +268,8 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.init_from and not all((args.init_from / name).is_file() for name in (DRAFT_VOCAB, HEAD_WEIGHTS)):
+        raise SystemExit(f"--init-from {args.init_from}: not an exported head (no {HEAD_WEIGHTS} / {DRAFT_VOCAB})")
     layers = [3, 15, 27] if args.features == "eagle3" else [30]
     shards = load_shards(args.data, layers)
     seqs = sequences(shards, 16)
@@ -290,6 +292,9 @@ def main() -> int:
     vocab_path = args.out / DRAFT_VOCAB
     if vocab_path.is_file():
         draft_vocab = np.array(json.loads(vocab_path.read_text()), dtype=np.int64)
+    elif args.init_from:  # the head's own vocabulary: every output row it learned carries over
+        draft_vocab = np.array(json.loads((args.init_from / DRAFT_VOCAB).read_text()), dtype=np.int64)
+        vocab_path.write_text(json.dumps(draft_vocab.tolist()))
     else:
         draft_vocab = draft_vocabulary(shards, train_seqs, args.draft_vocab)
         vocab_path.write_text(json.dumps(draft_vocab.tolist()))
@@ -344,6 +349,13 @@ def main() -> int:
     batches = Batches(shards, train_seqs, to_draft, args.window, args.batch, args.seed + step)
     curve = (args.out / "curve.jsonl").open("a")
     deadline = time.time() + 60 * args.minutes if args.minutes else None
+    if step == 0 and args.init_from:  # where the loaded head stands on this data's held-out families
+        ev = evaluate(head, eval_shards, eval_seqs, to_draft, draft_vocab, 4, args.eval_tokens)
+        curve.write(json.dumps({"step": 0, "minutes": 0.0, "tokens": 0, "loss": None, **ev}) + "\n")
+        curve.flush()
+        print(f"step 0 (--init-from {args.init_from}): {json.dumps(ev)}", file=sys.stderr)
+        best_tpp = ev["tokens_per_pass"][max(ev["tokens_per_pass"])]
+        save(best)  # the loaded head stays the best until training beats it
     bar = tqdm(total=args.total_steps, initial=step, desc="train head", unit="step")
     t_last = time.time()
     while step < args.total_steps and not stop["now"] and (deadline is None or time.time() < deadline):
@@ -483,7 +495,8 @@ def model_card(record: dict, cfg, vocab: int) -> str:
         "Learning curve (held-out, evaluated on a fixed sample during training):", "",
         "| step | minutes | tokens | loss | acceptance at positions 1..4 | tokens/pass k=4 |", "|---:|---:|---:|---:|---|---:|"]
     for c in record["curve"]:
-        lines.append(f"| {c['step']} | {c['minutes']} | {c['tokens']:,} | {c['loss']:.3f} | "
+        loss = "–" if c["loss"] is None else f"{c['loss']:.3f}"  # step 0 of an --init-from run: not trained yet
+        lines.append(f"| {c['step']} | {c['minutes']} | {c['tokens']:,} | {loss} | "
                      + " / ".join(f"{a:.3f}" for a in c["acceptance_by_position"])
                      + f" | {c['tokens_per_pass'].get('4', c['tokens_per_pass'].get(4, 0)):.2f} |")
     cards = record.get("data_cards", {})
@@ -503,8 +516,9 @@ def data_card(card: dict, title: str = "Data") -> list[str]:
               f"{card['answer_tokens']:,} answer tokens: the answers to {card['conversations']:,} of the "
               f"{card['prompts']:,} prompts in its prompt list (after near-duplicate removal"
               + (f"; {rest:,} not answered yet, a rerun of `head_data.py` answers more" if rest > 0 else "")
-              + "). Nothing of it is committed: `make head-data` rebuilds it (`scripts/head_data.py`, resumable, "
-              "hours on two cores) and `make head-train` this head."), "",
+              + "). Its answers are committed as token ids in `engines/demo/head-data`: `make head-data` rebuilds the "
+              "data from them by teacher-forced passes and answers the rest (`scripts/head_data.py`, resumable, "
+              "hours on two cores), and `make head-train` this head."), "",
              "| source | families | conversations | answer tokens | share of answer tokens | two turns | sampled |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, src in card["sources"].items():

@@ -79,3 +79,36 @@ def test_batch_graph_has_no_tree_form():
 
     with pytest.raises(ValueError, match="chain passes only"):
         gqa_graph.build(object(), MAX_CTX, tree=True, batch=True)
+
+
+def test_replay_records_what_generation_recorded(tmp_path):
+    """``scripts/batch_gen.replay`` (the head data rebuilt from kept token ids by one teacher-forced pass) records
+    the rows ``generate`` recorded while writing the same answers: same tokens and roles, same top-k, features to
+    float rounding -- a two-turn conversation, the prompt kept from an offset."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import batch_gen
+
+    ckpt = tiny.make_checkpoint(tmp_path / "t", init_std=0.2)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    path = batch_gen.export_batch_graph(ckpt, tmp_path, MAX_CTX, (1,), top_k=4)
+    target = batch_gen.BatchedTarget(path, 2, cfg["num_hidden_layers"], cfg["num_key_value_heads"],
+                                     cfg["hidden_size"] // cfg["num_attention_heads"], MAX_CTX, 1)
+    rng = np.random.default_rng(1)
+    prompt = [int(t) for t in rng.integers(3, tiny.VOCAB, 12)]
+    follow = [int(t) for t in rng.integers(3, tiny.VOCAB, 5)]
+    probe = next(batch_gen.generate(target, [batch_gen.Job("probe", prompt)], 8, set(), top_k=4))
+    turn_end = probe.answers[0][2]  # the greedy answer's third token ends its first turn
+    job = batch_gen.Job("c", prompt, [follow], keep_from=4)
+    written = next(batch_gen.generate(target, [job], 8, {turn_end}, turn_end=turn_end, top_k=4))
+    assert len(written.answers) == 2 and written.answers[0][-1] == turn_end
+    replayed = batch_gen.replay(target, job, written.answers, top_k=4)
+    assert replayed.ids == written.ids and replayed.roles == written.roles
+    assert replayed.answers == written.answers
+    np.testing.assert_array_equal(replayed.top_ids, written.top_ids)
+    np.testing.assert_allclose(replayed.top_logp.astype(np.float32), written.top_logp.astype(np.float32), atol=2e-3)
+    np.testing.assert_allclose(replayed.features.astype(np.float32), written.features.astype(np.float32), atol=2e-3)
+    assert batch_gen.replay(target, job, written.answers + [[5]], top_k=4) is None  # more answers than turns
