@@ -14,7 +14,8 @@ log-probabilities recorded while it writes them.  Resumable stages, each with a 
                 after, written as memory-mappable shards                                 -> shard_*/
                 With ``--keep DIR``, each shard's answers also go to DIR as token ids (and the seeds too):
                 git-sized, and a later run on a machine without the shards rebuilds them from there by
-                teacher-forced passes at prefill speed, generating only what was never answered.
+                teacher-forced passes (the same data, sampled answers included, whatever the machine's
+                rounding; not faster: on 2 cores a conversation's tokens cost about the same either way).
 4. ``card``     the data card: sources, kinds, prompt and answer tokens, shares          -> card.json
 
     python scripts/head_data.py --verifier .cache/demo/verifier-hf --out .cache/head/data \\
