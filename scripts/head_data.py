@@ -217,7 +217,7 @@ def prompt_sha(p: dict) -> str:
 
 def keep_answers(keep: Path, prompts_by_id: dict[str, dict], convs: list[dict]) -> None:
     """The answers' token ids (``convs``: a shard's ``convs.json``), gzipped JSON lines, one file per shard named
-    by its content: small enough for git (~1 KB per conversation), and all that a machine without the shards
+    by its content: small enough for git (~0.2 KB per conversation), and all that a machine without the shards
     needs to rebuild them (``batch_gen.replay``)."""
     lines = "".join(json.dumps({"id": c["id"], "prompt_sha": prompt_sha(prompts_by_id[c["id"]]),
                                 "sampled": bool(c.get("sampled")), "answers": c["answers"]},
