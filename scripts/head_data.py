@@ -11,7 +11,8 @@ log-probabilities recorded while it writes them.  Resumable stages, each with a 
                 pass through its batched in-place graph (``batch_gen.py``); each recorded token's features
                 (the inputs of layers 3, 15 and 27: EAGLE-3's low / middle / high) and the verifier's top-8
                 next-token log-probs (the soft targets), for the prompt's last 256 tokens and everything
-                after, written as memory-mappable shards                                 -> shard_*/
+                after, written as memory-mappable shards; a source past 10% of the answer tokens waits
+                until it is under again                                                  -> shard_*/
                 With ``--keep DIR``, each shard's answers also go to DIR as token ids (and the seeds too):
                 git-sized, and a later run on a machine without the shards rebuilds them from there by
                 teacher-forced passes (the same data, sampled answers included, whatever the machine's
@@ -39,6 +40,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,11 @@ FEATURE_LAYERS = (3, 15, 27)
 TOP_K = 8
 SHARD_TOKENS = 1 << 15  # ~70 conversations: a hard stop (power, SIGKILL) loses at most one shard
 PROMPT_TAIL = 256  # prompt tokens recorded before the answer (the runtime head reads a window of 256)
+# The prompt list caps each source at 10% of the prompts, but answers' lengths differ by source (code and docs run
+# long: 240 tokens a conversation against fortunes' 130), so what is trained on is capped too: a source past this
+# share of the answer tokens waits (``balanced``).  Not before this many answer tokens: early shares are noise.
+ANSWER_SHARE_CAP = 0.10
+BALANCE_AFTER = 20_000
 
 
 def codec_for(verifier: Path):
@@ -249,6 +256,32 @@ def job_for(p: dict, tok: Tokens, args, sampled: bool) -> batch_gen.Job | None:
                          temperature=0.7 if sampled else 0.0, keep_from=max(0, len(ids) - PROMPT_TAIL), meta=meta)
 
 
+def balanced(jobs: Iterable[batch_gen.Job], answered: collections.Counter, cap: float = ANSWER_SHARE_CAP,
+             after: int = BALANCE_AFTER) -> Iterator[batch_gen.Job]:
+    """``jobs`` in order, except that a job whose source holds more than ``cap`` of the answer tokens so far waits
+    until that source's share is under the cap again; what still waits when the list runs out comes last, the
+    least-represented source first.  ``answered`` (answer tokens per source) is the caller's: it adds each finished
+    conversation, and ``batch_gen.generate`` pulls the next job only when a slot frees, so the shares are current."""
+    waiting: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+
+    def over(source: str) -> bool:
+        total = sum(answered.values())
+        return total >= after and answered[source] > cap * total
+
+    for job in jobs:
+        for source, queue in waiting.items():  # a source back under the cap: its oldest waiting job first
+            if queue and not over(source):
+                yield queue.popleft()
+        source = job.meta["source"]
+        if over(source):
+            waiting[source].append(job)
+        else:
+            yield job
+    while any(waiting.values()):
+        source = min((s for s, q in waiting.items() if q), key=lambda s: answered[s])
+        yield waiting[source].popleft()
+
+
 def stage_answers(args, tok: Tokens, prompts: list[dict], generate: bool = True) -> None:
     shards = finished_shards(args.out)
     done = {c["id"] for s in shards for c in json.loads((s / "convs.json").read_text())}
@@ -288,6 +321,10 @@ def stage_answers(args, tok: Tokens, prompts: list[dict], generate: bool = True)
     if not generate:
         return
     jobs = [j for j in (job_for(p, tok, args, sampled[p["id"]]) for p in todo) if j is not None]
+    answered = collections.Counter()  # answer tokens per source, for ``balanced``
+    for s in finished_shards(args.out):
+        for c in json.loads((s / "convs.json").read_text()):
+            answered[c["source"]] += sum(len(a) for a in c["answers"])
     keep = (lambda items: keep_answers(args.keep, by_id, [{"id": d.job.key, **d.job.meta, "answers": d.answers}
                                                           for d in items])) if args.keep else None
     writer = ShardWriter(args.out, next_index, keep)
@@ -298,10 +335,11 @@ def stage_answers(args, tok: Tokens, prompts: list[dict], generate: bool = True)
     # shard); only the conversations still being written are lost, and a rerun answers them again
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        for d in batch_gen.generate(target, jobs, args.max_new_tokens, tok.eos, turn_end=tok.turn_end, top_k=TOP_K,
-                                    seed=args.seed):
+        for d in batch_gen.generate(target, balanced(jobs, answered), args.max_new_tokens, tok.eos,
+                                    turn_end=tok.turn_end, top_k=TOP_K, seed=args.seed):
             writer.add(d)
             tokens += sum(len(a) for a in d.answers)
+            answered[d.job.meta["source"]] += sum(len(a) for a in d.answers)
             bar(1)
             bar.bar.set_postfix(answer_tok_s=f"{tokens / (time.time() - t0):.0f}")
     except KeyboardInterrupt:
