@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import batch_gen  # noqa: E402
-import head_data  # noqa: E402
+import batch_gen
+import head_data
 
 
 def _job(i: int, source: str) -> batch_gen.Job:
