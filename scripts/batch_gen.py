@@ -22,6 +22,39 @@ import numpy as np
 import onnxruntime as ort
 
 PREFILL_CHUNK = 128
+REPEAT_NGRAM = 16  # an answer repeats itself at a token that completes a 16-gram it already holds
+
+
+def repeated(tokens, n: int = REPEAT_NGRAM) -> np.ndarray:
+    """For every token: whether it completes an n-gram that occurred earlier in ``tokens`` (a context drafter's
+    territory: an n-gram match proposes it)."""
+    seen: set[tuple[int, ...]] = set()
+    out = np.zeros(len(tokens), dtype=bool)
+    toks = [int(t) for t in tokens]
+    for r in range(n - 1, len(toks)):
+        gram = tuple(toks[r + 1 - n:r + 1])
+        out[r] = gram in seen
+        seen.add(gram)
+    return out
+
+
+class RepeatRun:
+    """How many tokens in a row an answer has spent repeating itself: a token that completes an n-gram the
+    answer already holds extends the run, any other token ends it.  The demo verifier (135M) often falls into
+    a loop and stays there until ``max_new_tokens``: in its head data a third of the answer tokens complete a
+    16-gram their answer already held -- text a context drafter copies anyway, and generation time that buys
+    the head nothing new."""
+
+    def __init__(self, n: int = REPEAT_NGRAM):
+        self.n, self.seen, self.run = n, set(), 0
+
+    def add(self, answer: list[int]) -> int:
+        """The run after ``answer``'s newest token (``answer``: the whole answer so far)."""
+        if len(answer) >= self.n:
+            gram = tuple(answer[-self.n:])
+            self.run = self.run + 1 if gram in self.seen else 0
+            self.seen.add(gram)
+        return self.run
 
 
 def export_batch_graph(verifier: Path, out: Path, max_context: int, feature_layers: tuple[int, ...],
@@ -138,6 +171,7 @@ class Done:
     features: np.ndarray | None  # [len(ids), F] float16 (the last row zero: never read)
     top_ids: np.ndarray | None  # [len(ids), k]
     top_logp: np.ndarray | None
+    looped: bool = False  # the last answer was ended where it had repeated itself (``stop_repeats``)
 
 
 class _Slot:
@@ -149,17 +183,22 @@ class _Slot:
         self.tops: list[np.ndarray] = []
         self.logps: list[np.ndarray] = []
         self.length = 0  # cache entries
+        self.repeats = RepeatRun()  # of the answer being written
+        self.looped = False
 
 
 def generate(target: BatchedTarget, jobs: Iterable[Job], max_new_tokens: int, eos: set[int],
              turn_end: int | None = None, top_k: int = 8, record: bool = True, seed: int = 0,
-             progress: Callable[[int], None] | None = None) -> Iterator[Done]:
+             progress: Callable[[int], None] | None = None, stop_repeats: int = 0) -> Iterator[Done]:
     """Greedy (or sampled, per job) answers of every job, ``target.slots`` at a time; yields each finished job.
     A job's follow-up turns (token ids after ``turn_end``, the end of an assistant turn) run in its slot after
     its answer ends with ``turn_end``; jobs too long for a slot are skipped.
 
     ``record``: keep each recorded row's features and the verifier's top-k log-probabilities (the head's
-    training targets); the prompt rows before ``keep_from`` are run but not kept."""
+    training targets); the prompt rows before ``keep_from`` are run but not kept.
+
+    ``stop_repeats``: end an answer (and its conversation) once its last this-many tokens each completed a
+    ``REPEAT_NGRAM``-gram it already held (0: never) -- a loop's first rounds are kept, the rest not written."""
     rng = np.random.default_rng(seed)
     queue = iter(jobs)
     slots: list[_Slot | None] = [None] * target.slots
@@ -215,7 +254,7 @@ def generate(target: BatchedTarget, jobs: Iterable[Job], max_new_tokens: int, eo
                 width = s.feats[0].shape[1]
                 feats = np.concatenate(s.feats + [np.zeros((n - sum(len(f) for f in s.feats), width), np.float16)])
         return Done(s.job, s.ids, s.roles, s.answers, feats, tops, logps.astype(np.float16) if logps is not None
-                    else None)
+                    else None, s.looped)
 
     for i in range(target.slots):
         start(i)
@@ -233,8 +272,9 @@ def generate(target: BatchedTarget, jobs: Iterable[Job], max_new_tokens: int, eo
             s.answers[-1].append(nxt)
             s.ids.append(nxt)
             s.roles.append(1)
-            ended = nxt in eos or len(s.answers[-1]) >= max_new_tokens
-            if nxt == turn_end and s.turn < len(s.job.follow_ups) and \
+            s.looped = stop_repeats > 0 and s.repeats.add(s.answers[-1]) >= stop_repeats
+            ended = nxt in eos or len(s.answers[-1]) >= max_new_tokens or s.looped
+            if nxt == turn_end and not s.looped and s.turn < len(s.job.follow_ups) and \
                     s.length + 1 + len(s.job.follow_ups[s.turn]) + max_new_tokens < target.max_context:
                 # the next user turn, in this slot after the answer (an answer cut at max_new_tokens ends the
                 # conversation: its turn was never closed)
@@ -245,6 +285,7 @@ def generate(target: BatchedTarget, jobs: Iterable[Job], max_new_tokens: int, eo
                 s.roles.extend([0] * (len(follow) - 1))
                 s.turn += 1
                 s.answers.append([])
+                s.repeats = RepeatRun()
                 last[i], past[i] = follow[-1], s.length
                 continue
             if ended:

@@ -12,7 +12,7 @@ log-probabilities recorded while it writes them.  Resumable stages, each with a 
                 (the inputs of layers 3, 15 and 27: EAGLE-3's low / middle / high) and the verifier's top-8
                 next-token log-probs (the soft targets), for the prompt's last 256 tokens and everything
                 after, written as memory-mappable shards; a source past 10% of the answer tokens waits
-                until it is under again                                                  -> shard_*/
+                until it is under again; an answer stuck in a loop ends after 32 repeating tokens -> shard_*/
                 With ``--keep DIR``, each shard's answers also go to DIR as token ids (and the seeds too):
                 git-sized, and a later run on a machine without the shards rebuilds them from there by
                 teacher-forced passes (the same data, sampled answers included, whatever the machine's
@@ -207,7 +207,8 @@ class ShardWriter:
         np.save(d / "tokens.npy", np.concatenate([np.asarray(x.ids, np.int32) for x in self.items]))
         np.save(d / "roles.npy", np.concatenate([np.asarray(x.roles, np.uint8) for x in self.items]))
         np.save(d / "starts.npy", starts)
-        convs = [{"id": x.job.key, **x.job.meta, "answers": x.answers} for x in self.items]
+        convs = [{"id": x.job.key, **x.job.meta, "answers": x.answers} | ({"looped": True} if x.looped else {})
+                 for x in self.items]
         (d / "convs.json").write_text(json.dumps(convs))
         (d / "meta.json").write_text(json.dumps({"feature_layers": list(FEATURE_LAYERS), "top_k": TOP_K}))
         (d / "done").write_text("ok")
@@ -336,7 +337,8 @@ def stage_answers(args, tok: Tokens, prompts: list[dict], generate: bool = True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         for d in batch_gen.generate(target, balanced(jobs, answered), args.max_new_tokens, tok.eos,
-                                    turn_end=tok.turn_end, top_k=TOP_K, seed=args.seed):
+                                    turn_end=tok.turn_end, top_k=TOP_K, seed=args.seed,
+                                    stop_repeats=args.stop_loops):
             writer.add(d)
             tokens += sum(len(a) for a in d.answers)
             answered[d.job.meta["source"]] += sum(len(a) for a in d.answers)
@@ -363,6 +365,7 @@ def stage_card(args, prompts: list[dict]) -> dict:
             src["conversations"] += 1
             src["two_turn"] += len(c["answers"]) > 1
             src["sampled"] += bool(c.get("sampled"))
+            src["looped"] += bool(c.get("looped"))
             src["answer_tokens"] += sum(len(a) for a in c["answers"])
             src["recorded_tokens"] += len(r)
             families[c["source"]].add(c["family"])
@@ -392,6 +395,10 @@ def main() -> int:
     ap.add_argument("--passages", type=int, default=1200, help="verifier-written passages (default 1200)")
     ap.add_argument("--scale", type=float, default=1.0, help="scales the offline sources' counts")
     ap.add_argument("--max-new-tokens", type=int, default=320, help="per answer (default 320)")
+    ap.add_argument("--stop-loops", type=int, default=32, metavar="N",
+                    help="end an answer once its last N tokens each completed a 16-gram it already held: a loop "
+                    "the 135M verifier would repeat to --max-new-tokens, which the head learns nothing new from "
+                    "(default 32; 0: never)")
     ap.add_argument("--sampled", type=float, default=0.1, help="share of answers sampled at temperature 0.7")
     ap.add_argument("--slots", type=int, default=32, help="conversations per pass (default 32)")
     ap.add_argument("--max-context", type=int, default=2048)

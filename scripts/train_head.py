@@ -18,7 +18,8 @@ teacher-forced exactly as speculation sees it (position j counts only where posi
 and the expected tokens per target pass of a k = 4 chain; the curve goes to ``OUT/curve.jsonl``.
 ``first_after_miss`` is the first position's acceptance where the previous position's draft was wrong --
 where live speculation mostly drafts, so it is the number to compare with a live run
-(``benchmarks/head_acceptance.py``).
+(``benchmarks/head_acceptance.py``); ``first_not_copied`` is it where the token to draft does not repeat a
+16-gram of its conversation (where only the head can draft: loops and quotes are a context drafter's).
 """
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+import batch_gen  # scripts/ is not a package
 
 LEGACY_LAYERS = (3, 15, 27, 30)  # what shards without meta.json store (an earlier head_data.py), in this order
 
@@ -173,11 +177,16 @@ def evaluate(head, shards, seqs, to_draft, draft_vocab, steps: int, max_tokens: 
     # mostly right after a rejection, where the text is harder (Spec-Bench, the demo head: 0.33 there against 0.40
     # over every position, and 0.31 live), so this is the number that predicts live acceptance.
     after_miss = [0, 0]  # [hits, tried]
+    # The first position again, only where the token to draft does not repeat a 16-gram of the conversation: a
+    # third of the answer tokens do (the verifier loops), a context drafter proposes those for free, and they make
+    # the head look better than it is where only the head can draft (``hybrid`` asks it only without a match).
+    not_copied = [0, 0]
     batches = Batches(shards, seqs, to_draft, T, 1, 0)
     seen = 0
     head.eval()
     with torch.no_grad():
         for i, a, b, *_ in seqs:
+            copied = batch_gen.repeated(shards[i]["tokens"][a:b])
             for p in range(0, b - a - 2, T):
                 t = min(T, b - a - 1 - p)
                 f, nx, tid, _, _, role2, _ = batches.window(i, a, b, p, t)
@@ -190,6 +199,9 @@ def evaluate(head, shards, seqs, to_draft, draft_vocab, steps: int, max_tokens: 
                     if s and role2[s - 1] > 0 and pred[0][s - 1] != target[s - 1]:
                         after_miss[0] += int(pred[0][s] == target[s])
                         after_miss[1] += 1
+                    if not copied[p + s + 2]:  # the token slot s drafts
+                        not_copied[0] += int(pred[0][s] == target[s])
+                        not_copied[1] += 1
                     run = 0
                     for j in range(steps):
                         tried[j] += 1
@@ -208,6 +220,7 @@ def evaluate(head, shards, seqs, to_draft, draft_vocab, steps: int, max_tokens: 
     tokens_per_pass = {k: float(1 + np.minimum(runs, k).mean()) if len(runs) else 1.0 for k in (1, 2, 3, 4)
                        if k <= steps}
     return {"acceptance_by_position": by_pos, "first_after_miss": round(after_miss[0] / max(1, after_miss[1]), 4),
+            "first_not_copied": round(not_copied[0] / max(1, not_copied[1]), 4),
             "tokens_per_pass": tokens_per_pass, "positions": len(runs)}
 
 
@@ -523,12 +536,15 @@ def data_card(card: dict, title: str = "Data") -> list[str]:
     sampled = sum(src["sampled"] for src in card["sources"].values()) / max(1, card["conversations"])
     two_turn = sum(src["two_turn"] for src in card["sources"].values()) / max(1, card["conversations"])
     rest = card["prompts"] - card["conversations"]
+    looped = sum(src.get("looped", 0) for src in card["sources"].values())
     lines = ["", f"## {title}", "",
              (f"{card['conversations']:,} conversations written by the verifier itself ({1 - sampled:.0%} greedy, "
               f"{sampled:.0%} sampled at temperature 0.7; {two_turn:.0%} with a second user turn), "
               f"{card['answer_tokens']:,} answer tokens: the answers to {card['conversations']:,} of the "
               f"{card['prompts']:,} prompts in its prompt list (after near-duplicate removal"
               + (f"; {rest:,} not answered yet, a rerun of `head_data.py` answers more" if rest > 0 else "")
+              + (f"; {looped:,} answers ended after 32 tokens of repeating themselves, `--stop-loops`" if looped
+                 else "")
               + "). Its answers are committed as token ids in `engines/demo/head-data`: `make head-data` rebuilds the "
               "data from them by teacher-forced passes and answers the rest (`scripts/head_data.py`, resumable, "
               "hours on two cores), and `make head-train` this head."), "",

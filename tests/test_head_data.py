@@ -1,5 +1,5 @@
 """``scripts/head_data.py``: the order in which prompts are answered keeps every source under its share of the
-answer tokens."""
+answer tokens, and an answer stuck in a loop is ended (``batch_gen.generate(stop_repeats=...)``)."""
 from __future__ import annotations
 
 import collections
@@ -9,6 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import batch_gen
 import head_data
+import numpy as np
 
 
 def _job(i: int, source: str) -> batch_gen.Job:
@@ -54,3 +55,54 @@ def test_shares_count_from_what_was_answered_before():
     jobs = [_job(i, s) for i, s in enumerate(["a", "b"] * 10)]
     order = _answer(jobs, {"a": 10, "b": 10}, collections.Counter(a=10_000), cap=0.5, after=100)
     assert order == ["b"] * 10 + ["a"] * 10
+
+
+class _CyclingTarget:
+    """A stand-in for ``batch_gen.BatchedTarget`` whose greedy next token after t is ``cycle[t]``."""
+
+    slots, max_context = 2, 512
+
+    def __init__(self, cycle: dict[int, int], vocab: int = 16):
+        self.cycle, self.vocab = cycle, vocab
+
+    def _logits(self, ids) -> np.ndarray:
+        out = np.zeros((len(ids), self.vocab), np.float32)
+        out[np.arange(len(ids)), [self.cycle.get(int(t), 0) for t in ids]] = 1.0
+        return out
+
+    def extend(self, slot, ids, pos, rows_from=None):
+        return {"logits": self._logits(ids)[len(ids) - 1 if rows_from is None else rows_from:]}
+
+    def decode(self, ids, past):
+        return {"logits": self._logits(ids)[:, None][:, 0]}
+
+
+def _answers(target, jobs, stop_repeats, max_new=200, turn_end=None):
+    return list(batch_gen.generate(target, jobs, max_new, eos=set(), turn_end=turn_end, record=False,
+                                   stop_repeats=stop_repeats))
+
+
+def test_repeated_marks_the_tokens_that_complete_an_earlier_ngram():
+    tokens = list(range(20)) + list(range(5, 25))
+    marks = batch_gen.repeated(tokens, n=4)
+    # the second run repeats 5..19: its 4-grams are new up to 5 6 7 8, the first one seen before
+    assert np.flatnonzero(marks).tolist() == list(range(23, 35))
+
+
+def test_an_answer_stuck_in_a_loop_ends_after_stop_repeats_tokens_and_keeps_its_prefix():
+    loop = {3: 4, 4: 5, 5: 6, 6: 7, 7: 3}  # 3 4 5 6 7 3 4 5 6 7 ...: a period of 5, never an end token
+    job = batch_gen.Job("loop", [1, 2, 3], [[9, 10]])  # a follow-up turn that must not run after a cut
+    full = _answers(_CyclingTarget(loop), [job], 0, turn_end=8)[0]
+    assert len(full.answers[0]) == 200 and not full.looped
+    cut = _answers(_CyclingTarget(loop), [job], 32, turn_end=8)[0]
+    # the first repeated 16-gram ends at answer index 16 + 5 - 1; the run reaches 32 tokens 31 later
+    assert cut.looped and len(cut.answers) == 1
+    assert cut.answers[0] == full.answers[0][:20 + 32]
+    assert batch_gen.repeated(cut.answers[0])[-32:].all()
+
+
+def test_an_answer_that_never_repeats_itself_is_not_cut():
+    counting = {t: t + 1 for t in range(2, 300)}  # 3 4 5 ... every 16-gram new
+    target = _CyclingTarget(counting, vocab=320)
+    d = _answers(target, [batch_gen.Job("c", [1, 2])], 1)[0]
+    assert len(d.answers[0]) == 200 and not d.looped
