@@ -330,7 +330,10 @@ def main() -> int:
                             betas=(0.9, 0.95))
     step, seconds, tokens_seen = 0, 0.0, 0
     ckpt = args.out / "ckpt.pt"
-    if args.init_from and not ckpt.is_file() and not args.export:
+    if args.export and not ckpt.is_file() and not args.init_from:
+        raise SystemExit(f"--export: {args.out} holds no checkpoint (train first, or give --init-from HEAD_DIR to "
+                         "export that head as it is, scored on this data's held-out split)")
+    if args.init_from and not ckpt.is_file():
         init_from_head(head, args.init_from, draft_vocab)
     source = ckpt
     if args.export and args.checkpoint == "best" and (args.out / "best.pt").is_file():
