@@ -28,13 +28,11 @@ REPEAT_NGRAM = 16  # an answer repeats itself at a token that completes a 16-gra
 def repeated(tokens, n: int = REPEAT_NGRAM) -> np.ndarray:
     """For every token: whether it completes an n-gram that occurred earlier in ``tokens`` (a context drafter's
     territory: an n-gram match proposes it)."""
-    seen: set[tuple[int, ...]] = set()
+    run, so_far = RepeatRun(n), []
     out = np.zeros(len(tokens), dtype=bool)
-    toks = [int(t) for t in tokens]
-    for r in range(n - 1, len(toks)):
-        gram = tuple(toks[r + 1 - n:r + 1])
-        out[r] = gram in seen
-        seen.add(gram)
+    for r, t in enumerate(tokens):
+        so_far.append(int(t))
+        out[r] = run.add(so_far) > 0
     return out
 
 
