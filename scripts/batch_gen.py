@@ -293,12 +293,14 @@ def generate(target: BatchedTarget, jobs: Iterable[Job], max_new_tokens: int, eo
             last[i], past[i] = nxt, s.length
 
 
-def replay(target: BatchedTarget, job: Job, answers: list[list[int]], top_k: int = 8) -> Done | None:
+def replay(target: BatchedTarget, job: Job, answers: list[list[int]], top_k: int = 8,
+           looped: bool = False) -> Done | None:
     """What ``generate`` records for ``job`` had it written ``answers`` (token ids kept from an earlier run):
     the same rows -- prompt from ``keep_from``, answers, follow-up turns -- by one teacher-forced pass over the
     whole conversation in slot 0, at prefill speed instead of one pass per token.  The features come from
     another pass shape than decoding's, so they match it to float rounding, not bit for bit.  None when the
-    conversation does not fit a slot or has more answers than the job has turns."""
+    conversation does not fit a slot or has more answers than the job has turns.  ``looped``: the kept record
+    says the generation cut the last answer at a loop (``Done.looped``), carried over for the data card."""
     if len(answers) > 1 + len(job.follow_ups):
         return None
     full, roles = list(job.first_ids), [0] * len(job.first_ids)
@@ -323,7 +325,8 @@ def replay(target: BatchedTarget, job: Job, answers: list[list[int]], top_k: int
         feats = np.concatenate([hidden, np.zeros((n - len(hidden), hidden.shape[1]), np.float16)])
     tops = np.concatenate([tops, np.zeros((n - len(tops), top_k), np.int32)])
     logps = np.concatenate([logps, np.full((n - len(logps), top_k), -30, np.float32)]).astype(np.float16)
-    return Done(job, full[job.keep_from:], roles[job.keep_from:], [list(a) for a in answers], feats, tops, logps)
+    return Done(job, full[job.keep_from:], roles[job.keep_from:], [list(a) for a in answers], feats, tops, logps,
+                looped)
 
 
 def check(target: BatchedTarget, prompts: list[list[int]], steps: int = 4) -> None:

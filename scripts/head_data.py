@@ -228,7 +228,8 @@ def keep_answers(keep: Path, prompts_by_id: dict[str, dict], convs: list[dict]) 
     by its content: small enough for git (~0.2 KB per conversation), and all that a machine without the shards
     needs to rebuild them (``batch_gen.replay``)."""
     lines = "".join(json.dumps({"id": c["id"], "prompt_sha": prompt_sha(prompts_by_id[c["id"]]),
-                                "sampled": bool(c.get("sampled")), "answers": c["answers"]},
+                                "sampled": bool(c.get("sampled")), "answers": c["answers"]}
+                               | ({"looped": True} if c.get("looped") else {}),
                                separators=(",", ":")) + "\n" for c in convs)
     name = hashlib.sha256(lines.encode()).hexdigest()[:12]
     keep.mkdir(parents=True, exist_ok=True)
@@ -313,7 +314,7 @@ def stage_answers(args, tok: Tokens, prompts: list[dict], generate: bool = True)
         bar = Progress(len(replayable), "rebuild from kept answers")
         for k in replayable:
             job = job_for(by_id[k["id"]], tok, args, k["sampled"])
-            d = batch_gen.replay(target, job, k["answers"], TOP_K) if job else None
+            d = batch_gen.replay(target, job, k["answers"], TOP_K, looped=bool(k.get("looped"))) if job else None
             if d is not None:
                 writer.add(d)
             bar(1)
@@ -326,8 +327,8 @@ def stage_answers(args, tok: Tokens, prompts: list[dict], generate: bool = True)
     for s in finished_shards(args.out):
         for c in json.loads((s / "convs.json").read_text()):
             answered[c["source"]] += sum(len(a) for a in c["answers"])
-    keep = (lambda items: keep_answers(args.keep, by_id, [{"id": d.job.key, **d.job.meta, "answers": d.answers}
-                                                          for d in items])) if args.keep else None
+    keep = (lambda items: keep_answers(args.keep, by_id, [{"id": d.job.key, **d.job.meta, "answers": d.answers,
+                                                           "looped": d.looped} for d in items])) if args.keep else None
     writer = ShardWriter(args.out, next_index, keep)
     print(f"{len(done) + len(replayable)} conversations done; {len(jobs)} to go", file=sys.stderr)
     bar = Progress(len(jobs), "verifier answers")

@@ -1,5 +1,5 @@
 """``scripts/head_data.py``: the order in which prompts are answered keeps every source under its share of the
-answer tokens, and an answer stuck in a loop is ended (``batch_gen.generate(stop_repeats=...)``)."""
+answer tokens, and an answer stuck in a loop is ended (``batch_gen.generate(stop_repeats=...)``) and remembered so."""
 from __future__ import annotations
 
 import collections
@@ -106,3 +106,18 @@ def test_an_answer_that_never_repeats_itself_is_not_cut():
     target = _CyclingTarget(counting, vocab=320)
     d = _answers(target, [batch_gen.Job("c", [1, 2])], 1)[0]
     assert len(d.answers[0]) == 200 and not d.looped
+
+
+def test_a_kept_answer_remembers_that_it_was_cut_at_a_loop(tmp_path):
+    """The kept token ids carry ``looped``, and a shard rebuilt from them says so again (the data card counts it)."""
+    loop = {3: 4, 4: 5, 5: 6, 6: 7, 7: 3}
+    job = batch_gen.Job("loop", [1, 2, 3], [[9, 10]])
+    cut = _answers(_CyclingTarget(loop), [job], 32, turn_end=8)[0]
+    prompts = {"loop": {"id": "loop", "turns": ["a", "b"]}, "plain": {"id": "plain", "turns": ["c"]}}
+    head_data.keep_answers(tmp_path, prompts, [{"id": "loop", "answers": cut.answers, "looped": cut.looped},
+                                               {"id": "plain", "answers": [[3, 4]], "looped": False}])
+    kept = {k["id"]: k for k in head_data.kept_answers(tmp_path)}
+    assert kept["loop"].get("looped") is True and "looped" not in kept["plain"]
+    rebuilt = batch_gen.replay(_CyclingTarget(loop), job, kept["loop"]["answers"], top_k=4,
+                               looped=bool(kept["loop"].get("looped")))
+    assert rebuilt.looped and rebuilt.answers == cut.answers
