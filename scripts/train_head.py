@@ -107,9 +107,13 @@ class Batches:
     """Random windows of T slots: slot t reads features at p + t and token p + t + 1, and is trained on the
     verifier's distribution at p + t + 1 (the token after it)."""
 
-    def __init__(self, shards, seqs, to_draft, T, B, seed):
+    def __init__(self, shards, seqs, to_draft, T, B, seed, repeat_weight: float = 1.0):
         self.shards, self.seqs, self.to_draft, self.T, self.B = shards, seqs, to_draft, T, B
         self.rng = np.random.default_rng(seed)
+        # the loss weight of a slot whose token completes a 16-gram already in its conversation: a context drafter
+        # proposes those anyway (``hybrid`` asks the head only without a match), and a third of the answer tokens
+        # are such loops, which would otherwise teach the head to continue loops
+        self.repeat_weight, self.copied = repeat_weight, {}
         self.weights = np.array([s[2] - s[1] - 1 for s in seqs], dtype=np.float64)
         self.weights /= self.weights.sum()
 
@@ -136,6 +140,11 @@ class Batches:
             t = min(T, length - 1)
             p = int(self.rng.integers(0, length - t)) if length - t > 0 else 0
             f, nx, tid, tlp, _, role2, valid = self.window(i, a, b, p, t)
+            if self.repeat_weight != 1.0:
+                if s not in self.copied:
+                    self.copied[s] = batch_gen.repeated(self.shards[i]["tokens"][a:b])
+                copied = self.copied[s][p + 2:p + t + 2]  # the token each slot is trained to predict
+                valid = valid * np.where(np.pad(copied, (0, t - len(copied))), self.repeat_weight, 1.0)
             pad = T - t
             rows.append((np.pad(f, ((0, pad), (0, 0))), np.pad(nx, (0, pad)), np.pad(tid, ((0, pad), (0, 0))),
                          np.pad(tlp, ((0, pad), (0, 0)), constant_values=-30), np.pad(role2, (0, pad)),
@@ -237,6 +246,9 @@ def main() -> int:
                          "run keeps the vocabulary it started with (OUT/draft_vocab.json)")
     ap.add_argument("--steps-unrolled", type=int, default=3, help="training-time test: draft steps unrolled")
     ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--repeat-weight", type=float, default=1.0,
+                    help="loss weight of a token that completes a 16-gram its conversation already held (a loop, "
+                    "which the n-gram drafter proposes anyway); 1: no different from the others")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--total-steps", type=int, default=6000, help="for the learning-rate schedule")
@@ -366,7 +378,7 @@ def main() -> int:
     stop = {"now": False}
     signal.signal(signal.SIGINT, lambda *_: stop.__setitem__("now", True))
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("now", True))
-    batches = Batches(shards, train_seqs, to_draft, args.window, args.batch, args.seed + step)
+    batches = Batches(shards, train_seqs, to_draft, args.window, args.batch, args.seed + step, args.repeat_weight)
     curve = (args.out / "curve.jsonl").open("a")
     deadline = time.time() + 60 * args.minutes if args.minutes else None
     if step == 0 and args.init_from:  # where the loaded head stands on this data's held-out families
