@@ -562,7 +562,7 @@ def data_card(card: dict, title: str = "Data") -> list[str]:
                  else "")
               + "). Its answers are committed as token ids in `engines/demo/head-data`: `make head-data` rebuilds the "
               "data from them by teacher-forced passes and answers the rest (`scripts/head_data.py`, resumable, "
-              "hours on two cores), and `make head-train` this head."), "",
+              "hours on two cores); `make head-train` trains a head of this kind on it from scratch."), "",
              "| source | families | conversations | answer tokens | share of answer tokens | two turns | sampled |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, src in card["sources"].items():
