@@ -11,7 +11,7 @@ import batch_gen
 import train_head
 
 
-def _shard(tokens: list[int], vocab: int = 64) -> dict:
+def _shard(tokens: list[int]) -> dict:
     n = len(tokens)
     top_ids = np.zeros((n, 8), np.int32)
     top_ids[:-1, 0] = tokens[1:]  # the verifier's first choice at each row: the next token, sure of it
