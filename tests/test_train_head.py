@@ -39,3 +39,53 @@ def test_repeat_weight_scales_the_slots_whose_token_repeats_an_earlier_16_gram()
     assert copied.any() and (plain[:t][~copied] > 0).any()
     np.testing.assert_allclose(down[:t], plain[:t] * np.where(copied, 0.25, 1.0))
     np.testing.assert_array_equal(down[t:], 0)
+
+
+def test_speculate_replays_passes_as_live_chain_speculation():
+    roles = np.array([0, 0, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1])  # two answers: tokens 2..7 and 9..11
+    truth = np.arange(len(roles)) + 100
+    perfect = np.array([[s + 2 + j + 100 for j in range(2)] for s in range(len(roles) - 1)])
+    offered, accepted, passes, tokens = train_head.speculate(perfect, truth, roles)
+    # answer 1: pass 1 drafts 3, 4 and commits 3, 4, 5; pass 2 drafts and commits 6, 7 (no bonus past the end);
+    # answer 2: one pass drafts and commits 10, 11
+    assert (passes, tokens) == (3, 7)
+    np.testing.assert_array_equal(offered, [3, 3])
+    np.testing.assert_array_equal(accepted, [3, 3])
+
+    wrong = perfect + 1000
+    offered, accepted, passes, tokens = train_head.speculate(wrong, truth, roles)
+    assert (passes, tokens) == (7, 7)  # every token after each answer's first is the verifier's own
+    np.testing.assert_array_equal(accepted, [0, 0])
+    np.testing.assert_array_equal(offered, [7, 0])
+
+    # right only where a pass starts after a correction at an even position: the replay, not every position, decides
+    half = perfect.copy()
+    half[1::2, 0] += 1000  # chains started at odd slots miss their first draft
+    _, accepted, passes, _ = train_head.speculate(half, truth, roles, answer_tokens=3)
+    # answer 1 capped at tokens 2..4: pass from slot 1 (committed 2) misses -> commits 3; slot 2 drafts 4: right
+    assert passes == 2 + 1 and accepted[0] == 1 + 1
+
+
+def test_miss_weight_scales_the_chains_that_start_after_a_wrong_first_draft():
+    import torch
+
+    B, T, V = 1, 6, 5
+    d = torch.zeros(B, T, 8, dtype=torch.long)
+    d[..., 0] = torch.tensor([1, 2, 3, 4, 0, 1])  # the verifier's first choice at each slot
+    w = torch.zeros(B, T, 8)
+    w[..., 0] = 1.0
+    weight = torch.ones(B, T)
+    first = torch.full((B, T, V), -5.0)
+    right = [True, False, True, True, False, True]  # the head's first draft at each slot
+    for t, ok in enumerate(right):
+        first[0, t, int(d[0, t, 0]) if ok else (int(d[0, t, 0]) + 1) % V] = 5.0
+    steps = [first, torch.zeros(B, T, V)]  # step 1's cross-entropy is log(V) at every slot
+
+    plain = train_head.loss_fn(steps, d, w, weight, decay=1.0)[1]
+    heavy = train_head.loss_fn(steps, d, w, weight, decay=1.0, miss_weight=3.0)[1]
+    assert heavy[1] == plain[1]  # step 1's loss is the same everywhere: reweighting slots leaves its mean alone
+    # step 0: slots 2 and 5 follow a miss (slots 1 and 4) and are right; the others keep weight 1
+    ce = -torch.log_softmax(first, -1).gather(-1, d[..., :1])[0, :, 0]
+    m = torch.tensor([1.0, 1, 3, 1, 1, 3])
+    assert abs(heavy[0] - float((ce * m).sum() / m.sum())) < 1e-6
+    assert abs(plain[0] - float(ce.mean())) < 1e-6

@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""The feature head's live acceptance on a benchmark's questions, replayed offline: minutes, not a live run.
+
+1. The verifier's greedy answers to every question, ``--max-new-tokens`` per turn, through its batched fp32 graph
+   (``scripts/batch_gen.py``); a second turn follows the first answer's text, as ``specrt.spec_bench.build_prompts``
+   builds it for a live run.  Recorded once as a ``scripts/head_data.py`` shard in ``--out`` (features and top-8;
+   reused by later runs): only for scoring, never for training.
+2. Every ``--head`` scored on it by ``train_head.evaluate``: its ``live`` replay, a chain of 4 drafted after every
+   commit over each answer, per category -- what ``benchmarks/head_acceptance.py`` measures in a live run, where
+   the engine's own numerics (int4, int8-rows) decide the answers; on the demo head the two agree within 0.04 per
+   category at the first position (docs/drafters.md).
+
+Needs torch and transformers (build-time tools), as the head's training does.
+
+    python benchmarks/head_replay.py ../shared/benchmarks/spec_bench/dev.jsonl --verifier .cache/demo/verifier-hf \\
+        --head engines/demo/head --out .cache/head/spec-bench-dev
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+STEPS = 4
+
+
+def answer_shard(questions: Path, verifier: Path, out: Path, max_new_tokens: int, threads: int | None) -> None:
+    """The verifier's greedy answers to every question's turns, as one shard in ``out`` (skipped if done)."""
+    import batch_gen
+    import head_data
+
+    from specrt.spec_bench import category, load_questions
+
+    if (out / "shard_0000" / "done").is_file():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    tok = head_data.Tokens(verifier)
+    cfg = json.loads((verifier / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    max_context = 2048
+    graph = batch_gen.export_batch_graph(verifier, out, max_context, head_data.FEATURE_LAYERS, head_data.TOP_K)
+    target = batch_gen.BatchedTarget(graph, 16, cfg["num_hidden_layers"], cfg["num_key_value_heads"], head_dim,
+                                     max_context, threads)
+    qs = load_questions(questions)
+    messages = {str(q.get("question_id", i)): [] for i, q in enumerate(qs)}
+    writer = head_data.ShardWriter(out, 0)
+    for turn in range(max(len(q["turns"]) for q in qs)):
+        jobs = []
+        for i, q in enumerate(qs):
+            if turn >= len(q["turns"]):
+                continue
+            key = str(q.get("question_id", i))
+            messages[key].append({"role": "user", "content": q["turns"][turn]})
+            ids = tok.codec.encode(tok.codec.apply_chat_template(messages[key]), add_special_tokens=False)
+            if len(ids) + max_new_tokens + 8 > max_context:
+                continue
+            jobs.append(batch_gen.Job(f"{key}/{turn + 1}", ids, keep_from=max(0, len(ids) - head_data.PROMPT_TAIL),
+                                      meta={"source": questions.stem, "family": key, "kind": category(q),
+                                            "sampled": False}))
+        for d in batch_gen.generate(target, jobs, max_new_tokens, tok.eos, turn_end=tok.turn_end,
+                                    top_k=head_data.TOP_K):
+            writer.add(d)
+            key = d.job.key.rsplit("/", 1)[0]
+            messages[key].append({"role": "assistant", "content": tok.decode(d.answers[0])})
+            print(f"turn {turn + 1}: {d.job.key} ({d.job.meta['kind']}): {len(d.answers[0])} tokens", file=sys.stderr)
+    writer.flush()
+
+
+def score(head_dir: Path, verifier: Path, data: Path, answer_tokens: int) -> dict:
+    import numpy as np
+    import torch
+    import train_head
+    from specrt.export.feature_head import DRAFT_VOCAB, HeadConfig, make_head
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg_t = AutoConfig.from_pretrained(verifier)
+    layers = json.loads((head_dir / "head_config.json").read_text())["feature_layers"]
+    draft = np.array(json.loads((head_dir / DRAFT_VOCAB).read_text()), dtype=np.int64)
+    to_draft = np.full(cfg_t.vocab_size, -1, dtype=np.int64)
+    to_draft[draft] = np.arange(len(draft))
+    model = AutoModelForCausalLM.from_pretrained(verifier, dtype=torch.float32)
+    head = make_head(HeadConfig.for_target(cfg_t, layers, len(draft)), model.get_input_embeddings().weight.detach())
+    del model
+    train_head.init_from_head(head, head_dir, draft)
+    shards = train_head.load_shards([data], layers)
+    seqs = train_head.sequences(shards, 2)
+    return train_head.evaluate(head, shards, seqs, to_draft, draft, STEPS, 10**12, live_tokens=answer_tokens)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("questions", type=Path, help="a Spec-Bench style JSONL (question_id, category, turns)")
+    ap.add_argument("--verifier", type=Path, required=True, help="the head's target, a HuggingFace checkpoint")
+    ap.add_argument("--head", type=Path, action="append", required=True, help="a head directory (repeatable)")
+    ap.add_argument("--out", type=Path, required=True, help="where the answers' shard is written once and reused")
+    ap.add_argument("--max-new-tokens", type=int, default=96, help="per turn (default 96, as make bench-spec)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    args = ap.parse_args()
+    for h in args.head:
+        if not (h / "head_config.json").is_file():
+            raise SystemExit(f"--head {h}: not a head directory (no head_config.json)")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    answer_shard(args.questions, args.verifier, args.out, args.max_new_tokens, args.threads)
+    results = {}
+    for h in args.head:
+        ev = score(h, args.verifier, args.out, args.max_new_tokens)
+        results[str(h)] = ev
+        print(f"\n{h}: live replay, a chain of {STEPS} ({args.questions.name}, greedy, {args.max_new_tokens} new "
+              f"tokens per turn)\n\n| category | passes | acceptance at positions 1..{STEPS} | tokens/pass |\n"
+              "|---|---:|---|---:|")
+        for kind, r in sorted(ev["live"].items(), key=lambda kv: (kv[0] == "all", kv[0])):
+            print(f"| {'**overall**' if kind == 'all' else kind} | {r['passes']:,} | "
+                  + " / ".join(f"{a:.3f}" for a in r["by_position"]) + f" | {r['tokens_per_pass']:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
