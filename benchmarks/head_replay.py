@@ -29,14 +29,22 @@ STEPS = 4
 
 def answer_shard(questions: Path, verifier: Path, out: Path, max_new_tokens: int, threads: int | None) -> None:
     """The verifier's greedy answers to every question's turns, as one shard in ``out`` (skipped if done)."""
+    import hashlib
+
     import batch_gen
     import head_data
 
     from specrt.spec_bench import category, load_questions
 
+    made = {"questions_sha256": hashlib.sha256(questions.read_bytes()).hexdigest(), "max_new_tokens": max_new_tokens,
+            "verifier": str(verifier.resolve())}
     if (out / "shard_0000" / "done").is_file():
+        was = json.loads((out / "replay.json").read_text()) if (out / "replay.json").is_file() else None
+        if was != made:
+            raise SystemExit(f"{out} holds answers to other questions or settings ({was}): give another --out")
         return
     out.mkdir(parents=True, exist_ok=True)
+    (out / "replay.json").write_text(json.dumps(made) + "\n")
     tok = head_data.Tokens(verifier)
     cfg = json.loads((verifier / "config.json").read_text())
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
@@ -100,6 +108,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = ap.parse_args()
+    if not args.questions.is_file():
+        raise SystemExit(f"{args.questions}: no such file")
+    if not (args.verifier / "config.json").is_file():
+        raise SystemExit(f"--verifier {args.verifier}: not a HuggingFace checkpoint (no config.json)")
     for h in args.head:
         if not (h / "head_config.json").is_file():
             raise SystemExit(f"--head {h}: not a head directory (no head_config.json)")
