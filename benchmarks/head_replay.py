@@ -68,12 +68,14 @@ def answer_shard(questions: Path, verifier: Path, out: Path, max_new_tokens: int
             jobs.append(batch_gen.Job(f"{key}/{turn + 1}", ids, keep_from=max(0, len(ids) - head_data.PROMPT_TAIL),
                                       meta={"source": questions.stem, "family": key, "kind": category(q),
                                             "sampled": False}))
+        bar = head_data.Progress(len(jobs), f"verifier answers, turn {turn + 1}")
         for d in batch_gen.generate(target, jobs, max_new_tokens, tok.eos, turn_end=tok.turn_end,
                                     top_k=head_data.TOP_K):
             writer.add(d)
             key = d.job.key.rsplit("/", 1)[0]
             messages[key].append({"role": "assistant", "content": tok.decode(d.answers[0])})
-            print(f"turn {turn + 1}: {d.job.key} ({d.job.meta['kind']}): {len(d.answers[0])} tokens", file=sys.stderr)
+            bar(1)
+        bar.bar.close()
     writer.flush()
 
 
