@@ -59,10 +59,10 @@ def median_time(fn, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def specrt_rows(path: Path, contexts, repeats: int) -> dict:
+def specrt_rows(path: Path, contexts, repeats: int, prefill_graph: str = "auto") -> dict:
     from specrt.runtime import Engine
 
-    engine = Engine.load(path)
+    engine = Engine.load(path, prefill_graph=prefill_graph)
     out = {"ttft": {}, "pass_ms": {}}
     top = engine.max_context - max(ROWS) - 1
     for n in contexts:
@@ -150,6 +150,9 @@ def main() -> int:
     ap.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--prefill-graphs", default="auto",
+                    help="for engines with a prefill graph: the --prefill-graph choices to measure, one row each "
+                    "(e.g. on,off; default auto); the profile is of the target graph")
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None, help="a PNG: time to first token and 5-row pass cost by context")
     a = ap.parse_args()
@@ -157,10 +160,16 @@ def main() -> int:
 
     contexts = [int(c) for c in a.contexts.split(",")]
     results = {}
+    from specrt.runtime.manifest import load_manifest
+
     for path in a.engine:
-        results[f"specrt {path.name}"] = specrt_rows(path, contexts, a.repeats)
+        choices = a.prefill_graphs.split(",") if load_manifest(path, check_hashes=False).target.prefill_graph \
+            else ["auto"]
+        for choice in choices:
+            name = f"specrt {path.name}" + (f" (prefill graph {choice})" if len(choices) > 1 else "")
+            results[name] = specrt_rows(path, contexts, a.repeats, choice)
         if not a.no_profile:
-            results[f"specrt {path.name}"]["profile_at_2048"] = profile(path, max(contexts))
+            results[name]["profile_at_2048"] = profile(path, max(contexts))
     any_engine = Engine.load(a.engine[0], check_invariance=False)
     if a.genai_model:
         results[f"onnxruntime-genai {a.genai_model.name}"] = peer_rows(

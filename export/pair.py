@@ -19,8 +19,8 @@ from pathlib import Path
 from specrt.engines import FORMAT_NAME, FORMAT_VERSION
 from specrt.export.compat import check_tokenizers, require_local_checkpoint
 from specrt.export.onnx_export import ATTENTION_CHOICES, choose_attention, export_model
-from specrt.export.quantize import QUANT_CHOICES, quantize_file
-from specrt.export.verify import HELD_OUT_TEXT, compare, text_drift
+from specrt.export.quantize import PREFILL_ACCURACY_LEVEL, QUANT_CHOICES, quantize_file, write_prefill_graph
+from specrt.export.verify import HELD_OUT_TEXT, compare, compare_prefill_graph, text_drift
 from specrt.runtime import invariance
 from specrt.runtime.errors import SpecrtError
 from specrt.runtime.manifest import MANIFEST, load_manifest, model_spec, sha256_file, validate_manifest
@@ -63,7 +63,8 @@ def export_pair(target: str | Path, draft: str | Path | None, out: str | Path, *
                 tolerance: float = DEFAULT_TOLERANCE, progress: bool = True, quant: str = "fp32",
                 target_quant: str | None = None, draft_quant: str | None = None, block_size: int = 32,
                 accuracy_level: int = 4, draft_accuracy_level: int = 4, attention: str = "auto",
-                draft_head: str | Path | None = None, tree: bool = True, batch: bool = False) -> ExportReport:
+                draft_head: str | Path | None = None, tree: bool = True, batch: bool = False,
+                prefill_graph: bool = True) -> ExportReport:
     """Export ``target`` (the verification model) and ``draft`` into the engine directory ``out``.
 
     ``draft=None`` writes a target-only engine: it runs the context drafters (ngram, suffix) and
@@ -86,6 +87,9 @@ def export_pair(target: str | Path, draft: str | Path | None, out: str | Path, *
     ``batch``: also write ``target-batch.onnx``, the target with a batch dimension (one cache slot per sequence;
     ``gqa_graph.build(batch=True)``), quantized like the target and checked against it: what a server runs to
     decode several requests in one pass (``runtime/batch.py``).
+    ``prefill_graph`` (default on): an int4 target at an accuracy level other than 1 also gets
+    ``target.prefill.onnx``, the same graph and weights file at level 1 (fp32 compute), which a runtime may run a
+    prompt's prefill chunks through (``quantize.write_prefill_graph``; chosen per CPU at load time).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -214,6 +218,15 @@ def export_pair(target: str | Path, draft: str | Path | None, out: str | Path, *
             models["target"]["batch_graph"] = export_batch_graph(target_dir, tmp, max_context, models["target"],
                                                                  quants["target"], block_size, accuracy_level,
                                                                  manifest if verify else None)
+        # int4 only: the one MatMulNBits width whose prefill was measured both ways (docs/quantization.md)
+        if prefill_graph and quants["target"] == "int4" and accuracy_level != PREFILL_ACCURACY_LEVEL:
+            bar.set_description("prefill graph")
+            record = write_prefill_graph(tmp / models["target"]["file"])
+            if record is not None:
+                models["target"]["prefill_graph"] = record
+                if verify:
+                    record["verification"] = compare_prefill_graph(model_spec(tmp, "target", manifest),
+                                                                   t_tok(HELD_OUT_TEXT)["input_ids"][:max_context])
         if verify:
             # Measured, not assumed: whether a verification pass scores each row as 1-token decoding
             # does (runtime/invariance.py); the runtime pads 1-token target steps when min_rows is 2.

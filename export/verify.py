@@ -37,6 +37,24 @@ def compare(spec: ModelSpec, hf_model, k: int, prompt_len: int = 12, seed: int =
     return diffs
 
 
+def compare_prefill_graph(spec: ModelSpec, token_ids: list[int], decode: int = 8) -> dict[str, float]:
+    """A target's prefill graph against the target graph itself, as the runtime uses it: the text but its last
+    ``decode`` tokens prefilled (every row's logits compared), then those tokens decoded one at a time through the
+    target graph over each cache.  Max |logits| difference and the share of argmaxes that agree, per phase."""
+    ids = np.asarray(token_ids, dtype=np.int64)
+    n = len(ids) - decode
+    if n < 1:
+        raise ValueError(f"compare_prefill_graph needs more than {decode} tokens, got {len(ids)}")
+    ref, fast = OrtModelStep(spec), OrtModelStep(spec.prefill_graph)
+    after_fast = OrtModelStep(spec, cache=fast.cache)  # the target graph, decoding over the prefill graph's cache
+    a, b = ref.forward(ids[:n], 0).copy(), fast.forward(ids[:n], 0).copy()
+    diffs = {"prefill": float(np.abs(a - b).max()), "prefill_argmax_equal": first_choice_agreement(a, b)}
+    a = np.concatenate([ref.forward(ids[i:i + 1], i).copy() for i in range(n, len(ids))])
+    b = np.concatenate([after_fast.forward(ids[i:i + 1], i).copy() for i in range(n, len(ids))])
+    diffs.update({"decode": float(np.abs(a - b).max()), "decode_argmax_equal": first_choice_agreement(a, b)})
+    return {k: round(v, 6) for k, v in diffs.items()}
+
+
 # Held-out text for the drift of a quantized model: prose and code, not from any training set of ours.
 HELD_OUT_TEXT = (
     "The lighthouse keeper climbed the spiral stairs every evening at dusk, counting the steps out of habit "

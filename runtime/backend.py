@@ -110,14 +110,16 @@ class Model(Protocol):
 
 
 def open_model(spec: ModelSpec, backend: str = "onnxruntime", *, threads: int | None = None, spin: bool = True,
-               k_values: tuple[int, ...] = (), device: int = 0, cuda_graphs: bool = True) -> Model:
+               k_values: tuple[int, ...] = (), device: int = 0, cuda_graphs: bool = True,
+               prefill_graph: str = "auto") -> Model:
     """Load ``spec``'s graph with ``backend`` (one of ``BACKENDS``): ONNX Runtime on the CPU (``threads``,
-    ``spin``), or TensorRT's plan on CUDA ``device`` (``k_values``: the draft lengths it must have profiles for;
+    ``spin``, ``prefill_graph``: whether a target's prefill graph runs its prefill chunks, auto | on | off), or
+    TensorRT's plan on CUDA ``device`` (``k_values``: the draft lengths it must have profiles for;
     ``cuda_graphs=False`` runs every pass eagerly)."""
     if backend == "onnxruntime":
         from specrt.runtime.ort_backend import OrtModel
 
-        return OrtModel(spec, "cpu", threads, spin)
+        return OrtModel(spec, "cpu", threads, spin, prefill_graph)
     if backend == "tensorrt":
         from specrt.runtime.trt_backend import TrtModel
 

@@ -189,7 +189,7 @@ class Engine:
     def load(cls, path: str | Path, backend: str = "onnxruntime", threads: int | None = None,
              draft_threads: int | None = None, spin: bool = True, check_hashes: bool = True,
              check_invariance: bool = True, device: int = 0, cuda_graphs: bool = True,
-             max_batch: int = 1, datastore: str | Path | None = None) -> Engine:
+             max_batch: int = 1, datastore: str | Path | None = None, prefill_graph: str = "auto") -> Engine:
         """Validate the manifest (schema + SHA-256 of every file) and open the models.
 
         ``backend``: ``onnxruntime`` (the CPU, always available) or ``tensorrt`` (CUDA ``device``; needs the
@@ -205,6 +205,11 @@ class Engine:
         steps share passes, and each still speculates alone where that yields more; trees are off.  ``datastore``:
         an ``.npz`` from ``scripts/build_datastore.py`` (``runtime/drafters/datastore.py``) that the ``suffix``
         drafter consults where its live cache knows less; read and checked on the first suffix generation.
+        ``prefill_graph`` (auto | on | off; ONNX Runtime only): run prompts' prefill chunks through the target's
+        prefill graph where the engine has one (an int4 export: the same weights at fp32 compute); ``auto`` does
+        so on CPUs where that was measured faster (``ort_backend.use_prefill_graph``).  Target-only and
+        speculative generation share the prefill, so either choice is lossless; the two choices' outputs may differ
+        from each other in the last bits of the prompt's KV cache, as two engines would.
         """
         if backend not in BACKENDS:
             raise GenerationError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -222,7 +227,8 @@ class Engine:
                 raise GenerationError("batched serving runs on the onnxruntime backend")
             target_spec = target_spec.batch_graph  # every sequence runs in a slot of its buffers
         opts = {"spin": spin, "k_values": manifest.k_values, "device": device, "cuda_graphs": cuda_graphs}
-        target = open_model(target_spec, backend, threads=threads, **opts)
+        target = open_model(target_spec, backend, threads=threads, **opts,
+                            **({"prefill_graph": prefill_graph} if backend == "onnxruntime" else {}))
         draft = None
         if manifest.draft is not None:
             draft = open_model(manifest.draft, backend, threads=draft_threads or 1, **opts)

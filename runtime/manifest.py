@@ -97,7 +97,18 @@ class ModelSpec:
         if not record:
             return None
         kv = dataclasses.replace(self.kv, position_ids=None, tree_bias=None)
-        return dataclasses.replace(self, path=self.path.parent / record["file"], kv=kv)
+        raw = {key: v for key, v in self.raw.items() if key != "prefill_graph"}  # a prefill graph runs one sequence
+        return dataclasses.replace(self, path=self.path.parent / record["file"], kv=kv, raw=raw)
+
+    @property
+    def prefill_graph(self) -> ModelSpec | None:
+        """The target's prefill form (``models.target.prefill_graph``: the same interface and weights, computed
+        another way; a runtime may run prefill chunks through it), or None."""
+        record = self.raw.get("prefill_graph")
+        if not record:
+            return None
+        raw = {key: v for key, v in self.raw.items() if key not in ("prefill_graph", "batch_graph")}
+        return dataclasses.replace(self, path=self.path.parent / record["file"], raw=raw)
 
     @property
     def feature_head(self) -> dict | None:
@@ -224,6 +235,18 @@ def validate_manifest(data: Any) -> None:
             if head["draft_vocab"] not in data["files"]:
                 raise EngineDirError(f"manifest.json: the draft vocabulary {head['draft_vocab']!r} is not listed in "
                                      f"files. {_REEXPORT}")
+        if "prefill_graph" in m:
+            record = m["prefill_graph"]
+            if role != "target" or kv.get("update") != "in-place":
+                raise EngineDirError(f"manifest.json: models/{role}/prefill_graph belongs to an in-place target "
+                                     f"graph. {_REEXPORT}")
+            for key in ("file", "external_data"):
+                if record.get(key) and record[key] not in data["files"]:
+                    raise EngineDirError(f"manifest.json: models/{role}/prefill_graph/{key} {record[key]!r} is not "
+                                         f"listed in files. {_REEXPORT}")
+            if record["file"] in (m["file"], (m.get("batch_graph") or {}).get("file")):
+                raise EngineDirError(f"manifest.json: models/{role}/prefill_graph/file must be a graph of its own. "
+                                     f"{_REEXPORT}")
         if "tree" in kv and kv.get("update") != "in-place":
             raise EngineDirError(f"manifest.json: models/{role}/kv_cache/tree needs an in-place cache (the accepted "
                                  f"path is compacted inside the buffers). {_REEXPORT}")
@@ -335,8 +358,9 @@ def load_manifest(root: str | Path, check_hashes: bool = True) -> Manifest:
                                  f"is corrupt or was modified. {_REEXPORT}")
     for m in data["models"].values():
         check_external_data(root, m["file"], data["files"])
-        if m.get("batch_graph"):
-            check_external_data(root, m["batch_graph"]["file"], data["files"])
+        for extra in ("batch_graph", "prefill_graph"):
+            if m.get(extra):
+                check_external_data(root, m[extra]["file"], data["files"])
     pair, tok = data["pair"], data["tokenizer"]
     return Manifest(
         root=root,

@@ -46,12 +46,52 @@ def session_options(threads: int | None, spin: bool = True) -> ort.SessionOption
     return so
 
 
+PREFILL_GRAPH_CHOICES = ("auto", "on", "off")
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as Linux lists them (empty elsewhere: nothing is assumed)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def use_prefill_graph(choice: str, flags: frozenset[str] | None = None) -> tuple[bool, str]:
+    """Whether to run prefill chunks through a target's prefill graph (``models.target.prefill_graph``: MatMulNBits
+    at fp32 compute beside a target at int8 activations), and why.  ``auto`` decides by what was measured: on an
+    x86 CPU without VNNI (AVX2 and FMA only) fp32 compute prefilled 1,024 tokens of the demo int4 target 1.1-1.3x
+    faster than int8 activations (docs/quantization.md); with AVX-512 VNNI the int4 target's integer kernels prefilled
+    as fast as the fp32 target's, so there the target graph alone is kept, sparing the second session's memory.  Other CPUs (ARM) are unmeasured:
+    ``auto`` keeps the target graph."""
+    if choice not in PREFILL_GRAPH_CHOICES:
+        raise GenerationError(f"prefill_graph must be one of {', '.join(PREFILL_GRAPH_CHOICES)}, got {choice!r}")
+    if choice != "auto":
+        return choice == "on", f"prefill_graph={choice}"
+    flags = cpu_flags() if flags is None else flags
+    if "avx2" not in flags:
+        return False, "not an x86 CPU with AVX2 (unmeasured)"
+    if flags & {"avx512_vnni", "avx_vnni"}:
+        return False, "this CPU has VNNI (int8 prefill is as fast)"
+    return True, "this CPU has no VNNI (fp32 compute prefills faster)"
+
+
 class OrtModel(Model):
     """One ONNX Runtime session of an exported graph: the weights, loaded once and shared by every sequence
     that runs the model (ONNX Runtime sessions may run from several threads at once; each sequence brings
-    its own KV cache and I/O binding: ``OrtModelStep``)."""
+    its own KV cache and I/O binding: ``OrtModelStep``).
 
-    def __init__(self, spec: ModelSpec, provider: str = "cpu", threads: int | None = None, spin: bool = True):
+    A target with a prefill graph (``ModelSpec.prefill_graph``) may open it as a second session
+    (``prefill_graph``: auto | on | off, see ``use_prefill_graph``): every sequence then runs its prompt's prefill
+    chunks (``extend``) through it and everything else through the target graph, over the one KV cache.  The second
+    session holds its own copy of the weights (measured on the demo int4 target: +67 MB)."""
+
+    def __init__(self, spec: ModelSpec, provider: str = "cpu", threads: int | None = None, spin: bool = True,
+                 prefill_graph: str = "auto"):
         if provider != "cpu":
             # The cache buffers live in host memory; on CUDA/TensorRT EPs they would have to
             # live on the device (OrtValue on "cuda") and be updated there.  Not built yet.
@@ -62,19 +102,34 @@ class OrtModel(Model):
         if spec.dtype not in _DTYPES:
             raise EngineDirError(f"{spec.role}: dtype {spec.dtype} is not supported by the ONNX Runtime CPU backend")
         self.spec = spec
+        self.session = self._open(spec, provider, threads, spin)
+        self._check_names(self.session, spec)
+        self.prefill_session: ort.InferenceSession | None = None
+        self.prefill_reason = "no prefill graph"
+        if spec.prefill_graph is not None:
+            use, self.prefill_reason = use_prefill_graph(prefill_graph)
+            if use:
+                self.prefill_session = self._open(spec.prefill_graph, provider, threads, spin)
+                self._check_names(self.prefill_session, spec.prefill_graph)
+        elif prefill_graph == "on":
+            raise GenerationError(f"{spec.role}: prefill_graph='on' but this engine has no prefill graph; re-export "
+                                  "an int4 target with `specrt export --quant int4` (accuracy level 4)")
+        else:
+            use_prefill_graph(prefill_graph)  # the choice is checked either way
+
+    @staticmethod
+    def _open(spec: ModelSpec, provider: str, threads: int | None, spin: bool) -> ort.InferenceSession:
         try:
-            self.session = ort.InferenceSession(str(spec.path), session_options(threads, spin),
-                                                providers=[PROVIDERS[provider]])
+            return ort.InferenceSession(str(spec.path), session_options(threads, spin), providers=[PROVIDERS[provider]])
         except Exception as e:  # noqa: BLE001 -- onnxruntime raises its own Fail/InvalidGraph types
             raise EngineDirError(f"ONNX Runtime cannot open {spec.path.name}: {e}. Re-export the engine directory "
                                  "with `specrt export ... --force`.") from None
-        self._check_names()
 
     def new_step(self, max_step: int = 65) -> OrtModelStep:
         return OrtModelStep(self, max_step=max_step)
 
-    def _check_names(self) -> None:
-        kv = self.spec.kv
+    def _check_names(self, session: ort.InferenceSession, spec: ModelSpec) -> None:
+        kv = spec.kv
         want_in = {kv.input_ids, kv.past_length, *kv.key_buffers, *kv.value_buffers}
         if kv.bucket_length:
             want_in.add(kv.bucket_length)
@@ -83,38 +138,38 @@ class OrtModel(Model):
         if kv.logits_from:
             want_in.add(kv.logits_from)
         want_out = {kv.logits, *kv.new_keys, *kv.new_values}
-        if self.spec.features:
-            want_out.add(self.spec.features["output"])
-        if self.spec.feature_head:
-            fh = self.spec.feature_head
+        if spec.features:
+            want_out.add(spec.features["output"])
+        if spec.feature_head:
+            fh = spec.feature_head
             want_in |= {fh["hidden_input"], fh["features_input"], fh["select_input"]}
             want_out.add(fh["hidden_output"])
-        have_in = {i.name for i in self.session.get_inputs()}
-        have_out = {o.name for o in self.session.get_outputs()}
+        have_in = {i.name for i in session.get_inputs()}
+        have_out = {o.name for o in session.get_outputs()}
         if want_in != have_in or not want_out <= have_out:
             raise EngineDirError(
-                f"{self.spec.path.name}: tensor names do not match the manifest (missing inputs "
+                f"{spec.path.name}: tensor names do not match the manifest (missing inputs "
                 f"{sorted(want_in - have_in)[:8]}, unexpected inputs {sorted(have_in - want_in)[:8]}, missing outputs "
                 f"{sorted(want_out - have_out)[:8]}). The directory mixes files from different exports; re-export it."
             )
         # The manifest sizes every buffer the runtime allocates: the graph must agree with it, dimension by
         # dimension, before anything is allocated (a graph's symbolic dims are left to ONNX Runtime).
-        shapes = {i.name: (i.shape, i.type) for i in self.session.get_inputs()}
-        shapes.update({o.name: (o.shape, o.type) for o in self.session.get_outputs()})
+        shapes = {i.name: (i.shape, i.type) for i in session.get_inputs()}
+        shapes.update({o.name: (o.shape, o.type) for o in session.get_outputs()})
         want = {name: list(kv.buffer_shape) for name in (*kv.key_buffers, *kv.value_buffers)}
-        want[kv.logits] = [None, None, self.spec.vocab_size]
+        want[kv.logits] = [None, None, spec.vocab_size]
         if kv.in_place:
             want.update({name: list(kv.buffer_shape) for name in (*kv.new_keys, *kv.new_values)})
         for name, dims in want.items():
             have = shapes[name][0]
             if len(have) != len(dims) or any(isinstance(h, int) and d is not None and h != d
                                              for h, d in zip(have, dims)):
-                raise EngineDirError(f"{self.spec.path.name}: tensor {name!r} has shape {have} in the graph but the "
+                raise EngineDirError(f"{spec.path.name}: tensor {name!r} has shape {have} in the graph but the "
                                      f"manifest says {dims}. The directory mixes files from different exports; "
                                      "re-export it.")
         for name in (kv.input_ids, kv.past_length, *([kv.logits_from] if kv.logits_from else [])):
             if shapes[name][1] != "tensor(int64)":
-                raise EngineDirError(f"{self.spec.path.name}: input {name!r} is {shapes[name][1]}, expected "
+                raise EngineDirError(f"{spec.path.name}: input {name!r} is {shapes[name][1]}, expected "
                                      "tensor(int64). Re-export the engine directory.")
 
 
@@ -135,15 +190,19 @@ class OrtModelStep(ModelStep):
         self._vocab = spec.vocab_size
         self._max_step = max_step
         self.binding = self.session.io_binding()
+        # A target's prefill graph (OrtModel.prefill_session): a binding of its own over the same cache buffers
+        self._prefill_binding = None if self.model.prefill_session is None else self.model.prefill_session.io_binding()
         # The cache buffers are bound once; ORT reads them in place at every run, and an in-place
         # graph also writes them: its present outputs are bound to the same OrtValues.
         self._in_place = kv.in_place
         for name, out_name, buf in zip(kv.key_buffers + kv.value_buffers, kv.new_keys + kv.new_values,
                                        self.cache.keys + self.cache.values):
             value = ort.OrtValue.ortvalue_from_numpy(buf)
-            self.binding.bind_ortvalue_input(name, value)
-            if self._in_place:
-                self.binding.bind_ortvalue_output(out_name, value)
+            for binding in (self.binding, self._prefill_binding):
+                if binding is not None:
+                    binding.bind_ortvalue_input(name, value)
+                    if self._in_place:
+                        binding.bind_ortvalue_output(out_name, value)
         self._past = np.zeros(1, dtype=np.int64)
         # graphs with kv_cache.logits_from compute the LM head for rows [logits_from, n) only: 0 on every pass
         # whose rows' logits are all read, n - 1 where only the last row's are (prefill chunks through ``extend``,
@@ -227,6 +286,10 @@ class OrtModelStep(ModelStep):
 
     def forward(self, token_ids: np.ndarray, pos: int, *, tree: Tree | None = None,
                 inputs: dict[str, np.ndarray] | None = None, last_only: bool = False) -> np.ndarray:
+        return self._forward(token_ids, pos, tree, inputs, last_only, self.binding)
+
+    def _forward(self, token_ids: np.ndarray, pos: int, tree: Tree | None, inputs: dict[str, np.ndarray] | None,
+                 last_only: bool, binding: ort.IOBinding) -> np.ndarray:
         """``inputs``: a feature head's extra inputs, each [1, n, width] (or [1] for its selector).  ``tree``:
         (positions [n], bias [n, n]) of a tree pass (``runtime/tree.py``); None is a chain.  ``last_only``: only
         the last row's logits are read (a feature head following the context): [1, vocab] where the graph can
@@ -250,28 +313,29 @@ class OrtModelStep(ModelStep):
             if inputs:  # the padding row repeats the last one
                 inputs = {k: v if v.ndim < 3 else np.concatenate([v] + [v[:, -1:]] * (self._min_rows - n), 1)
                           for k, v in inputs.items()}
-            logits = self._run(padded, pos, inputs)  # every row's logits: logits_from = n - 1 would give a pad's
+            logits = self._run(padded, pos, inputs, binding=binding)  # every row's: n - 1 would give a pad's
             self.cache.set_length(pos + n)
             self._last = {k: v[:n] for k, v in self._last.items()}
             return logits[:n]
-        return self._run(token_ids, pos, inputs, last_only)
+        return self._run(token_ids, pos, inputs, last_only, binding)
 
     def _run(self, token_ids: np.ndarray, pos: int, inputs: dict[str, np.ndarray] | None = None,
-             last_only: bool = False) -> np.ndarray:
+             last_only: bool = False, binding: ort.IOBinding | None = None) -> np.ndarray:
+        binding = self.binding if binding is None else binding
         n = len(token_ids)
         kv = self.spec.kv
         rows = n  # rows of logits this pass returns
         if self._logits_from is not None:
             rows = 1 if last_only else n
             self._logits_from[0] = n - rows
-            self.binding.bind_cpu_input(kv.logits_from, self._logits_from)
+            binding.bind_cpu_input(kv.logits_from, self._logits_from)
         ids = np.asarray(token_ids, dtype=np.int64).reshape(1, n)  # O(n)
         self._past[0] = pos
-        self.binding.bind_cpu_input(kv.input_ids, ids)
-        self.binding.bind_cpu_input(kv.past_length, self._past)
+        binding.bind_cpu_input(kv.input_ids, ids)
+        binding.bind_cpu_input(kv.past_length, self._past)
         if kv.bucket_length:
             self._bucket[0] = bucket_for(pos, kv.context_buckets)
-            self.binding.bind_cpu_input(kv.bucket_length, self._bucket)
+            binding.bind_cpu_input(kv.bucket_length, self._bucket)
         if self._tree:
             tree = self._tree_pass
             if tree is None:  # a chain: consecutive positions, nothing masked beyond causality
@@ -282,17 +346,19 @@ class OrtModelStep(ModelStep):
             else:
                 positions = np.ascontiguousarray(tree[0], dtype=np.int64).reshape(1, n)
                 bias = np.ascontiguousarray(tree[1], dtype=np.float32).reshape(1, 1, n, n)
-            self.binding.bind_cpu_input(kv.position_ids, positions)
-            self.binding.bind_cpu_input(kv.tree_bias, bias)
+            binding.bind_cpu_input(kv.position_ids, positions)
+            binding.bind_cpu_input(kv.tree_bias, bias)
         for name in self._extra_in:
             if inputs is None or name not in inputs:
                 raise GenerationError(f"{self.spec.role}: this graph needs the input {name!r} at every step")
-            self.binding.bind_cpu_input(name, inputs[name])
-        logits, new_k, new_v, extra = self._bind_outputs(n, rows)
+            binding.bind_cpu_input(name, inputs[name])
+        logits, new_k, new_v, extra = self._bind_outputs(n, rows, binding)
+        prefill = binding is self._prefill_binding
         try:
-            self.session.run_with_iobinding(self.binding)
+            (self.model.prefill_session if prefill else self.session).run_with_iobinding(binding)
         except Exception as e:  # noqa: BLE001 -- onnxruntime raises its own Fail/RuntimeException types
-            raise EngineDirError(f"{self.spec.role}: ONNX Runtime failed running {self.spec.path.name} on {n} tokens "
+            graph = self.spec.prefill_graph.path.name if prefill else self.spec.path.name
+            raise EngineDirError(f"{self.spec.role}: ONNX Runtime failed running {graph} on {n} tokens "
                                  f"at position {pos}: {str(e)[:500]}. The graph does not fit its manifest; "
                                  "re-export the engine directory.") from None
         self.calls += 1
@@ -305,14 +371,16 @@ class OrtModelStep(ModelStep):
         return logits[0]  # [rows, vocab], a view of a reused buffer
 
     def extend(self, token_ids: np.ndarray, pos: int) -> np.ndarray:
+        """The prefill stage: through the prefill graph where the model opened one (OrtModel), else the target's."""
         logits = None
+        binding = self.binding if self._prefill_binding is None else self._prefill_binding
         for start in range(0, len(token_ids), PREFILL_CHUNK):
-            logits = self.forward(token_ids[start:start + PREFILL_CHUNK], pos + start, last_only=True)
+            logits = self._forward(token_ids[start:start + PREFILL_CHUNK], pos + start, None, None, True, binding)
         assert logits is not None, "extend needs at least one token"
         return logits[-1]
 
     # -- buffers --------------------------------------------------------------------
-    def _bind_outputs(self, n: int, rows: int):
+    def _bind_outputs(self, n: int, rows: int, binding: ort.IOBinding):
         """Bind preallocated output buffers for an n-token step with ``rows`` rows of logits (n, or 1 where
         the graph skips the others).
 
@@ -347,7 +415,7 @@ class OrtModelStep(ModelStep):
             names += [*self.spec.kv.new_keys, *self.spec.kv.new_values]
         names += list(self._extra_out)
         for name, value in zip(names, out[3]):
-            self.binding.bind_ortvalue_output(name, value)
+            binding.bind_ortvalue_output(name, value)
         return out[0], out[1], out[2], out[4]
 
     def _allocate(self, n: int, base, rows: int | None = None):

@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "and concatenates the cache every step); bucketed = concat reading whole context buckets, masked, so "
                    "shapes are fixed per bucket (for TensorRT + CUDA graphs); auto (default) = gqa where the "
                    "checkpoint allows")
+    e.add_argument("--no-prefill-graph", action="store_true",
+                   help="an int4 target at accuracy level 4 gets target.prefill.onnx by default: the same graph "
+                   "and weights file at fp32 compute (~100 KB), which the runtime prefills prompts through on CPUs "
+                   "where that is faster (`--prefill-graph` of generate/bench/serve); this flag leaves it out")
     e.add_argument("--batch", action="store_true",
                    help="also write target-batch.onnx, the target with one cache slot per sequence, quantized like "
                    "the target and checked against it: `specrt serve --max-batch` decodes several requests in one "
@@ -130,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="idle ONNX Runtime threads sleep instead of busy-waiting between runs")
         g.add_argument("--datastore", type=Path, default=None, metavar="FILE",
                        help="a .npz from scripts/build_datastore.py: the suffix drafter also drafts from it")
+        _prefill_graph_argument(g)
         if name == "generate":
             src = g.add_mutually_exclusive_group(required=True)
             src.add_argument("--prompt", help="prompt text")
@@ -261,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
                    help="onnxruntime (the CPU; default) or tensorrt (the engine's plans, on an NVIDIA GPU)")
     s.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads for the target")
+    _prefill_graph_argument(s)
     s.add_argument("--ray", action="store_true",
                    help="serve through Ray Serve instead (one engine per replica; needs ray[serve]; see docs/serving.md)")
     s.add_argument("--replicas", default="1",
@@ -316,7 +322,7 @@ def _export(args) -> int:
                          quant=args.quant, target_quant=args.target_quant, draft_quant=args.draft_quant,
                          block_size=args.block_size, accuracy_level=args.accuracy_level,
                          draft_accuracy_level=args.draft_accuracy_level, attention=args.attention,
-                         draft_head=args.draft_head, batch=args.batch)
+                         draft_head=args.draft_head, batch=args.batch, prefill_graph=not args.no_prefill_graph)
     for role, diffs in report.max_abs_diff.items():
         shown = ", ".join(f"{k} {v:.1e}" for k, v in diffs.items() if not k.endswith("argmax_equal"))
         same = ", ".join(f"{k.removesuffix('_argmax_equal')} {v:.1%}" for k, v in diffs.items()
@@ -332,11 +338,19 @@ def _export(args) -> int:
     return 0
 
 
+def _prefill_graph_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prefill-graph", choices=("auto", "on", "off"), default="auto",
+                        help="run prompts' prefill through the target's prefill graph (int4 engines: the same weights "
+                        "at fp32 compute, faster on long prompts on CPUs without VNNI); auto (default) decides by "
+                        "the CPU, see `specrt info`")
+
+
 def _generate(args) -> int:
     from specrt.runtime import Engine, GenerationError
 
     engine = Engine.load(args.engine, backend=args.backend, threads=args.threads, draft_threads=args.draft_threads,
-                         spin=not args.no_spin, datastore=args.datastore)
+                         spin=not args.no_spin, datastore=args.datastore,
+                         prefill_graph=args.prefill_graph)
     prompt = (args.prompt_ids if args.prompt_ids is not None else
               engine.chat_prompt([{"role": "user", "content": args.chat}]) if args.chat is not None else args.prompt)
     drafter = request.from_arguments(args).get("drafter") or engine.default_drafter
@@ -400,7 +414,8 @@ def _bench(args) -> int:
     elif args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
     engine = Engine.load(args.engine, backend=args.backend, threads=args.threads, draft_threads=args.draft_threads,
-                         spin=not args.no_spin, datastore=args.datastore)
+                         spin=not args.no_spin, datastore=args.datastore,
+                         prefill_graph=args.prefill_graph)
     prompts = json.loads(args.prompts.read_text()) if args.prompts else DEFAULT_PROMPTS
     if engine.manifest.chat_template is None:
         prompts = [p for p in prompts if "chat" not in p]
@@ -445,7 +460,7 @@ def _bench_spec(args, engine) -> int:
     engines = [(engine, peers.engine_label(engine))]
     for path in args.also_engine:
         other = Engine.load(path, backend=args.backend, threads=args.threads, draft_threads=args.draft_threads,
-                            spin=not args.no_spin)
+                            spin=not args.no_spin, prefill_graph=args.prefill_graph)
         label = peers.engine_label(other)
         engines.append((other, label if label not in {lb for _, lb in engines} else f"{label} {path.name}"))
     if len(args.engine_drafters) > len(engines):
@@ -501,7 +516,7 @@ def _bench_peers(args, engine, prompts) -> int:
     labels = {label}
     for path in args.also_engine:
         other = Engine.load(path, backend=args.backend, threads=args.threads, draft_threads=args.draft_threads,
-                            spin=not args.no_spin)
+                            spin=not args.no_spin, prefill_graph=args.prefill_graph)
         other_label = peers.engine_label(other)
         if other_label in labels:  # e.g. two fp32 exports with different graphs: tell them apart
             other_label = f"{other_label} {path.name}"
@@ -552,6 +567,13 @@ def _info(args) -> int:
                                    else ", rows NOT invariant" if inv["min_rows"] is None else "")
         print(f"        attention {raw['kv_cache'].get('attention', 'concat')}, KV update "
               f"{spec.kv.update}, {quant}{rows}")
+        if spec.prefill_graph is not None:
+            from specrt.runtime.ort_backend import use_prefill_graph
+
+            use, why = use_prefill_graph("auto")
+            print(f"        prefill graph {_printable(spec.prefill_graph.path.name)} (accuracy level "
+                  f"{raw['prefill_graph']['accuracy_level']}): {'used' if use else 'not used'} on this machine by "
+                  f"default, {why} (--prefill-graph on | off)")
     if m.draft is None:
         print("   draft: none (target-only engine: drafts from the context and the target's own predictions, "
               "--drafter ngram | suffix | recycle | ngram+recycle)")
@@ -595,7 +617,8 @@ def _serve(args) -> int:
                               "are the concurrent generations)")
     config = server.Config(str(args.engine), engines=args.engines, max_queue=args.max_queue, api_key=args.api_key,
                            model_name=args.model_name, timeout_s=args.timeout, max_body_bytes=args.max_body_bytes,
-                           threads=args.threads, backend=args.backend, max_batch=max_batch)
+                           threads=args.threads, backend=args.backend, max_batch=max_batch,
+                           prefill_graph=args.prefill_graph)
     if args.ray:
         from specrt import ray_serve
 

@@ -80,6 +80,9 @@ def engine_label(engine: Engine) -> str:
         return label
 
     target = bits(engine.manifest.target)
+    if getattr(engine.target_model, "prefill_session", None) is not None:
+        level = engine.manifest.target.raw["prefill_graph"]["accuracy_level"]
+        target += f", prefill acc{level}"
     if engine.manifest.draft is None:
         return f"{target}, no draft"
     draft = bits(engine.manifest.draft)

@@ -15,7 +15,8 @@ from specrt.runtime import Engine
 from specrt.runtime.backend import BACKENDS, Model, ModelStep, open_model
 from specrt.runtime.errors import EngineDirError
 from specrt.runtime.manifest import MANIFEST, load_manifest, sha256_file
-from specrt.runtime.ort_backend import OrtModel, OrtModelStep
+from specrt.runtime.errors import GenerationError
+from specrt.runtime.ort_backend import OrtModel, OrtModelStep, use_prefill_graph
 from specrt.runtime.tensorrt_plan import binding_plan, plan_profiles
 from specrt.runtime.trt_backend import TrtModel, TrtModelStep
 
@@ -147,3 +148,21 @@ def test_tensorrt_rtx_replays_its_own_cuda_graphs_and_keeps_its_runtime_cache(en
     seq = trt10.sequence()
     assert seq.target.graphs is not None
     assert trt10.generate([5, 17, 33], max_new_tokens=10, use_draft=False).token_ids == plain
+
+
+def test_prefill_graph_choice_follows_the_cpu():
+    """auto: the prefill graph (fp32 compute) where it was measured faster -- x86 without VNNI -- and nowhere else."""
+    assert use_prefill_graph("auto", frozenset({"avx2", "fma"}))[0]
+    assert not use_prefill_graph("auto", frozenset({"avx2", "fma", "avx512_vnni"}))[0]
+    assert not use_prefill_graph("auto", frozenset({"avx2", "avx_vnni"}))[0]
+    assert not use_prefill_graph("auto", frozenset({"asimd", "asimddp"}))[0]  # ARM: unmeasured
+    assert use_prefill_graph("on", frozenset())[0] and not use_prefill_graph("off", frozenset({"avx2"}))[0]
+    with pytest.raises(GenerationError, match="prefill_graph must be one of auto, on, off"):
+        use_prefill_graph("yes")
+
+
+def test_prefill_graph_on_needs_one(engines):
+    with pytest.raises(GenerationError, match="has no prefill graph"):
+        Engine.load(engines["close"], prefill_graph="on")
+    with pytest.raises(GenerationError, match="prefill_graph must be one of"):
+        Engine.load(engines["close"], prefill_graph="fast")

@@ -189,6 +189,53 @@ def test_quantized_engine_is_lossless_against_itself(tmp_path, checkpoints):
             assert engine.generate(prompt, max_new_tokens=25, k=k).token_ids == base
 
 
+def test_int4_target_prefills_through_its_prefill_graph(tmp_path, checkpoints):
+    """An int4 target at accuracy level 4 also gets target.prefill.onnx, the same graph and weights file at level 1.
+    Where it is chosen, the prompt's prefill runs through it (the cache holds exactly what that graph computes) and
+    everything else through the target graph; either way speculative output equals target-only output."""
+    import onnx
+    from specrt.runtime import Engine
+    from specrt.runtime.ort_backend import OrtModel, OrtModelStep
+
+    out = tmp_path / "engine"
+    export_pair(checkpoints["target"], checkpoints["close"], out, max_context=48, quant="int4", progress=False)
+    m = load_manifest(out)
+    record = m.target.raw["prefill_graph"]
+    assert m.raw["format_version"] == 4 and "prefill_graph" not in m.draft.raw  # an optional key: no new version
+    assert (record["file"], record["external_data"], record["accuracy_level"]) == \
+        ("target.prefill.onnx", "target.onnx.data", 1)
+    assert set(record["verification"]) == {"prefill", "prefill_argmax_equal", "decode", "decode_argmax_equal"}
+    model = onnx.load(str(out / record["file"]), load_external_data=False)
+    assert {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+            if a.name == "accuracy_level"} == {1}
+    # the graph alone: its weights are read from the target's file, not copied
+    assert m.raw["files"][record["file"]]["bytes"] <= m.raw["files"]["target.onnx"]["bytes"] + 1024
+
+    ids = np.array([5, 17, 33, 8, 9, 40, 2, 11, 30, 31], dtype=np.int64)
+
+    def keys(step) -> np.ndarray:
+        return np.stack([k[:, :, :len(ids)] for k in step.cache.keys])
+
+    by_graph = {}
+    for graph_spec in (m.target, m.target.prefill_graph):
+        step = OrtModelStep(OrtModel(graph_spec, prefill_graph="off"))
+        step.forward(ids, 0)
+        by_graph[graph_spec.path.name] = keys(step)
+    assert not np.array_equal(*by_graph.values())  # int8 and fp32 activations: the test can tell them apart
+    for choice, graph_name in (("on", "target.prefill.onnx"), ("off", "target.onnx")):
+        step = OrtModel(m.target, prefill_graph=choice).new_step(9)
+        step.prefill(ids)
+        np.testing.assert_array_equal(keys(step), by_graph[graph_name])
+        engine = Engine.load(out, prefill_graph=choice)
+        for prompt in ([5, 17, 33], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]):
+            base = engine.generate(prompt, max_new_tokens=20, use_draft=False).token_ids
+            for k in (1, 2, 4):
+                assert engine.generate(prompt, max_new_tokens=20, k=k).token_ids == base, (choice, prompt, k)
+    export_pair(checkpoints["target"], None, out, max_context=48, quant="int4", progress=False, force=True,
+                verify=False, prefill_graph=False)
+    assert "prefill_graph" not in load_manifest(out).target.raw
+
+
 def test_row_invariance_is_measured_on_load(tmp_path, checkpoints, monkeypatch):
     """A quantized target is measured on the loading machine (its kernels may differ from the
     exporter's): padded where only 1-token passes differ, a warning where nothing helps."""

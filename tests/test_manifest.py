@@ -33,6 +33,14 @@ def test_good_manifest_validates(engines):
     (lambda d: d.update(format_version=1), "update 'in-place' needs format version 2"),
     (lambda d: d.update(format_version=3), "logits_from needs format version 4"),
     (lambda d: d["models"]["target"]["kv_cache"].update(logits_from="past_length"), "logits_from names another"),
+    (lambda d: d["models"]["draft"].update(prefill_graph={"file": "draft.onnx", "accuracy_level": 1}),
+     "draft/prefill_graph belongs to an in-place target graph"),
+    (lambda d: d["models"]["target"].update(prefill_graph={"file": "nope.onnx", "accuracy_level": 1}),
+     "prefill_graph/file 'nope.onnx' is not listed"),
+    (lambda d: d["models"]["target"].update(prefill_graph={"file": "target.onnx", "accuracy_level": 1}),
+     "must be a graph of its own"),
+    (lambda d: d["models"]["target"].update(prefill_graph={"file": "draft.onnx", "accuracy_level": 7}),
+     "prefill_graph/accuracy_level"),
 ])
 def test_corrupt_manifests_are_rejected(engine_copy, mutate, match):
     edit(engine_copy, mutate)
@@ -63,6 +71,21 @@ def test_swapped_model_file_is_caught_by_names(engines, engine_copy):
     edit(engine_copy, lambda d: d["files"]["target.onnx"].update(sha256=sha256_file(f), bytes=f.stat().st_size))
     with pytest.raises(EngineDirError, match="target.onnx: tensor names do not match|ONNX Runtime cannot open"):
         Engine.load(engine_copy)
+
+
+def test_foreign_prefill_graph_is_caught_by_names(engines, engine_copy):
+    """A prefill graph from another model (valid hashes, listed): its tensor names are checked when it opens."""
+    from specrt.runtime.manifest import sha256_file
+
+    f = engine_copy / "target.prefill.onnx"
+    shutil.copy(engines["random"] / "draft.onnx", f)
+    edit(engine_copy, lambda d: (d["files"].update(
+        {f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}}), d["models"]["target"].update(
+        prefill_graph={"file": f.name, "accuracy_level": 1})))
+    assert load_manifest(engine_copy).target.prefill_graph.path == f
+    with pytest.raises(EngineDirError, match="target.prefill.onnx: tensor names do not match"):
+        Engine.load(engine_copy, prefill_graph="on")
+    Engine.load(engine_copy, prefill_graph="off")  # not opened: the target graph prefills
 
 
 def test_version_1_manifest_means_write_new(engines, tmp_path):
