@@ -256,8 +256,8 @@ def test_padded_one_token_steps_keep_the_cache_right(engines, references, tmp_pa
     assert target.max_context == engine.max_context == 63
     widths = []
     run = target._run
-    target._run = lambda ids, pos, inputs=None, last_only=False: (widths.append(len(ids)),
-                                                                         run(ids, pos, inputs, last_only))[1]
+    target._run = lambda ids, pos, inputs=None, last_only=False, binding=None: (
+        widths.append(len(ids)), run(ids, pos, inputs, last_only, binding))[1]
     for prompt in PROMPTS:
         assert engine.generate(prompt, max_new_tokens=30, use_draft=False).token_ids == references[tuple(prompt)]
         for k in (1, 4):
