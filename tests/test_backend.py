@@ -13,9 +13,8 @@ import pytest
 from fakes import FakeStep
 from specrt.runtime import Engine
 from specrt.runtime.backend import BACKENDS, Model, ModelStep, open_model
-from specrt.runtime.errors import EngineDirError
+from specrt.runtime.errors import EngineDirError, GenerationError
 from specrt.runtime.manifest import MANIFEST, load_manifest, sha256_file
-from specrt.runtime.errors import GenerationError
 from specrt.runtime.ort_backend import OrtModel, OrtModelStep, use_prefill_graph
 from specrt.runtime.tensorrt_plan import binding_plan, plan_profiles
 from specrt.runtime.trt_backend import TrtModel, TrtModelStep
