@@ -568,12 +568,12 @@ def _info(args) -> int:
         print(f"        attention {raw['kv_cache'].get('attention', 'concat')}, KV update "
               f"{spec.kv.update}, {quant}{rows}")
         if spec.prefill_graph is not None:
-            from specrt.runtime.ort_backend import use_prefill_graph
+            from specrt.runtime.ort_backend import PREFILL_GRAPH_MIN_ROWS, use_prefill_graph
 
             use, why = use_prefill_graph("auto")
             print(f"        prefill graph {_printable(spec.prefill_graph.path.name)} (accuracy level "
-                  f"{raw['prefill_graph']['accuracy_level']}): {'used' if use else 'not used'} on this machine by "
-                  f"default, {why} (--prefill-graph on | off)")
+                  f"{raw['prefill_graph']['accuracy_level']}) for prefill chunks of {PREFILL_GRAPH_MIN_ROWS}+ tokens: ONNX Runtime "
+                  f"{'uses' if use else 'does not use'} it on this machine by default, {why} (--prefill-graph on | off)")
     if m.draft is None:
         print("   draft: none (target-only engine: drafts from the context and the target's own predictions, "
               "--drafter ngram | suffix | recycle | ngram+recycle)")
