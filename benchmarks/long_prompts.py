@@ -82,6 +82,27 @@ def specrt_rows(path: Path, contexts, repeats: int, prefill_graph: str = "auto")
     return out
 
 
+def alternating_ttft(path: Path, contexts, repeats: int) -> dict[str, dict[int, float]]:
+    """Time to first token with the prefill graph on and off, the two engines taking turns on each prompt (machine
+    drift hits both alike): {choice: {tokens: median seconds}}."""
+    from specrt.runtime import Engine
+
+    engines = {choice: Engine.load(path, prefill_graph=choice, check_invariance=False) for choice in ("on", "off")}
+    out: dict[str, dict[int, float]] = {choice: {} for choice in engines}
+    for n in contexts:
+        times: dict[str, list[float]] = {choice: [] for choice in engines}
+        for i in range(repeats + 1):  # the first round warms up
+            ids = prompt_of(engines["on"], n, i)
+            for choice, engine in engines.items():
+                t0 = time.perf_counter()
+                engine.generate(ids, max_new_tokens=1, use_draft=False, reuse_prefix=False)
+                if i:
+                    times[choice].append(time.perf_counter() - t0)
+        for choice in engines:
+            out[choice][n] = statistics.median(times[choice])
+    return out
+
+
 def profile(path: Path, context: int) -> dict:
     """ms per operator type: a prefill chunk at ``context``, and a pass of each row count at ``context``."""
     from specrt.runtime import ort_backend
@@ -153,12 +174,23 @@ def main() -> int:
     ap.add_argument("--prefill-graphs", default="auto",
                     help="for engines with a prefill graph: the --prefill-graph choices to measure, one row each "
                     "(e.g. on,off; default auto); the profile is of the target graph")
+    ap.add_argument("--alternate-prefill-graph", type=Path, default=None, metavar="ENGINE",
+                    help="only this: time to first token of an engine with a prefill graph, on and off, the two "
+                    "taking turns on each prompt (--contexts, --repeats)")
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None, help="a PNG: time to first token and 5-row pass cost by context")
     a = ap.parse_args()
     from specrt.runtime import Engine
 
     contexts = [int(c) for c in a.contexts.split(",")]
+    if a.alternate_prefill_graph:
+        ttft = alternating_ttft(a.alternate_prefill_graph, contexts, a.repeats)
+        print("| prompt tokens | " + " | ".join(map(str, contexts)) + " |\n|---|" + "---:|" * len(contexts))
+        for choice, row in ttft.items():
+            print(f"| prefill graph {choice} (ms) | " + " | ".join(f"{row[n] * 1e3:,.0f}" for n in contexts) + " |")
+        if a.json_out:
+            a.json_out.write_text(json.dumps(ttft, indent=1))
+        return 0
     results = {}
     from specrt.runtime.manifest import load_manifest
 
