@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from specrt.runtime.manifest import ModelSpec
-from specrt.runtime.ort_backend import OrtModelStep
+from specrt.runtime.ort_backend import OrtModel, OrtModelStep
 
 
 def first_choice_agreement(logits: np.ndarray, ref: np.ndarray) -> float:
@@ -45,8 +45,9 @@ def compare_prefill_graph(spec: ModelSpec, token_ids: list[int], decode: int = 8
     n = len(ids) - decode
     if n < 1:
         raise ValueError(f"compare_prefill_graph needs more than {decode} tokens, got {len(ids)}")
-    ref, fast = OrtModelStep(spec), OrtModelStep(spec.prefill_graph)
-    after_fast = OrtModelStep(spec, cache=fast.cache)  # the target graph, decoding over the prefill graph's cache
+    target = OrtModel(spec, prefill_graph="off")  # one session of the target graph, for both caches
+    ref, fast = OrtModelStep(target), OrtModelStep(spec.prefill_graph)
+    after_fast = OrtModelStep(target, cache=fast.cache)  # the target graph, decoding over the prefill graph's cache
     a, b = ref.forward(ids[:n], 0).copy(), fast.forward(ids[:n], 0).copy()
     diffs = {"prefill": float(np.abs(a - b).max()), "prefill_argmax_equal": first_choice_agreement(a, b)}
     a = np.concatenate([ref.forward(ids[i:i + 1], i).copy() for i in range(n, len(ids))])
