@@ -376,13 +376,19 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init-from", type=Path, default=None, metavar="HEAD_DIR",
                     help="start a new run from an exported head (e.g. engines/demo/head): its weights and its draft "
-                    "vocabulary (--draft-vocab is ignored); ignored when OUT holds a checkpoint")
+                    "vocabulary (--draft-vocab is ignored unless --new-vocab); ignored when OUT holds a checkpoint")
+    ap.add_argument("--new-vocab", action="store_true",
+                    help="with --init-from: this data's --draft-vocab most frequent tokens instead of the head's "
+                    "vocabulary (a head trained on other data covers this data's tokens less); rows of tokens in "
+                    "both carry over, the others start from the verifier's LM head")
     ap.add_argument("--export", type=Path, default=None, help="write the trained head here and stop")
     ap.add_argument("--checkpoint", choices=("best", "last"), default="best",
                     help="what --export writes: the checkpoint with the best held-out tokens per pass, replayed as a "
                     "live k = 4 chain (default; "
                     "the last one when no evaluation has run) or the last one")
     args = ap.parse_args()
+    if args.new_vocab and not args.init_from:
+        ap.error("--new-vocab rebuilds the vocabulary of an --init-from head; a run from scratch always builds one")
 
     import torch
     from specrt.export.feature_head import (
@@ -429,7 +435,7 @@ def main() -> int:
     vocab_path = args.out / DRAFT_VOCAB
     if vocab_path.is_file():
         draft_vocab = np.array(json.loads(vocab_path.read_text()), dtype=np.int64)
-    elif args.init_from:  # the head's own vocabulary: every output row it learned carries over
+    elif args.init_from and not args.new_vocab:  # the head's own vocabulary: every output row it learned carries over
         draft_vocab = np.array(json.loads((args.init_from / DRAFT_VOCAB).read_text()), dtype=np.int64)
         vocab_path.write_text(json.dumps(draft_vocab.tolist()))
     else:
