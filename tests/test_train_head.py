@@ -1,4 +1,4 @@
-"""``scripts/train_head.py``: what a training batch weighs."""
+"""``scripts/train_head.py``: what a training batch weighs, and how a head starts from another."""
 from __future__ import annotations
 
 import sys
@@ -89,3 +89,39 @@ def test_miss_weight_scales_the_chains_that_start_after_a_wrong_first_draft():
     m = torch.tensor([1.0, 1, 3, 1, 1, 3])
     assert abs(heavy[0] - float((ce * m).sum() / m.sum())) < 1e-6
     assert abs(plain[0] - float(ce.mean())) < 1e-6
+
+
+def test_init_from_head_carries_each_output_row_to_its_token_in_a_new_vocabulary(tmp_path):
+    """``--new-vocab``: rows of tokens both vocabularies hold follow their token; the others keep their start."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    from specrt.export.feature_head import DRAFT_VOCAB, HEAD_WEIGHTS, HeadConfig, make_head, trainable_state
+
+    cfg = HeadConfig(hidden_size=16, feature_layers=[0, 1, 2], num_heads=2, num_kv_heads=1, head_dim=8,
+                     intermediate_size=32, draft_vocab_size=4, target_vocab_size=32, rms_norm_eps=1e-5,
+                     rope_theta=1e4)
+    embed = torch.randn(32, 16)
+    torch.manual_seed(0)
+    old = make_head(cfg, embed)
+    old_vocab = [3, 5, 7, 9]
+    save_file({k: v.to(torch.float16).contiguous() for k, v in trainable_state(old).items()},
+              str(tmp_path / HEAD_WEIGHTS))
+    (tmp_path / DRAFT_VOCAB).write_text(json.dumps(old_vocab))
+    saved = {k: v.float() for k, v in trainable_state(old).items()}
+
+    new_vocab = np.array([1, 5, 9, 11, 12], np.int64)  # shares 5 and 9, in other rows
+    new = make_head(HeadConfig(**{**cfg.__dict__, "draft_vocab_size": len(new_vocab)}), embed)
+    with torch.no_grad():
+        new.lm_head.weight.fill_(0.5)
+    train_head.init_from_head(new, tmp_path, new_vocab)
+
+    rows = new.lm_head.weight.detach()
+    old_rows = saved["lm_head.weight"].to(torch.float16).float()
+    torch.testing.assert_close(rows[1], old_rows[1])  # token 5
+    torch.testing.assert_close(rows[2], old_rows[3])  # token 9
+    for j in (0, 3, 4):  # tokens 1, 11, 12: not in the old vocabulary
+        assert torch.all(rows[j] == 0.5)
+    name = next(k for k in saved if k != "lm_head.weight")
+    torch.testing.assert_close(dict(new.named_parameters())[name].detach(), saved[name].to(torch.float16).float())
