@@ -13,8 +13,8 @@ log-probabilities recorded while it writes them.  Resumable stages, each with a 
                 next-token log-probs (the soft targets), for the prompt's last 256 tokens and everything
                 after, written as memory-mappable shards; a source past 10% of the answer tokens waits
                 until it is under again; an answer stuck in a loop ends after 32 repeating tokens -> shard_*/
-                With ``--keep DIR``, each shard's answers also go to DIR as token ids (and the seeds too):
-                git-sized, and a later run on a machine without the shards rebuilds them from there by
+                With ``--keep DIR``, each shard's answers also go to DIR as token ids with their prompts (and the
+                seeds too): git-sized, and a later run on a machine without the shards rebuilds them from there by
                 teacher-forced passes (the same data, sampled answers included, whatever the machine's
                 rounding; not faster: on 2 cores a conversation's tokens cost about the same either way).
 4. ``card``     the data card: sources, kinds, prompt and answer tokens, shares          -> card.json
@@ -25,8 +25,9 @@ log-probabilities recorded while it writes them.  Resumable stages, each with a 
 Rerun the same command to resume (Ctrl-C or SIGTERM keeps every finished conversation; only those being
 written are answered again).  Hours of CPU in all (measured on 2 cores: ~200 answer tokens/s, ~45 on a machine
 half as fast); CI never runs it.  Needs the Debian packages named in ``head_prompts.py`` (``make head-data``
-installs them where it can); the prompt list is rebuilt from them and the seeds, so kept answers whose prompt
-text differs (another package version) are skipped and answered again.
+installs them where it can); the prompt list is rebuilt from them, the installed Python packages and the seeds, so
+it comes out otherwise on another machine: kept answers carry their own prompts, and the list's prompts whose text
+was answered (or is a near-duplicate of a kept prompt) are not answered again.  ``--no-rebuild`` only adds answers.
 Spec-Bench's questions are never read.
 """
 from __future__ import annotations
@@ -218,6 +219,9 @@ class ShardWriter:
         self.items, self.tokens = [], 0
 
 
+PROMPT_FIELDS = ("source", "family", "kind", "turns")
+
+
 def prompt_sha(p: dict) -> str:
     """Which prompt an answer answers: its turns' text (a prompt list rebuilt elsewhere may number them otherwise)."""
     return hashlib.sha256(json.dumps(p["turns"]).encode()).hexdigest()[:16]
@@ -225,17 +229,33 @@ def prompt_sha(p: dict) -> str:
 
 def keep_answers(keep: Path, prompts_by_id: dict[str, dict], convs: list[dict]) -> None:
     """The answers' token ids (``convs``: a shard's ``convs.json``), gzipped JSON lines, one file per shard named
-    by its content: small enough for git (~0.2 KB per conversation), and all that a machine without the shards
-    needs to rebuild them (``batch_gen.replay``)."""
-    lines = "".join(json.dumps({"id": c["id"], "prompt_sha": prompt_sha(prompts_by_id[c["id"]]),
-                                "sampled": bool(c.get("sampled")), "answers": c["answers"]}
-                               | ({"looped": True} if c.get("looped") else {}),
-                               separators=(",", ":")) + "\n" for c in convs)
-    name = hashlib.sha256(lines.encode()).hexdigest()[:12]
+    by its content: small enough for git (~0.5 KB per conversation), and all that a machine without the shards
+    needs to rebuild them (``batch_gen.replay``).  Each line carries its prompt (source, family, kind, turns):
+    the prompt list is rebuilt from what a machine has installed and comes out otherwise elsewhere, so a kept
+    answer must not depend on finding its prompt there.  ``prompts_by_id`` serves convs that lack the turns
+    (shards written before they were recorded)."""
+    lines = []
+    for c in convs:
+        p = c if "turns" in c else prompts_by_id[c["id"]]
+        lines.append(json.dumps({"id": c["id"], "prompt_sha": prompt_sha(p)}
+                                | {k: p[k] for k in PROMPT_FIELDS}
+                                | {"sampled": bool(c.get("sampled")), "answers": c["answers"]}
+                                | ({"looped": True} if c.get("looped") else {}),
+                                separators=(",", ":")) + "\n")
+    data = "".join(lines)
+    name = hashlib.sha256(data.encode()).hexdigest()[:12]
     keep.mkdir(parents=True, exist_ok=True)
     tmp = keep / f"answers_{name}.partial"
-    tmp.write_bytes(gzip.compress(lines.encode(), mtime=0))
+    tmp.write_bytes(gzip.compress(data.encode(), mtime=0))
     tmp.replace(keep / f"answers_{name}.jsonl.gz")
+
+
+def kept_prompt(k: dict, prompts_by_sha: dict[str, dict]) -> dict | None:
+    """The prompt a kept answer answers: its own record (every line written since prompts were kept with their
+    answers), else the prompt list's prompt of the same text; None when neither holds it."""
+    if "turns" in k:
+        return {"id": k["id"]} | {f: k[f] for f in PROMPT_FIELDS}
+    return prompts_by_sha.get(k["prompt_sha"])
 
 
 def kept_answers(keep: Path | None) -> list[dict]:
@@ -253,7 +273,8 @@ def job_for(p: dict, tok: Tokens, args, sampled: bool) -> batch_gen.Job | None:
     ids = tok.chat(p["turns"][0])
     if len(ids) + args.max_new_tokens * len(p["turns"]) + 64 >= args.max_context:
         return None
-    meta = {k: p[k] for k in ("source", "family", "kind")} | {"sampled": bool(sampled)}
+    meta = {k: p[k] for k in ("source", "family", "kind", "turns")} | {"sampled": bool(sampled),
+                                                                        "prompt_sha": prompt_sha(p)}
     return batch_gen.Job(p["id"], ids, [tok.follow_up(t) for t in p["turns"][1:]],
                          temperature=0.7 if sampled else 0.0, keep_from=max(0, len(ids) - PROMPT_TAIL), meta=meta)
 
@@ -285,26 +306,44 @@ def balanced(jobs: Iterable[batch_gen.Job], answered: collections.Counter, cap: 
 
 
 def stage_answers(args, tok: Tokens, prompts: list[dict], generate: bool = True) -> None:
+    """Rebuild the shards of the kept answers (``--keep``), then answer the prompts not answered yet.  Prompts are
+    matched by their text's sha (``prompt_sha``), never by list position: ids number this machine's list."""
     shards = finished_shards(args.out)
-    done = {c["id"] for s in shards for c in json.loads((s / "convs.json").read_text())}
-    rng = np.random.default_rng(args.seed)
     by_id = {p["id"]: p for p in prompts}
+    by_sha = {prompt_sha(p): p for p in prompts}
+
+    def conv_sha(c: dict) -> str | None:  # shards written before convs recorded their prompt's sha: by id
+        return c.get("prompt_sha") or (prompt_sha(by_id[c["id"]]) if c["id"] in by_id else None)
+
+    shard_convs = [c for s in shards for c in json.loads((s / "convs.json").read_text())]
+    done = {conv_sha(c) for c in shard_convs} - {None}
+    rng = np.random.default_rng(args.seed)
     # one draw per prompt in list order, answered or not: which answers are sampled never depends on what is done
     sampled = {p["id"]: rng.random() < args.sampled for p in prompts}
     kept = kept_answers(args.keep)
     if args.keep:  # shards answered without --keep: their answers too
-        kept_ids = {k["id"] for k in kept}
-        for s in shards:
-            convs = [c for c in json.loads((s / "convs.json").read_text()) if c["id"] not in kept_ids and c["id"] in by_id]
-            if convs:
-                keep_answers(args.keep, by_id, convs)
-    kept = [k for k in kept if k["id"] not in done]
-    replayable = [k for k in kept if k["id"] in by_id and k["prompt_sha"] == prompt_sha(by_id[k["id"]])]
+        kept_shas = {k["prompt_sha"] for k in kept}
+        convs = [c for c in shard_convs if conv_sha(c) not in kept_shas and ("turns" in c or c["id"] in by_id)]
+        if convs:
+            keep_answers(args.keep, by_id, convs)
+    kept = [k for k in kept if k["prompt_sha"] not in done]
+    replayable = [(k, p) for k in kept if (p := kept_prompt(k, by_sha)) is not None]
     if len(replayable) < len(kept):
-        print(f"{len(kept) - len(replayable)} kept answers answer prompts this prompt list does not hold (another "
-              "Debian package version?): skipped", file=sys.stderr)
-    replay_ids = {k["id"] for k in replayable}
-    todo = [p for p in prompts if p["id"] not in done and p["id"] not in replay_ids]
+        print(f"{len(kept) - len(replayable)} kept answers lack their prompt's text, and this prompt list does not "
+              "hold it (another Debian package version?): skipped", file=sys.stderr)
+    answered_shas = done | {k["prompt_sha"] for k, _ in replayable}
+    todo = [p for p in prompts if prompt_sha(p) not in answered_shas]
+    if replayable and todo:  # a list built elsewhere also holds near-duplicates of kept prompts: not again
+        kept_texts = [p for _, p in replayable]
+        fresh = {id(p) for p in head_prompts.dedup(kept_texts + todo)}
+        dropped = sum(id(p) not in fresh for p in todo)
+        todo = [p for p in todo if id(p) in fresh]
+        if dropped:
+            print(f"{dropped} prompts are near-duplicates of kept ones: not answered", file=sys.stderr)
+    unbuilt = replayable if args.no_rebuild else []  # kept, not rebuilt here: still counted as answered
+    if args.no_rebuild:
+        print(f"--no-rebuild: {len(replayable)} kept conversations are not rebuilt into shards here", file=sys.stderr)
+        replayable = []
     if not replayable and (not todo or not generate):
         return
     target = load_target(args)
@@ -312,8 +351,8 @@ def stage_answers(args, tok: Tokens, prompts: list[dict], generate: bool = True)
     if replayable:  # the answers are in git: rebuild their shards by teacher-forced passes, no generation
         writer = ShardWriter(args.out, next_index)
         bar = Progress(len(replayable), "rebuild from kept answers")
-        for k in replayable:
-            job = job_for(by_id[k["id"]], tok, args, k["sampled"])
+        for k, p in replayable:
+            job = job_for(p, tok, args, k["sampled"])
             d = batch_gen.replay(target, job, k["answers"], TOP_K, looped=bool(k.get("looped"))) if job else None
             if d is not None:
                 writer.add(d)
@@ -327,10 +366,12 @@ def stage_answers(args, tok: Tokens, prompts: list[dict], generate: bool = True)
     for s in finished_shards(args.out):
         for c in json.loads((s / "convs.json").read_text()):
             answered[c["source"]] += sum(len(a) for a in c["answers"])
+    for k, p in unbuilt:
+        answered[p["source"]] += sum(len(a) for a in k["answers"])
     keep = (lambda items: keep_answers(args.keep, by_id, [{"id": d.job.key, **d.job.meta, "answers": d.answers,
                                                            "looped": d.looped} for d in items])) if args.keep else None
     writer = ShardWriter(args.out, next_index, keep)
-    print(f"{len(done) + len(replayable)} conversations done; {len(jobs)} to go", file=sys.stderr)
+    print(f"{len(done) + len(replayable) + len(unbuilt)} conversations done; {len(jobs)} to go", file=sys.stderr)
     bar = Progress(len(jobs), "verifier answers")
     t0, tokens = time.time(), 0
     # Ctrl-C or a kill (SIGTERM) stops between passes and keeps every finished conversation (a shorter last
@@ -409,7 +450,15 @@ def main() -> int:
                     help="also keep the seeds and every answer as token ids here, gzipped, small enough for git "
                     "(engines/demo/head-data); a run on a machine without the shards rebuilds them from DIR by "
                     "teacher-forced passes instead of generating the answers again")
+    ap.add_argument("--no-rebuild", action="store_true",
+                    help="with --keep: answer only the prompts not kept yet and leave the kept answers' shards "
+                    "unbuilt (a machine that adds data but does not train: rebuilding takes about as long as "
+                    "generating did); the data card, which counts shards, is then not written")
     args = ap.parse_args()
+    if args.no_rebuild and not args.keep:
+        ap.error("--no-rebuild needs --keep DIR: the answers it adds are kept only there")
+    if args.no_rebuild and args.stage == "rebuild":
+        ap.error("--stage rebuild and --no-rebuild ask for opposite things")
     args.out.mkdir(parents=True, exist_ok=True)
     tok = Tokens(args.verifier)
     kept_seeds = args.keep / "seeds.jsonl.gz" if args.keep else None
@@ -429,7 +478,9 @@ def main() -> int:
         else [json.loads(line) for line in (args.out / "prompts.jsonl").read_text().splitlines()]
     if args.stage in ("all", "answers", "rebuild"):
         stage_answers(args, tok, prompts, generate=args.stage != "rebuild")
-    if args.stage in ("all", "rebuild", "card"):
+    if args.no_rebuild and args.stage != "card":
+        print("--no-rebuild: the data card is not written (its shards are not all here)", file=sys.stderr)
+    elif args.stage in ("all", "rebuild", "card"):
         card = stage_card(args, prompts)
         print(json.dumps({k: card[k] for k in ("prompts", "conversations", "answer_tokens")}), file=sys.stderr)
     return 0

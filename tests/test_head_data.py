@@ -1,9 +1,12 @@
 """``scripts/head_data.py``: the order in which prompts are answered keeps every source under its share of the
-answer tokens, and an answer stuck in a loop is ended (``batch_gen.generate(stop_repeats=...)``) and remembered so."""
+answer tokens, an answer stuck in a loop is ended (``batch_gen.generate(stop_repeats=...)``) and remembered so, and
+kept answers rebuild with their own prompts on a machine whose prompt list comes out otherwise."""
 from __future__ import annotations
 
 import collections
+import json
 import sys
+import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -113,7 +116,7 @@ def test_a_kept_answer_remembers_that_it_was_cut_at_a_loop(tmp_path):
     loop = {3: 4, 4: 5, 5: 6, 6: 7, 7: 3}
     job = batch_gen.Job("loop", [1, 2, 3], [[9, 10]])
     cut = _answers(_CyclingTarget(loop), [job], 32, turn_end=8)[0]
-    prompts = {"loop": {"id": "loop", "turns": ["a", "b"]}, "plain": {"id": "plain", "turns": ["c"]}}
+    prompts = {"loop": _prompt("loop", ["a", "b"]), "plain": _prompt("plain", ["c"])}
     head_data.keep_answers(tmp_path, prompts, [{"id": "loop", "answers": cut.answers, "looped": cut.looped},
                                                {"id": "plain", "answers": [[3, 4]], "looped": False}])
     kept = {k["id"]: k for k in head_data.kept_answers(tmp_path)}
@@ -121,3 +124,70 @@ def test_a_kept_answer_remembers_that_it_was_cut_at_a_loop(tmp_path):
     rebuilt = batch_gen.replay(_CyclingTarget(loop), job, kept["loop"]["answers"], top_k=4,
                                looped=bool(kept["loop"].get("looped")))
     assert rebuilt.looped and rebuilt.answers == cut.answers
+
+
+def _prompt(pid: str, turns: list[str], source: str = "s") -> dict:
+    return {"id": pid, "source": source, "family": f"{source}/f", "kind": "chat", "turns": turns}
+
+
+class _FeatureTarget(_CyclingTarget):
+    """Also returns hidden states (3 feature layers of width 2), as the batched graph does."""
+
+    def extend(self, slot, ids, pos, rows_from=None):
+        out = super().extend(slot, ids, pos, rows_from)
+        return out | {"hidden_states": np.zeros((len(out["logits"]), 6), np.float32)}
+
+
+class _Tok:
+    """Chat rendering stand-in: a turn's text becomes one token per character (ids 1..15)."""
+
+    eos, turn_end = {0}, 0
+
+    def chat(self, text):
+        return [1 + ord(c) % 15 for c in text]
+
+    follow_up = chat
+
+
+def _args(tmp_path, **kw):
+    return types.SimpleNamespace(**({"out": tmp_path / "data", "keep": tmp_path / "kept", "seed": 0, "sampled": 0.0,
+                                     "no_rebuild": False, "max_new_tokens": 8, "max_context": 512,
+                                     "stop_loops": 0} | kw))
+
+
+def test_kept_answers_rebuild_with_their_own_prompts_when_the_list_is_renumbered(tmp_path, monkeypatch):
+    """The prompt list is rebuilt from what a machine has installed, so elsewhere it numbers (and holds) other
+    prompts: a kept answer is rebuilt with the prompt kept beside it, and only prompts whose text was never
+    answered are answered again, whatever their ids."""
+    hello, bye = "hello there, how are you today", "goodbye, and thanks for all the fish"
+    head_data.keep_answers(tmp_path / "kept", {}, [_prompt("s-0", [hello]) | {"answers": [[3, 4, 5]]}])
+    # elsewhere: "s-0" is now another prompt, the answered one is "s-1", and a third comes only from this machine
+    other = "a question about something else entirely, unrelated to the others"
+    prompts = [_prompt("s-0", [bye]), _prompt("s-1", [hello]), _prompt("s-2", [other])]
+    target = _FeatureTarget({t: (t % 15) + 1 for t in range(16)})
+    monkeypatch.setattr(head_data, "load_target", lambda args: target)
+    asked = []
+
+    def generate(target, jobs, *a, **kw):
+        asked.extend(j.meta["turns"][0] for j in jobs)
+        return iter(())
+
+    monkeypatch.setattr(batch_gen, "generate", generate)
+    head_data.stage_answers(_args(tmp_path), _Tok(), prompts)
+    assert sorted(asked) == sorted([bye, other])
+    (shard,) = head_data.finished_shards(tmp_path / "data")
+    (conv,) = json.loads((shard / "convs.json").read_text())
+    assert conv["turns"] == [hello] and conv["answers"] == [[3, 4, 5]]
+    # and a list that does not hold the kept prompt at all still rebuilds it, once
+    asked.clear()
+    head_data.stage_answers(_args(tmp_path, out=tmp_path / "data2"), _Tok(), [_prompt("s-0", [bye])])
+    assert asked == [bye] and len(head_data.finished_shards(tmp_path / "data2")) == 1
+
+
+def test_a_kept_answer_without_its_prompt_text_is_matched_by_the_text_not_the_id(tmp_path):
+    """Lines kept before prompts were kept with them: the list's prompt of the same text, never the same id."""
+    hello = _prompt("s-0", ["hello"])
+    legacy = {"id": "s-0", "prompt_sha": head_data.prompt_sha(hello), "sampled": False, "answers": [[1]]}
+    renumbered = {head_data.prompt_sha(p): p for p in (_prompt("s-0", ["bye"]), _prompt("s-7", ["hello"]))}
+    assert head_data.kept_prompt(legacy, renumbered)["id"] == "s-7"
+    assert head_data.kept_prompt(legacy, {}) is None
