@@ -24,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -59,10 +60,10 @@ def median_time(fn, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def specrt_rows(path: Path, contexts, repeats: int, prefill_graph: str = "auto") -> dict:
+def specrt_rows(path: Path, contexts, repeats: int, prefill_graph: str = "auto", kernel: str = "auto") -> dict:
     from specrt.runtime import Engine
 
-    engine = Engine.load(path, prefill_graph=prefill_graph)
+    engine = Engine.load(path, prefill_graph=prefill_graph, attention_kernel=kernel)
     out = {"ttft": {}, "pass_ms": {}}
     top = engine.max_context - max(ROWS) - 1
     for n in contexts:
@@ -103,7 +104,62 @@ def alternating_ttft(path: Path, contexts, repeats: int) -> dict[str, dict[int, 
     return out
 
 
-def profile(path: Path, context: int) -> dict:
+class EngineWorker:
+    """A specrt engine in a process of its own, spoken to as ``specrt.peers.Worker`` speaks to the peers (JSON
+    Lines: ``{"ids", "max_new_tokens"}`` -> ``{"ids", "seconds"}``): several systems can then take turns on each
+    prompt without one process's spinning threads slowing another's passes."""
+
+    def __init__(self, path: Path, kernel: str):
+        import subprocess
+
+        self.proc = subprocess.Popen([sys.executable, __file__, "--engine-worker", str(path), "--attention-kernels",
+                                      kernel], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if json.loads(self.proc.stdout.readline()).get("ready") is not True:  # type: ignore[union-attr]
+            raise RuntimeError(f"the worker for {path} did not start")
+
+    def run(self, ids: list[int], temperature: float, seed: int, max_new_tokens: int):
+        self.proc.stdin.write(json.dumps({"ids": ids, "max_new_tokens": max_new_tokens}) + "\n")  # type: ignore
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+        out = json.loads(self.proc.stdout.readline())  # type: ignore[union-attr]
+        return types.SimpleNamespace(token_ids=out["ids"], seconds=out["seconds"])
+
+    def close(self) -> None:
+        self.proc.stdin.close()  # type: ignore[union-attr]
+        self.proc.wait(timeout=60)
+
+
+def serve_engine(path: Path, kernel: str) -> int:
+    """The worker side of ``EngineWorker``: target-only generation, afresh each time (no prefix reuse)."""
+    from specrt.runtime import Engine
+
+    engine = Engine.load(path, attention_kernel=kernel)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        req = json.loads(line)
+        t0 = time.perf_counter()
+        r = engine.generate(req["ids"], max_new_tokens=req["max_new_tokens"], use_draft=False, reuse_prefix=False)
+        print(json.dumps({"ids": r.token_ids, "seconds": time.perf_counter() - t0}), flush=True)
+    return 0
+
+
+def alternating_systems(systems: dict, engine, contexts, repeats: int) -> dict[str, dict[int, float]]:
+    """Time to first token of each system (a worker: ``EngineWorker`` or a peer's), the systems taking turns on
+    each prompt, another prompt each round (machine drift hits all alike): {system: {tokens: median seconds}}."""
+    out: dict[str, dict[int, float]] = {name: {} for name in systems}
+    for n in contexts:
+        times: dict[str, list[float]] = {name: [] for name in systems}
+        for i in range(repeats + 1):  # the first round warms up
+            ids = prompt_of(engine, n, i)
+            for name, worker in systems.items():
+                seconds = worker.run(ids, 0.0, 0, 1).seconds
+                if i:
+                    times[name].append(seconds)
+        for name in systems:
+            out[name][n] = statistics.median(times[name])
+    return out
+
+
+def profile(path: Path, context: int, kernel: str = "auto") -> dict:
     """ms per operator type: a prefill chunk at ``context``, and a pass of each row count at ``context``."""
     from specrt.runtime import ort_backend
     from specrt.runtime.backend import PREFILL_CHUNK
@@ -122,7 +178,7 @@ def profile(path: Path, context: int) -> dict:
             return so
         ort_backend.session_options = options
         try:
-            step = ort_backend.OrtModelStep(spec, threads=None)
+            step = ort_backend.OrtModelStep(ort_backend.OrtModel(spec, attention_kernel=kernel))
         finally:
             ort_backend.session_options = original
         ids = (np.arange(context + rows) * 7919 % 5000 + 10).astype(np.int64)
@@ -174,15 +230,50 @@ def main() -> int:
     ap.add_argument("--prefill-graphs", default="auto",
                     help="for engines with a prefill graph: the --prefill-graph choices to measure, one row each "
                     "(e.g. on,off; default auto); the profile is of the target graph")
+    ap.add_argument("--attention-kernels", default="auto",
+                    help="the --attention-kernel choices to measure, one row each (e.g. flash,unfused; default auto)")
     ap.add_argument("--alternate-prefill-graph", type=Path, default=None, metavar="ENGINE",
                     help="only this: time to first token of an engine with a prefill graph, on and off, the two "
                     "taking turns on each prompt (--contexts, --repeats)")
+    ap.add_argument("--alternate-attention", type=Path, default=None, metavar="ENGINE",
+                    help="only this: time to first token of this engine with each --attention-kernels choice (e.g. "
+                    "flash,unfused) and of the peers given, each in a process of its own, taking turns on each "
+                    "prompt (--contexts, --repeats)")
+    ap.add_argument("--engine-worker", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None, help="a PNG: time to first token and 5-row pass cost by context")
     a = ap.parse_args()
     from specrt.runtime import Engine
 
+    if a.engine_worker:
+        return serve_engine(a.engine_worker, a.attention_kernels)
     contexts = [int(c) for c in a.contexts.split(",")]
+    if a.alternate_attention:
+        from specrt.peers import Worker
+
+        systems = {f"specrt {a.alternate_attention.name} ({k} attention)": EngineWorker(a.alternate_attention, k)
+                   for k in a.attention_kernels.split(",")}
+        if a.openvino_model:
+            systems[f"OpenVINO GenAI {a.openvino_model.name}"] = Worker(
+                a.openvino_python or sys.executable, "openvino_worker.py",
+                {"model": str(a.openvino_model.resolve()), "mode": "plain", "num_assistant_tokens": 4,
+                 "max_ngram_size": 3, "draft": None}, "OpenVINO GenAI", "check --openvino-python and --openvino-model")
+        if a.genai_model:
+            systems[f"onnxruntime-genai {a.genai_model.name}"] = Worker(
+                a.genai_python or sys.executable, "genai_worker.py", {"model": str(a.genai_model.resolve())},
+                "onnxruntime-genai", "check --genai-python and --genai-model")
+        try:
+            ttft = alternating_systems(systems, Engine.load(a.alternate_attention, check_invariance=False), contexts,
+                                       a.repeats)
+        finally:
+            for worker in systems.values():
+                worker.close()
+        print("| time to first token (s) | " + " | ".join(map(str, contexts)) + " |\n|---|" + "---:|" * len(contexts))
+        for name, row in ttft.items():
+            print(f"| {name} | " + " | ".join(f"{row[n]:.2f}" for n in contexts) + " |")
+        if a.json_out:
+            a.json_out.write_text(json.dumps(ttft, indent=1))
+        return 0
     if a.alternate_prefill_graph:
         ttft = alternating_ttft(a.alternate_prefill_graph, contexts, a.repeats)
         print("| prompt tokens | " + " | ".join(map(str, contexts)) + " |\n|---|" + "---:|" * len(contexts))
@@ -194,14 +285,17 @@ def main() -> int:
     results = {}
     from specrt.runtime.manifest import load_manifest
 
+    kernels = a.attention_kernels.split(",")
     for path in a.engine:
         choices = a.prefill_graphs.split(",") if load_manifest(path, check_hashes=False).target.prefill_graph \
             else ["auto"]
         for choice in choices:
-            name = f"specrt {path.name}" + (f" (prefill graph {choice})" if len(choices) > 1 else "")
-            results[name] = specrt_rows(path, contexts, a.repeats, choice)
-        if not a.no_profile:
-            results[name]["profile_at_2048"] = profile(path, max(contexts))
+            for kernel in kernels:
+                name = f"specrt {path.name}" + (f" (prefill graph {choice})" if len(choices) > 1 else "") + \
+                    (f" ({kernel} attention)" if len(kernels) > 1 else "")
+                results[name] = specrt_rows(path, contexts, a.repeats, choice, kernel)
+                if not a.no_profile:
+                    results[name]["profile_at_2048"] = profile(path, max(contexts), kernel)
     any_engine = Engine.load(a.engine[0], check_invariance=False)
     if a.genai_model:
         results[f"onnxruntime-genai {a.genai_model.name}"] = peer_rows(

@@ -111,15 +111,16 @@ class Model(Protocol):
 
 def open_model(spec: ModelSpec, backend: str = "onnxruntime", *, threads: int | None = None, spin: bool = True,
                k_values: tuple[int, ...] = (), device: int = 0, cuda_graphs: bool = True,
-               prefill_graph: str = "auto") -> Model:
+               prefill_graph: str = "auto", attention_kernel: str | None = None) -> Model:
     """Load ``spec``'s graph with ``backend`` (one of ``BACKENDS``): ONNX Runtime on the CPU (``threads``,
-    ``spin``, ``prefill_graph``: whether a target's prefill graph runs its prefill chunks, auto | on | off), or
+    ``spin``, ``prefill_graph``: whether a target's prefill graph runs its prefill chunks, auto | on | off;
+    ``attention_kernel``: GroupQueryAttention's kernel, auto | flash | unfused, None for ONNX Runtime's own), or
     TensorRT's plan on CUDA ``device`` (``k_values``: the draft lengths it must have profiles for;
     ``cuda_graphs=False`` runs every pass eagerly)."""
     if backend == "onnxruntime":
         from specrt.runtime.ort_backend import OrtModel
 
-        return OrtModel(spec, "cpu", threads, spin, prefill_graph)
+        return OrtModel(spec, "cpu", threads, spin, prefill_graph, attention_kernel)
     if backend == "tensorrt":
         from specrt.runtime.trt_backend import TrtModel
 

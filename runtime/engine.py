@@ -189,7 +189,8 @@ class Engine:
     def load(cls, path: str | Path, backend: str = "onnxruntime", threads: int | None = None,
              draft_threads: int | None = None, spin: bool = True, check_hashes: bool = True,
              check_invariance: bool = True, device: int = 0, cuda_graphs: bool = True,
-             max_batch: int = 1, datastore: str | Path | None = None, prefill_graph: str = "auto") -> Engine:
+             max_batch: int = 1, datastore: str | Path | None = None, prefill_graph: str = "auto",
+             attention_kernel: str = "auto") -> Engine:
         """Validate the manifest (schema + SHA-256 of every file) and open the models.
 
         ``backend``: ``onnxruntime`` (the CPU, always available) or ``tensorrt`` (CUDA ``device``; needs the
@@ -210,6 +211,9 @@ class Engine:
         so on CPUs where that was measured faster (``ort_backend.use_prefill_graph``).  Target-only and
         speculative generation share the prefill, so either choice is lossless; the two choices' outputs may differ
         from each other in the last bits of the prompt's KV cache, as two engines would.
+        ``attention_kernel`` (auto | flash | unfused; ONNX Runtime only): the target's GroupQueryAttention kernel,
+        for every pass; ``auto`` takes the unfused one on CPUs where it was measured faster
+        (``ort_backend.attention_flash``).  Lossless for the same reason.
         """
         if backend not in BACKENDS:
             raise GenerationError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -227,8 +231,9 @@ class Engine:
                 raise GenerationError("batched serving runs on the onnxruntime backend")
             target_spec = target_spec.batch_graph  # every sequence runs in a slot of its buffers
         opts = {"spin": spin, "k_values": manifest.k_values, "device": device, "cuda_graphs": cuda_graphs}
+        opts_ort = {"prefill_graph": prefill_graph, "attention_kernel": attention_kernel}
         target = open_model(target_spec, backend, threads=threads, **opts,
-                            **({"prefill_graph": prefill_graph} if backend == "onnxruntime" else {}))
+                            **(opts_ort if backend == "onnxruntime" else {}))
         draft = None
         if manifest.draft is not None:
             draft = open_model(manifest.draft, backend, threads=draft_threads or 1, **opts)

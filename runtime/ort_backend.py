@@ -20,6 +20,7 @@ Nothing in Python is proportional to the context length in either case.
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import onnxruntime as ort
@@ -84,6 +85,34 @@ def use_prefill_graph(choice: str, flags: frozenset[str] | None = None) -> tuple
     return True, "this CPU has no VNNI (fp32 compute prefills faster)"
 
 
+ATTENTION_KERNELS = ("auto", "flash", "unfused")
+# ONNX Runtime reads this variable when it builds a session's CPU GroupQueryAttention kernels: "1" gives the unfused
+# kernel (QK^T as one GEMM per head, softmax, then V) instead of its tiled flash kernel
+GQA_FLASH_OFF_ENV = "ORT_GQA_DISABLE_FLASH_ATTENTION"
+_ENV_LOCK = threading.Lock()
+
+
+def attention_flash(choice: str, flags: frozenset[str] | None = None) -> tuple[bool | None, str]:
+    """The GroupQueryAttention kernel a target's session is built with -- True flash, False unfused, None ONNX
+    Runtime's own choice (flash, unless the environment sets ``GQA_FLASH_OFF_ENV``) -- and why.  ``auto`` decides by
+    what was measured (``benchmarks/attention_kernel.py``, three sessions side by side, median of 7): on an x86 CPU
+    with AVX-512 (2 cores), the unfused kernel prefilled 1,024 tokens of the demo int8-rows target in 812-854 against
+    1,036 ms and 2,000 tokens in 2.0-2.1 against 2.7 s, while 1-, 5- and 9-row passes at those contexts were within
+    noise of the flash kernel's; fp32 prefill gained less (2,000 tokens: 3.1 against 3.3 s).  On an AVX2 CPU the
+    flash kernel ran one-row attention twice as fast (0.28 against 0.58 ms a layer at 1,024), so ``auto`` leaves
+    the choice to ONNX Runtime there, on other CPUs, and wherever the environment variable is set."""
+    if choice not in ATTENTION_KERNELS:
+        raise GenerationError(f"attention_kernel must be one of {', '.join(ATTENTION_KERNELS)}, got {choice!r}")
+    if choice != "auto":
+        return choice == "flash", f"attention_kernel={choice}"
+    if GQA_FLASH_OFF_ENV in os.environ:
+        return None, f"{GQA_FLASH_OFF_ENV} is set in the environment"
+    flags = cpu_flags() if flags is None else flags
+    if "avx512f" in flags:
+        return False, "this CPU has AVX-512 (the unfused kernel prefilled faster, row passes alike)"
+    return None, "ONNX Runtime's default (the unfused kernel is slower or unmeasured on this CPU)"
+
+
 class OrtModel(Model):
     """One ONNX Runtime session of an exported graph: the weights, loaded once and shared by every sequence
     that runs the model (ONNX Runtime sessions may run from several threads at once; each sequence brings
@@ -93,10 +122,14 @@ class OrtModel(Model):
     (``prefill_graph``: auto | on | off, see ``use_prefill_graph``): every sequence then runs its prompt's prefill
     chunks (``extend``) of ``PREFILL_GRAPH_MIN_ROWS`` tokens or more through it and everything else through the
     target graph, over the one KV cache.  The second
-    session holds its own copy of the weights (measured on the demo int4 target: +67 MB)."""
+    session holds its own copy of the weights (measured on the demo int4 target: +67 MB).
+
+    ``attention_kernel`` (auto | flash | unfused, see ``attention_flash``; None: ONNX Runtime's own choice) builds
+    the graphs' GroupQueryAttention with that kernel, for every pass: target-only and speculative generation share
+    it, so either is lossless; two choices' outputs differ as two engines' would."""
 
     def __init__(self, spec: ModelSpec, provider: str = "cpu", threads: int | None = None, spin: bool = True,
-                 prefill_graph: str = "auto"):
+                 prefill_graph: str = "auto", attention_kernel: str | None = None):
         if provider != "cpu":
             # The cache buffers live in host memory; on CUDA/TensorRT EPs they would have to
             # live on the device (OrtValue on "cuda") and be updated there.  Not built yet.
@@ -107,14 +140,23 @@ class OrtModel(Model):
         if spec.dtype not in _DTYPES:
             raise EngineDirError(f"{spec.role}: dtype {spec.dtype} is not supported by the ONNX Runtime CPU backend")
         self.spec = spec
-        self.session = self._open(spec, provider, threads, spin)
+        flash, self.attention_reason = (None, "ONNX Runtime's default") if attention_kernel is None else \
+            attention_flash(attention_kernel)
+        if not spec.kv.in_place:  # no GroupQueryAttention in the graph: nothing to choose
+            flash, self.attention_reason = None, "no GroupQueryAttention in this graph"
+        if flash is None:  # what ONNX Runtime will build: its default unless the environment says otherwise
+            self.attention = "unfused" if os.environ.get(GQA_FLASH_OFF_ENV, "").strip().lower() in ("1", "true") \
+                else "flash"
+        else:
+            self.attention = "flash" if flash else "unfused"
+        self.session = self._open(spec, provider, threads, spin, flash)
         self._check_names(self.session, spec)
         self.prefill_session: ort.InferenceSession | None = None
         self.prefill_reason = "no prefill graph"
         if spec.prefill_graph is not None:
             use, self.prefill_reason = use_prefill_graph(prefill_graph)
             if use:
-                self.prefill_session = self._open(spec.prefill_graph, provider, threads, spin)
+                self.prefill_session = self._open(spec.prefill_graph, provider, threads, spin, flash)
                 self._check_names(self.prefill_session, spec.prefill_graph)
         elif prefill_graph == "on":
             raise GenerationError(f"{spec.role}: prefill_graph='on' but this engine has no prefill graph; re-export "
@@ -123,10 +165,31 @@ class OrtModel(Model):
             use_prefill_graph(prefill_graph)  # the choice is checked either way
 
     @staticmethod
-    def _open(spec: ModelSpec, provider: str, threads: int | None, spin: bool) -> ort.InferenceSession:
-        try:
+    def _open(spec: ModelSpec, provider: str, threads: int | None, spin: bool,
+              flash: bool | None = None) -> ort.InferenceSession:
+        """``flash``: False builds the graph's GroupQueryAttention kernels unfused, True flash; None leaves it to
+        ONNX Runtime (its default, or the environment's ``GQA_FLASH_OFF_ENV``).  ONNX Runtime takes the choice from
+        the environment while it builds the session, so the variable is set for that time only, under a lock."""
+        def create() -> ort.InferenceSession:
             return ort.InferenceSession(str(spec.path), session_options(threads, spin), providers=[PROVIDERS[provider]])
+
+        try:
+            if flash is None:
+                return create()
+            with _ENV_LOCK:
+                before = os.environ.get(GQA_FLASH_OFF_ENV)
+                os.environ[GQA_FLASH_OFF_ENV] = "0" if flash else "1"
+                try:
+                    return create()
+                finally:
+                    if before is None:
+                        del os.environ[GQA_FLASH_OFF_ENV]
+                    else:
+                        os.environ[GQA_FLASH_OFF_ENV] = before
         except Exception as e:  # noqa: BLE001 -- onnxruntime raises its own Fail/InvalidGraph types
+            if GQA_FLASH_OFF_ENV in str(e):  # the user's environment, not the engine directory
+                raise GenerationError(f"ONNX Runtime cannot parse the environment variable {GQA_FLASH_OFF_ENV}="
+                                      f"{os.environ.get(GQA_FLASH_OFF_ENV)!r}: set it to 0 or 1, or unset it") from None
             raise EngineDirError(f"ONNX Runtime cannot open {spec.path.name}: {e}. Re-export the engine directory "
                                  "with `specrt export ... --force`.") from None
 

@@ -343,6 +343,10 @@ def _prefill_graph_argument(parser: argparse.ArgumentParser) -> None:
                         help="run prompts' prefill through the target's prefill graph (int4 engines: the same weights "
                         "at fp32 compute, faster on long prompts on CPUs without VNNI); auto (default) decides by "
                         "the CPU, see `specrt info`")
+    parser.add_argument("--attention-kernel", choices=("auto", "flash", "unfused"), default="auto",
+                        help="ONNX Runtime's GroupQueryAttention kernel for the target: flash (its default) or "
+                        "unfused (faster prefill of long prompts where measured: x86 with AVX-512); auto (default) "
+                        "decides by the CPU, see `specrt info`")
 
 
 def _generate(args) -> int:
@@ -350,7 +354,8 @@ def _generate(args) -> int:
 
     engine = Engine.load(args.engine, backend=args.backend, threads=args.threads, draft_threads=args.draft_threads,
                          spin=not args.no_spin, datastore=args.datastore,
-                         prefill_graph=args.prefill_graph)
+                         prefill_graph=args.prefill_graph,
+                         attention_kernel=args.attention_kernel)
     prompt = (args.prompt_ids if args.prompt_ids is not None else
               engine.chat_prompt([{"role": "user", "content": args.chat}]) if args.chat is not None else args.prompt)
     drafter = request.from_arguments(args).get("drafter") or engine.default_drafter
@@ -415,7 +420,8 @@ def _bench(args) -> int:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
     engine = Engine.load(args.engine, backend=args.backend, threads=args.threads, draft_threads=args.draft_threads,
                          spin=not args.no_spin, datastore=args.datastore,
-                         prefill_graph=args.prefill_graph)
+                         prefill_graph=args.prefill_graph,
+                         attention_kernel=args.attention_kernel)
     prompts = json.loads(args.prompts.read_text()) if args.prompts else DEFAULT_PROMPTS
     if engine.manifest.chat_template is None:
         prompts = [p for p in prompts if "chat" not in p]
@@ -460,7 +466,8 @@ def _bench_spec(args, engine) -> int:
     engines = [(engine, peers.engine_label(engine))]
     for path in args.also_engine:
         other = Engine.load(path, backend=args.backend, threads=args.threads, draft_threads=args.draft_threads,
-                            spin=not args.no_spin, prefill_graph=args.prefill_graph)
+                            spin=not args.no_spin, prefill_graph=args.prefill_graph,
+                         attention_kernel=args.attention_kernel)
         label = peers.engine_label(other)
         engines.append((other, label if label not in {lb for _, lb in engines} else f"{label} {path.name}"))
     if len(args.engine_drafters) > len(engines):
@@ -516,7 +523,8 @@ def _bench_peers(args, engine, prompts) -> int:
     labels = {label}
     for path in args.also_engine:
         other = Engine.load(path, backend=args.backend, threads=args.threads, draft_threads=args.draft_threads,
-                            spin=not args.no_spin, prefill_graph=args.prefill_graph)
+                            spin=not args.no_spin, prefill_graph=args.prefill_graph,
+                         attention_kernel=args.attention_kernel)
         other_label = peers.engine_label(other)
         if other_label in labels:  # e.g. two fp32 exports with different graphs: tell them apart
             other_label = f"{other_label} {path.name}"
@@ -574,6 +582,13 @@ def _info(args) -> int:
             print(f"        prefill graph {_printable(spec.prefill_graph.path.name)} (accuracy level "
                   f"{raw['prefill_graph']['accuracy_level']}) for prefill chunks of {PREFILL_GRAPH_MIN_ROWS}+ tokens: ONNX Runtime "
                   f"{'uses' if use else 'does not use'} it on this machine by default, {why} (--prefill-graph on | off)")
+        if spec.role == "target" and spec.kv.in_place:
+            from specrt.runtime.ort_backend import attention_flash
+
+            flash, why = attention_flash("auto")
+            kernel = "ONNX Runtime's default" if flash is None else "flash" if flash else "unfused"
+            print(f"        attention kernel on this machine by default: {kernel}, {why} (--attention-kernel flash | "
+                  "unfused)")
     if m.draft is None:
         print("   draft: none (target-only engine: drafts from the context and the target's own predictions, "
               "--drafter ngram | suffix | recycle | ngram+recycle)")
@@ -618,7 +633,8 @@ def _serve(args) -> int:
     config = server.Config(str(args.engine), engines=args.engines, max_queue=args.max_queue, api_key=args.api_key,
                            model_name=args.model_name, timeout_s=args.timeout, max_body_bytes=args.max_body_bytes,
                            threads=args.threads, backend=args.backend, max_batch=max_batch,
-                           prefill_graph=args.prefill_graph)
+                           prefill_graph=args.prefill_graph,
+                         attention_kernel=args.attention_kernel)
     if args.ray:
         from specrt import ray_serve
 

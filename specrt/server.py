@@ -72,6 +72,7 @@ class Config:
     backend: str = "onnxruntime"
     max_batch: int = 1  # > 1: that many sequences share the engine's batched passes (its batch graph)
     prefill_graph: str = "auto"  # an int4 target's prefill graph: auto (by the CPU) | on | off (Engine.load)
+    attention_kernel: str = "auto"  # the target's GroupQueryAttention kernel: auto (by the CPU) | flash | unfused
 
 
 class Metrics:
@@ -233,7 +234,8 @@ class App:
 
         self.config = config
         first = engine or Engine.load(config.engine_dir, backend=config.backend, threads=config.threads,
-                                      max_batch=config.max_batch, prefill_graph=config.prefill_graph)
+                                      max_batch=config.max_batch, prefill_graph=config.prefill_graph,
+                                      attention_kernel=config.attention_kernel)
         self.engine = first
         # concurrent generations: the batching engine's slots, or --engines sequences of their own passes
         concurrent = first.batch.slots if first.batcher is not None else config.engines

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import shutil
 
 import fake_cuda
@@ -15,7 +16,7 @@ from specrt.runtime import Engine
 from specrt.runtime.backend import BACKENDS, Model, ModelStep, open_model
 from specrt.runtime.errors import EngineDirError, GenerationError
 from specrt.runtime.manifest import MANIFEST, load_manifest, sha256_file
-from specrt.runtime.ort_backend import OrtModel, OrtModelStep, use_prefill_graph
+from specrt.runtime.ort_backend import GQA_FLASH_OFF_ENV, OrtModel, OrtModelStep, attention_flash, use_prefill_graph
 from specrt.runtime.tensorrt_plan import binding_plan, plan_profiles
 from specrt.runtime.trt_backend import TrtModel, TrtModelStep
 
@@ -158,6 +159,47 @@ def test_prefill_graph_choice_follows_the_cpu():
     assert use_prefill_graph("on", frozenset())[0] and not use_prefill_graph("off", frozenset({"avx2"}))[0]
     with pytest.raises(GenerationError, match="prefill_graph must be one of auto, on, off"):
         use_prefill_graph("yes")
+
+
+def test_attention_kernel_choice_follows_the_cpu_and_the_environment(monkeypatch):
+    """auto: the unfused kernel where it was measured faster (x86 with AVX-512), ONNX Runtime's own choice elsewhere
+    and wherever the environment already sets it."""
+    monkeypatch.delenv(GQA_FLASH_OFF_ENV, raising=False)
+    assert attention_flash("auto", frozenset({"avx2", "avx512f", "avx512_vnni"}))[0] is False
+    assert attention_flash("auto", frozenset({"avx2", "fma"}))[0] is None
+    assert attention_flash("auto", frozenset({"asimd"}))[0] is None
+    assert attention_flash("flash", frozenset())[0] is True and attention_flash("unfused", frozenset())[0] is False
+    monkeypatch.setenv(GQA_FLASH_OFF_ENV, "0")
+    assert attention_flash("auto", frozenset({"avx512f"}))[0] is None
+    with pytest.raises(GenerationError, match="attention_kernel must be one of auto, flash, unfused"):
+        attention_flash("fast")
+
+
+@pytest.mark.parametrize("kernel, seen", [("flash", "0"), ("unfused", "1"), (None, "1")])
+def test_the_attention_kernel_reaches_onnx_runtime_while_it_builds_the_session(engines, monkeypatch, kernel, seen):
+    """ONNX Runtime reads the kernel from the environment when it builds a session: the variable holds the choice
+    then, and afterwards whatever it held before (here the user's "1"); None leaves the user's value."""
+    import onnxruntime as ort
+
+    built = []
+    real = ort.InferenceSession
+
+    def spy(*args, **kwargs):
+        built.append(os.environ.get(GQA_FLASH_OFF_ENV))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    monkeypatch.setenv(GQA_FLASH_OFF_ENV, "1")
+    model = OrtModel(load_manifest(engines["close"]).target, attention_kernel=kernel)
+    assert built == [seen] and os.environ[GQA_FLASH_OFF_ENV] == "1"
+    assert model.attention == {"flash": "flash", "unfused": "unfused", None: "unfused"}[kernel]
+    monkeypatch.delenv(GQA_FLASH_OFF_ENV)
+    OrtModel(load_manifest(engines["close"]).target, attention_kernel="flash")
+    assert built[-1] == "0" and GQA_FLASH_OFF_ENV not in os.environ
+    # a value ONNX Runtime cannot parse is the environment's fault, said so, not the engine directory's
+    monkeypatch.setenv(GQA_FLASH_OFF_ENV, "yes please")
+    with pytest.raises(GenerationError, match="cannot parse the environment variable"):
+        OrtModel(load_manifest(engines["close"]).target)
 
 
 def test_prefill_graph_on_needs_one(engines):

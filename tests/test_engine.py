@@ -100,6 +100,21 @@ def test_every_drafter_greedy_equals_transformers(loaded, references, engine_nam
     assert proposed > 0, "the drafter never proposed anything: the test would prove nothing"
 
 
+@pytest.mark.parametrize("kernel", ["flash", "unfused"])
+def test_greedy_equals_transformers_with_either_attention_kernel(engines, references, kernel):
+    """GroupQueryAttention's flash and unfused kernels (``attention_kernel``): the prompt, the verification passes
+    and target-only decoding all run the one chosen, so every drafter kind still gives transformers' tokens."""
+    for name in ("close", "random", "self"):
+        engine = Engine.load(engines[name], attention_kernel=kernel)
+        assert engine.target_model.attention == kernel
+        engine.manifest = dataclasses.replace(engine.manifest, eos_token_ids=frozenset())
+        for prompt in PROMPTS:
+            assert engine.generate(prompt, max_new_tokens=30, use_draft=False).token_ids == references[tuple(prompt)]
+            for drafter, k in (("model", 4), ("ngram", 8)):
+                r = engine.generate(prompt, max_new_tokens=30, k=k, drafter=drafter)
+                assert r.token_ids == references[tuple(prompt)], (name, kernel, drafter, prompt)
+
+
 @pytest.mark.product_defaults
 def test_default_drafters_follow_spec_bench(loaded, engines):
     """Shipped defaults: context lookup on a draft-model engine, hybrid on a feature-head engine."""
