@@ -341,7 +341,7 @@ def _export(args) -> int:
 def _prefill_graph_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-graph", choices=("auto", "on", "off"), default="auto",
                         help="run prompts' prefill through the target's prefill graph (int4 engines: the same weights "
-                        "at fp32 compute, faster on long prompts on CPUs without VNNI); auto (default) decides by "
+                        "at fp32 compute, faster on long prompts on CPUs without VNNI or with AMX); auto (default) decides by "
                         "the CPU, see `specrt info`")
     parser.add_argument("--attention-kernel", choices=("auto", "flash", "unfused"), default="auto",
                         help="ONNX Runtime's GroupQueryAttention kernel for the target: flash (its default) or "

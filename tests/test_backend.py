@@ -151,9 +151,11 @@ def test_tensorrt_rtx_replays_its_own_cuda_graphs_and_keeps_its_runtime_cache(en
 
 
 def test_prefill_graph_choice_follows_the_cpu():
-    """auto: the prefill graph (fp32 compute) where it was measured faster -- x86 without VNNI -- and nowhere else."""
+    """auto: the prefill graph (fp32 compute) where it was measured faster -- x86 without VNNI, or with AMX -- and
+    nowhere else."""
     assert use_prefill_graph("auto", frozenset({"avx2", "fma"}))[0]
     assert not use_prefill_graph("auto", frozenset({"avx2", "fma", "avx512_vnni"}))[0]
+    assert use_prefill_graph("auto", frozenset({"avx2", "fma", "avx512_vnni", "amx_int8", "amx_tile"}))[0]
     assert not use_prefill_graph("auto", frozenset({"avx2", "avx_vnni"}))[0]
     assert not use_prefill_graph("auto", frozenset({"asimd", "asimddp"}))[0]  # ARM: unmeasured
     assert use_prefill_graph("on", frozenset())[0] and not use_prefill_graph("off", frozenset({"avx2"}))[0]
