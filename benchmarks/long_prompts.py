@@ -159,6 +159,17 @@ def alternating_systems(systems: dict, engine, contexts, repeats: int) -> dict[s
     return out
 
 
+def report_alternating(ttft: dict[str, dict[int, float]], contexts, header: str, label, cell,
+                       json_out: Path | None) -> int:
+    """Print an alternating run's medians as a table (one row per system, one column per prompt length)."""
+    print(f"| {header} | " + " | ".join(map(str, contexts)) + " |\n|---|" + "---:|" * len(contexts))
+    for name, row in ttft.items():
+        print(f"| {label(name)} | " + " | ".join(cell(row[n]) for n in contexts) + " |")
+    if json_out:
+        json_out.write_text(json.dumps(ttft, indent=1))
+    return 0
+
+
 def profile(path: Path, context: int, kernel: str = "auto") -> dict:
     """ms per operator type: a prefill chunk at ``context``, and a pass of each row count at ``context``."""
     from specrt.runtime import ort_backend
@@ -268,20 +279,12 @@ def main() -> int:
         finally:
             for worker in systems.values():
                 worker.close()
-        print("| time to first token (s) | " + " | ".join(map(str, contexts)) + " |\n|---|" + "---:|" * len(contexts))
-        for name, row in ttft.items():
-            print(f"| {name} | " + " | ".join(f"{row[n]:.2f}" for n in contexts) + " |")
-        if a.json_out:
-            a.json_out.write_text(json.dumps(ttft, indent=1))
-        return 0
+        return report_alternating(ttft, contexts, "time to first token (s)", lambda name: name,
+                                  lambda t: f"{t:.2f}", a.json_out)
     if a.alternate_prefill_graph:
         ttft = alternating_ttft(a.alternate_prefill_graph, contexts, a.repeats)
-        print("| prompt tokens | " + " | ".join(map(str, contexts)) + " |\n|---|" + "---:|" * len(contexts))
-        for choice, row in ttft.items():
-            print(f"| prefill graph {choice} (ms) | " + " | ".join(f"{row[n] * 1e3:,.0f}" for n in contexts) + " |")
-        if a.json_out:
-            a.json_out.write_text(json.dumps(ttft, indent=1))
-        return 0
+        return report_alternating(ttft, contexts, "prompt tokens", lambda choice: f"prefill graph {choice} (ms)",
+                                  lambda t: f"{t * 1e3:,.0f}", a.json_out)
     results = {}
     from specrt.runtime.manifest import load_manifest
 
