@@ -191,3 +191,15 @@ def test_a_kept_answer_without_its_prompt_text_is_matched_by_the_text_not_the_id
     renumbered = {head_data.prompt_sha(p): p for p in (_prompt("s-0", ["bye"]), _prompt("s-7", ["hello"]))}
     assert head_data.kept_prompt(legacy, renumbered)["id"] == "s-7"
     assert head_data.kept_prompt(legacy, {}) is None
+
+
+def test_every_committed_answer_carries_the_prompt_it_answers():
+    """engines/demo/head-data must rebuild on any machine: each kept line holds its prompt, whose text's sha is the
+    one recorded, and answers of token ids in the verifier's vocabulary."""
+    kept = head_data.kept_answers(Path(__file__).resolve().parents[1] / "engines" / "demo" / "head-data")
+    assert len(kept) > 9000
+    for k in kept:
+        assert all(k.get(f) for f in head_data.PROMPT_FIELDS), k.get("id")
+        assert head_data.prompt_sha(k) == k["prompt_sha"], k["id"]
+        assert 1 <= len(k["answers"]) <= len(k["turns"])
+        assert all(0 <= t < 49152 for a in k["answers"] for t in a)
