@@ -114,8 +114,9 @@ class EngineWorker:
 
         self.proc = subprocess.Popen([sys.executable, __file__, "--engine-worker", str(path), "--attention-kernels",
                                       kernel], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        if json.loads(self.proc.stdout.readline()).get("ready") is not True:  # type: ignore[union-attr]
-            raise RuntimeError(f"the worker for {path} did not start")
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        if not line or json.loads(line).get("ready") is not True:
+            raise RuntimeError(f"the worker for {path} ({kernel} attention) did not start: see its message above")
 
     def run(self, ids: list[int], temperature: float, seed: int, max_new_tokens: int):
         self.proc.stdin.write(json.dumps({"ids": ids, "max_new_tokens": max_new_tokens}) + "\n")  # type: ignore
@@ -255,7 +256,11 @@ def main() -> int:
     ap.add_argument("--plot", type=Path, default=None, help="a PNG: time to first token and 5-row pass cost by context")
     a = ap.parse_args()
     from specrt.runtime import Engine
+    from specrt.runtime.ort_backend import ATTENTION_KERNELS
 
+    kernels = a.attention_kernels.split(",")
+    if set(kernels) - set(ATTENTION_KERNELS):
+        ap.error(f"--attention-kernels: choose among {', '.join(ATTENTION_KERNELS)}")
     if a.engine_worker:
         return serve_engine(a.engine_worker, a.attention_kernels)
     contexts = [int(c) for c in a.contexts.split(",")]
@@ -263,7 +268,7 @@ def main() -> int:
         from specrt.peers import Worker
 
         systems = {f"specrt {a.alternate_attention.name} ({k} attention)": EngineWorker(a.alternate_attention, k)
-                   for k in a.attention_kernels.split(",")}
+                   for k in kernels}
         if a.openvino_model:
             systems[f"OpenVINO GenAI {a.openvino_model.name}"] = Worker(
                 a.openvino_python or sys.executable, "openvino_worker.py",
@@ -288,7 +293,6 @@ def main() -> int:
     results = {}
     from specrt.runtime.manifest import load_manifest
 
-    kernels = a.attention_kernels.split(",")
     for path in a.engine:
         choices = a.prefill_graphs.split(",") if load_manifest(path, check_hashes=False).target.prefill_graph \
             else ["auto"]
@@ -297,7 +301,7 @@ def main() -> int:
                 name = f"specrt {path.name}" + (f" (prefill graph {choice})" if len(choices) > 1 else "") + \
                     (f" ({kernel} attention)" if len(kernels) > 1 else "")
                 results[name] = specrt_rows(path, contexts, a.repeats, choice, kernel)
-                if not a.no_profile:
+                if not a.no_profile and choice == choices[-1]:  # the profile is of the target graph: once a kernel
                     results[name]["profile_at_2048"] = profile(path, max(contexts), kernel)
     any_engine = Engine.load(a.engine[0], check_invariance=False)
     if a.genai_model:

@@ -97,12 +97,12 @@ _ENV_LOCK = threading.Lock()
 
 def attention_flash(choice: str, flags: frozenset[str] | None = None) -> tuple[bool | None, str]:
     """The GroupQueryAttention kernel a target's session is built with -- True flash, False unfused, None ONNX
-    Runtime's own choice (flash, unless the environment sets ``GQA_FLASH_OFF_ENV``) -- and why.  ``auto`` decides by
-    what was measured (``benchmarks/attention_kernel.py``, three sessions side by side, median of 7): on an x86 CPU
-    with AVX-512 (2 cores), the unfused kernel prefilled 1,024 tokens of the demo int8-rows target in 812-854 against
-    1,036 ms and 2,000 tokens in 2.0-2.1 against 2.7 s, while 1-, 5- and 9-row passes at those contexts were within
-    noise of the flash kernel's; fp32 prefill gained less (2,000 tokens: 3.1 against 3.3 s).  On an AVX2 CPU the
-    flash kernel ran one-row attention twice as fast (0.28 against 0.58 ms a layer at 1,024), so ``auto`` leaves
+    Runtime's own choice (``built_kernel``) -- and why.  ``auto`` decides by what was measured
+    (``benchmarks/attention_kernel.py``: two sessions of one graph side by side, median of 7; docs/benchmarks.md,
+    long prompts): on an Intel Xeon with AVX-512 and AMX (2 cores) the unfused kernel prefilled 1,024 tokens of the
+    demo int8-rows target in 603 against 729 ms (fp32: 1,635 against 1,897 ms) with 1- to 9-row passes alike, and
+    gave the first token of a 1,024-token prompt in 0.91 against 1.13 s (processes taking turns).  On an AVX2 CPU
+    the flash kernel ran one-row attention twice as fast (0.28 against 0.58 ms a layer at 1,024), so ``auto`` leaves
     the choice to ONNX Runtime there, on other CPUs, and wherever the environment variable is set."""
     if choice not in ATTENTION_KERNELS:
         raise GenerationError(f"attention_kernel must be one of {', '.join(ATTENTION_KERNELS)}, got {choice!r}")
@@ -113,7 +113,15 @@ def attention_flash(choice: str, flags: frozenset[str] | None = None) -> tuple[b
     flags = cpu_flags() if flags is None else flags
     if "avx512f" in flags:
         return False, "this CPU has AVX-512 (the unfused kernel prefilled faster, row passes alike)"
-    return None, "ONNX Runtime's default (the unfused kernel is slower or unmeasured on this CPU)"
+    return None, "the unfused kernel is slower or unmeasured on this CPU"
+
+
+def built_kernel(flash: bool | None) -> str:
+    """The kernel ONNX Runtime builds for ``flash`` (``attention_flash``): None is its default, flash, unless the
+    environment variable asks for the unfused one."""
+    if flash is not None:
+        return "flash" if flash else "unfused"
+    return "unfused" if os.environ.get(GQA_FLASH_OFF_ENV, "").strip() in ("1", "true", "True") else "flash"
 
 
 class OrtModel(Model):
@@ -145,13 +153,10 @@ class OrtModel(Model):
         self.spec = spec
         flash, self.attention_reason = (None, "ONNX Runtime's default") if attention_kernel is None else \
             attention_flash(attention_kernel)
+        # the kernel built: "flash" | "unfused", or None for a graph without GroupQueryAttention
+        self.attention: str | None = built_kernel(flash)
         if not spec.kv.in_place:  # no GroupQueryAttention in the graph: nothing to choose
-            flash, self.attention_reason = None, "no GroupQueryAttention in this graph"
-        if flash is None:  # what ONNX Runtime will build: its default unless the environment says otherwise
-            self.attention = "unfused" if os.environ.get(GQA_FLASH_OFF_ENV, "").strip().lower() in ("1", "true") \
-                else "flash"
-        else:
-            self.attention = "flash" if flash else "unfused"
+            flash, self.attention, self.attention_reason = None, None, "no GroupQueryAttention in this graph"
         self.session = self._open(spec, provider, threads, spin, flash)
         self._check_names(self.session, spec)
         self.prefill_session: ort.InferenceSession | None = None
@@ -177,9 +182,10 @@ class OrtModel(Model):
             return ort.InferenceSession(str(spec.path), session_options(threads, spin), providers=[PROVIDERS[provider]])
 
         try:
-            if flash is None:
-                return create()
+            # every session is built under the lock: one built alongside must not see another's temporary value
             with _ENV_LOCK:
+                if flash is None:
+                    return create()
                 before = os.environ.get(GQA_FLASH_OFF_ENV)
                 os.environ[GQA_FLASH_OFF_ENV] = "0" if flash else "1"
                 try:
@@ -190,9 +196,10 @@ class OrtModel(Model):
                     else:
                         os.environ[GQA_FLASH_OFF_ENV] = before
         except Exception as e:  # noqa: BLE001 -- onnxruntime raises its own Fail/InvalidGraph types
-            if GQA_FLASH_OFF_ENV in str(e):  # the user's environment, not the engine directory
-                raise GenerationError(f"ONNX Runtime cannot parse the environment variable {GQA_FLASH_OFF_ENV}="
-                                      f"{os.environ.get(GQA_FLASH_OFF_ENV)!r}: set it to 0 or 1, or unset it") from None
+            if "Failed to parse environment variable" in str(e):  # the user's environment, not the engine directory
+                said = str(e)[str(e).index("Failed to parse environment variable"):].strip()
+                raise GenerationError(f"ONNX Runtime cannot start: {said}. Set that variable to 0 or 1, or unset "
+                                      "it") from None
             raise EngineDirError(f"ONNX Runtime cannot open {spec.path.name}: {e}. Re-export the engine directory "
                                  "with `specrt export ... --force`.") from None
 

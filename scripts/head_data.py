@@ -323,10 +323,17 @@ def stage_answers(args, tok: Tokens, prompts: list[dict], generate: bool = True)
     kept = kept_answers(args.keep)
     if args.keep:  # shards answered without --keep: their answers too
         kept_shas = {k["prompt_sha"] for k in kept}
-        convs = [c for c in shard_convs if conv_sha(c) not in kept_shas and ("turns" in c or c["id"] in by_id)]
-        if convs:
-            keep_answers(args.keep, by_id, convs)
-    kept = [k for k in kept if k["prompt_sha"] not in done]
+        for s in shards:  # one file per shard, as they are kept when written
+            convs = [c for c in json.loads((s / "convs.json").read_text())
+                     if conv_sha(c) not in kept_shas and ("turns" in c or c["id"] in by_id)]
+            if convs:
+                keep_answers(args.keep, by_id, convs)
+    # a prompt answered twice (earlier runs kept a few) is rebuilt once: the first kept answer
+    first: dict[str, dict] = {}
+    for k in kept:
+        if k["prompt_sha"] not in done:
+            first.setdefault(k["prompt_sha"], k)
+    kept = list(first.values())
     replayable = [(k, p) for k in kept if (p := kept_prompt(k, by_sha)) is not None]
     if len(replayable) < len(kept):
         print(f"{len(kept) - len(replayable)} kept answers lack their prompt's text, and this prompt list does not "
@@ -453,7 +460,7 @@ def main() -> int:
     ap.add_argument("--no-rebuild", action="store_true",
                     help="with --keep: answer only the prompts not kept yet and leave the kept answers' shards "
                     "unbuilt (a machine that adds data but does not train: rebuilding takes about as long as "
-                    "generating did); the data card, which counts shards, is then not written")
+                    "generating did); the data card, which counts shards, is then written only by --stage card")
     args = ap.parse_args()
     if args.no_rebuild and not args.keep:
         ap.error("--no-rebuild needs --keep DIR: the answers it adds are kept only there")
@@ -478,7 +485,7 @@ def main() -> int:
         else [json.loads(line) for line in (args.out / "prompts.jsonl").read_text().splitlines()]
     if args.stage in ("all", "answers", "rebuild"):
         stage_answers(args, tok, prompts, generate=args.stage != "rebuild")
-    if args.no_rebuild and args.stage != "card":
+    if args.no_rebuild and args.stage == "all":
         print("--no-rebuild: the data card is not written (its shards are not all here)", file=sys.stderr)
     elif args.stage in ("all", "rebuild", "card"):
         card = stage_card(args, prompts)

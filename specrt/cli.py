@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="idle ONNX Runtime threads sleep instead of busy-waiting between runs")
         g.add_argument("--datastore", type=Path, default=None, metavar="FILE",
                        help="a .npz from scripts/build_datastore.py: the suffix drafter also drafts from it")
-        _prefill_graph_argument(g)
+        _ort_session_arguments(g)
         if name == "generate":
             src = g.add_mutually_exclusive_group(required=True)
             src.add_argument("--prompt", help="prompt text")
@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
                    help="onnxruntime (the CPU; default) or tensorrt (the engine's plans, on an NVIDIA GPU)")
     s.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads for the target")
-    _prefill_graph_argument(s)
+    _ort_session_arguments(s)
     s.add_argument("--ray", action="store_true",
                    help="serve through Ray Serve instead (one engine per replica; needs ray[serve]; see docs/serving.md)")
     s.add_argument("--replicas", default="1",
@@ -338,11 +338,11 @@ def _export(args) -> int:
     return 0
 
 
-def _prefill_graph_argument(parser: argparse.ArgumentParser) -> None:
+def _ort_session_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-graph", choices=("auto", "on", "off"), default="auto",
                         help="run prompts' prefill through the target's prefill graph (int4 engines: the same weights "
-                        "at fp32 compute, faster on long prompts on CPUs without VNNI or with AMX); auto (default) decides by "
-                        "the CPU, see `specrt info`")
+                        "at fp32 compute, faster on long prompts on CPUs without VNNI or with AMX); auto (default) "
+                        "decides by the CPU, see `specrt info`")
     parser.add_argument("--attention-kernel", choices=("auto", "flash", "unfused"), default="auto",
                         help="ONNX Runtime's GroupQueryAttention kernel for the target: flash (its default) or "
                         "unfused (faster prefill of long prompts where measured: x86 with AVX-512); auto (default) "
@@ -467,7 +467,7 @@ def _bench_spec(args, engine) -> int:
     for path in args.also_engine:
         other = Engine.load(path, backend=args.backend, threads=args.threads, draft_threads=args.draft_threads,
                             spin=not args.no_spin, prefill_graph=args.prefill_graph,
-                         attention_kernel=args.attention_kernel)
+                            attention_kernel=args.attention_kernel)
         label = peers.engine_label(other)
         engines.append((other, label if label not in {lb for _, lb in engines} else f"{label} {path.name}"))
     if len(args.engine_drafters) > len(engines):
@@ -524,7 +524,7 @@ def _bench_peers(args, engine, prompts) -> int:
     for path in args.also_engine:
         other = Engine.load(path, backend=args.backend, threads=args.threads, draft_threads=args.draft_threads,
                             spin=not args.no_spin, prefill_graph=args.prefill_graph,
-                         attention_kernel=args.attention_kernel)
+                            attention_kernel=args.attention_kernel)
         other_label = peers.engine_label(other)
         if other_label in labels:  # e.g. two fp32 exports with different graphs: tell them apart
             other_label = f"{other_label} {path.name}"
@@ -583,12 +583,11 @@ def _info(args) -> int:
                   f"{raw['prefill_graph']['accuracy_level']}) for prefill chunks of {PREFILL_GRAPH_MIN_ROWS}+ tokens: ONNX Runtime "
                   f"{'uses' if use else 'does not use'} it on this machine by default, {why} (--prefill-graph on | off)")
         if spec.role == "target" and spec.kv.in_place:
-            from specrt.runtime.ort_backend import attention_flash
+            from specrt.runtime.ort_backend import attention_flash, built_kernel
 
             flash, why = attention_flash("auto")
-            kernel = "ONNX Runtime's default" if flash is None else "flash" if flash else "unfused"
-            print(f"        attention kernel on this machine by default: {kernel}, {why} (--attention-kernel flash | "
-                  "unfused)")
+            print(f"        attention kernel on this machine by default: {built_kernel(flash)}, {why} "
+                  "(--attention-kernel flash | unfused)")
     if m.draft is None:
         print("   draft: none (target-only engine: drafts from the context and the target's own predictions, "
               "--drafter ngram | suffix | recycle | ngram+recycle)")
@@ -634,7 +633,7 @@ def _serve(args) -> int:
                            model_name=args.model_name, timeout_s=args.timeout, max_body_bytes=args.max_body_bytes,
                            threads=args.threads, backend=args.backend, max_batch=max_batch,
                            prefill_graph=args.prefill_graph,
-                         attention_kernel=args.attention_kernel)
+                           attention_kernel=args.attention_kernel)
     if args.ray:
         from specrt import ray_serve
 

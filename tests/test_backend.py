@@ -199,8 +199,10 @@ def test_the_attention_kernel_reaches_onnx_runtime_while_it_builds_the_session(e
     OrtModel(load_manifest(engines["close"]).target, attention_kernel="flash")
     assert built[-1] == "0" and GQA_FLASH_OFF_ENV not in os.environ
     # a value ONNX Runtime cannot parse is the environment's fault, said so, not the engine directory's
+    # a graph without GroupQueryAttention (the concat export) has no kernel to choose
+    assert OrtModel(load_manifest(engines["close_concat"]).target, attention_kernel="unfused").attention is None
     monkeypatch.setenv(GQA_FLASH_OFF_ENV, "yes please")
-    with pytest.raises(GenerationError, match="cannot parse the environment variable"):
+    with pytest.raises(GenerationError, match="Failed to parse environment variable.*Set that variable to 0 or 1"):
         OrtModel(load_manifest(engines["close"]).target)
 
 

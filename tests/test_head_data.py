@@ -203,3 +203,29 @@ def test_every_committed_answer_carries_the_prompt_it_answers():
         assert head_data.prompt_sha(k) == k["prompt_sha"], k["id"]
         assert 1 <= len(k["answers"]) <= len(k["turns"])
         assert all(0 <= t < 49152 for a in k["answers"] for t in a)
+
+
+def test_a_prompt_kept_twice_rebuilds_once_and_near_duplicates_of_kept_prompts_are_not_answered(tmp_path,
+                                                                                                monkeypatch):
+    kept_text = "please translate the following sentence into french for me right now thank you very much"
+    near = kept_text + " indeed"  # one more word: word 5-gram Jaccard 11/12 against the kept prompt
+    other = "a question about something else entirely, unrelated to the others"
+    head_data.keep_answers(tmp_path / "kept", {}, [_prompt("s-0", [kept_text]) | {"answers": [[3, 4]]},
+                                                   _prompt("s-9", [kept_text]) | {"answers": [[5, 6]]}])
+    prompts = [_prompt("s-0", [near]), _prompt("s-1", [other]), _prompt("s-2", [kept_text])]
+    monkeypatch.setattr(head_data, "load_target", lambda args: _FeatureTarget({t: (t % 15) + 1 for t in range(16)}))
+    asked = []
+
+    def generate(target, jobs, *a, **kw):
+        asked.extend(j.meta["turns"][0] for j in jobs)
+        return iter(())
+
+    monkeypatch.setattr(batch_gen, "generate", generate)
+    head_data.stage_answers(_args(tmp_path), _Tok(), prompts)
+    assert asked == [other]
+    (shard,) = head_data.finished_shards(tmp_path / "data")
+    assert [c["answers"] for c in json.loads((shard / "convs.json").read_text())] == [[[3, 4]]]
+    # --no-rebuild: the same prompts answered, no shard of the kept answers written
+    asked.clear()
+    head_data.stage_answers(_args(tmp_path, out=tmp_path / "data2", no_rebuild=True), _Tok(), prompts)
+    assert asked == [other] and head_data.finished_shards(tmp_path / "data2") == []
