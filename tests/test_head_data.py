@@ -155,6 +155,19 @@ def _args(tmp_path, **kw):
                                      "stop_loops": 0} | kw))
 
 
+def _stand_in_verifier(monkeypatch) -> list[str]:
+    """Rebuilds run through ``_FeatureTarget``; generation only records the first turns it was asked (returned)."""
+    monkeypatch.setattr(head_data, "load_target", lambda args: _FeatureTarget({t: (t % 15) + 1 for t in range(16)}))
+    asked: list[str] = []
+
+    def generate(target, jobs, *a, **kw):
+        asked.extend(j.meta["turns"][0] for j in jobs)
+        return iter(())
+
+    monkeypatch.setattr(batch_gen, "generate", generate)
+    return asked
+
+
 def test_kept_answers_rebuild_with_their_own_prompts_when_the_list_is_renumbered(tmp_path, monkeypatch):
     """The prompt list is rebuilt from what a machine has installed, so elsewhere it numbers (and holds) other
     prompts: a kept answer is rebuilt with the prompt kept beside it, and only prompts whose text was never
@@ -164,15 +177,7 @@ def test_kept_answers_rebuild_with_their_own_prompts_when_the_list_is_renumbered
     # elsewhere: "s-0" is now another prompt, the answered one is "s-1", and a third comes only from this machine
     other = "a question about something else entirely, unrelated to the others"
     prompts = [_prompt("s-0", [bye]), _prompt("s-1", [hello]), _prompt("s-2", [other])]
-    target = _FeatureTarget({t: (t % 15) + 1 for t in range(16)})
-    monkeypatch.setattr(head_data, "load_target", lambda args: target)
-    asked = []
-
-    def generate(target, jobs, *a, **kw):
-        asked.extend(j.meta["turns"][0] for j in jobs)
-        return iter(())
-
-    monkeypatch.setattr(batch_gen, "generate", generate)
+    asked = _stand_in_verifier(monkeypatch)
     head_data.stage_answers(_args(tmp_path), _Tok(), prompts)
     assert sorted(asked) == sorted([bye, other])
     (shard,) = head_data.finished_shards(tmp_path / "data")
@@ -213,14 +218,7 @@ def test_a_prompt_kept_twice_rebuilds_once_and_near_duplicates_of_kept_prompts_a
     head_data.keep_answers(tmp_path / "kept", {}, [_prompt("s-0", [kept_text]) | {"answers": [[3, 4]]},
                                                    _prompt("s-9", [kept_text]) | {"answers": [[5, 6]]}])
     prompts = [_prompt("s-0", [near]), _prompt("s-1", [other]), _prompt("s-2", [kept_text])]
-    monkeypatch.setattr(head_data, "load_target", lambda args: _FeatureTarget({t: (t % 15) + 1 for t in range(16)}))
-    asked = []
-
-    def generate(target, jobs, *a, **kw):
-        asked.extend(j.meta["turns"][0] for j in jobs)
-        return iter(())
-
-    monkeypatch.setattr(batch_gen, "generate", generate)
+    asked = _stand_in_verifier(monkeypatch)
     head_data.stage_answers(_args(tmp_path), _Tok(), prompts)
     assert asked == [other]
     (shard,) = head_data.finished_shards(tmp_path / "data")
