@@ -315,17 +315,16 @@ def stage_answers(args, tok: Tokens, prompts: list[dict], generate: bool = True)
     def conv_sha(c: dict) -> str | None:  # shards written before convs recorded their prompt's sha: by id
         return c.get("prompt_sha") or (prompt_sha(by_id[c["id"]]) if c["id"] in by_id else None)
 
-    shard_convs = [c for s in shards for c in json.loads((s / "convs.json").read_text())]
-    done = {conv_sha(c) for c in shard_convs} - {None}
+    convs_of = {s: json.loads((s / "convs.json").read_text()) for s in shards}
+    done = {conv_sha(c) for convs in convs_of.values() for c in convs} - {None}
     rng = np.random.default_rng(args.seed)
     # one draw per prompt in list order, answered or not: which answers are sampled never depends on what is done
     sampled = {p["id"]: rng.random() < args.sampled for p in prompts}
     kept = kept_answers(args.keep)
     if args.keep:  # shards answered without --keep: their answers too
         kept_shas = {k["prompt_sha"] for k in kept}
-        for s in shards:  # one file per shard, as they are kept when written
-            convs = [c for c in json.loads((s / "convs.json").read_text())
-                     if conv_sha(c) not in kept_shas and ("turns" in c or c["id"] in by_id)]
+        for shard_convs in convs_of.values():  # one file per shard, as they are kept when written
+            convs = [c for c in shard_convs if conv_sha(c) not in kept_shas and ("turns" in c or c["id"] in by_id)]
             if convs:
                 keep_answers(args.keep, by_id, convs)
     # a prompt answered twice (earlier runs kept a few) is rebuilt once: the first kept answer
