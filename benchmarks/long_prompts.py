@@ -247,10 +247,11 @@ def main() -> int:
     ap.add_argument("--alternate-prefill-graph", type=Path, default=None, metavar="ENGINE",
                     help="only this: time to first token of an engine with a prefill graph, on and off, the two "
                     "taking turns on each prompt (--contexts, --repeats)")
-    ap.add_argument("--alternate-attention", type=Path, default=None, metavar="ENGINE",
-                    help="only this: time to first token of this engine with each --attention-kernels choice (e.g. "
-                    "flash,unfused) and of the peers given, each in a process of its own, taking turns on each "
-                    "prompt (--contexts, --repeats)")
+    ap.add_argument("--alternate", "--alternate-attention", dest="alternate", type=Path, action="append",
+                    default=[], metavar="ENGINE",
+                    help="only this (repeatable): time to first token of each such engine with each "
+                    "--attention-kernels choice (e.g. flash,unfused) and of the peers given, each in a process of "
+                    "its own, taking turns on each prompt (--contexts, --repeats)")
     ap.add_argument("--engine-worker", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None, help="a PNG: time to first token and 5-row pass cost by context")
@@ -264,10 +265,10 @@ def main() -> int:
     if a.engine_worker:
         return serve_engine(a.engine_worker, a.attention_kernels)
     contexts = [int(c) for c in a.contexts.split(",")]
-    if a.alternate_attention:
+    if a.alternate:
         from specrt.peers import Worker
 
-        systems = {f"specrt {a.alternate_attention.name} ({k} attention)": EngineWorker(a.alternate_attention, k)
+        systems = {f"specrt {path.name} ({k} attention)": EngineWorker(path, k) for path in a.alternate
                    for k in kernels}
         if a.openvino_model:
             systems[f"OpenVINO GenAI {a.openvino_model.name}"] = Worker(
@@ -279,7 +280,7 @@ def main() -> int:
                 a.genai_python or sys.executable, "genai_worker.py", {"model": str(a.genai_model.resolve())},
                 "onnxruntime-genai", "check --genai-python and --genai-model")
         try:
-            ttft = alternating_systems(systems, Engine.load(a.alternate_attention, check_invariance=False), contexts,
+            ttft = alternating_systems(systems, Engine.load(a.alternate[0], check_invariance=False), contexts,
                                        a.repeats)
         finally:
             for worker in systems.values():

@@ -19,7 +19,14 @@ from pathlib import Path
 from specrt.engines import FORMAT_NAME, FORMAT_VERSION
 from specrt.export.compat import check_tokenizers, require_local_checkpoint
 from specrt.export.onnx_export import ATTENTION_CHOICES, choose_attention, export_model
-from specrt.export.quantize import PREFILL_ACCURACY_LEVEL, QUANT_CHOICES, quantize_file, write_prefill_graph
+from specrt.export.quantize import (
+    PREFILL_ACCURACY_LEVEL,
+    PREFILL_QUANTS,
+    QUANT_CHOICES,
+    quantize_file,
+    write_prefill_graph,
+    write_rows_prefill_graph,
+)
 from specrt.export.verify import HELD_OUT_TEXT, compare, compare_prefill_graph, text_drift
 from specrt.runtime import invariance
 from specrt.runtime.errors import SpecrtError
@@ -64,7 +71,7 @@ def export_pair(target: str | Path, draft: str | Path | None, out: str | Path, *
                 target_quant: str | None = None, draft_quant: str | None = None, block_size: int = 32,
                 accuracy_level: int = 4, draft_accuracy_level: int = 4, attention: str = "auto",
                 draft_head: str | Path | None = None, tree: bool = True, batch: bool = False,
-                prefill_graph: bool = True) -> ExportReport:
+                prefill_graph: str | None = "int8-rows") -> ExportReport:
     """Export ``target`` (the verification model) and ``draft`` into the engine directory ``out``.
 
     ``draft=None`` writes a target-only engine: it runs the context drafters (ngram, suffix) and
@@ -87,9 +94,11 @@ def export_pair(target: str | Path, draft: str | Path | None, out: str | Path, *
     ``batch``: also write ``target-batch.onnx``, the target with a batch dimension (one cache slot per sequence;
     ``gqa_graph.build(batch=True)``), quantized like the target and checked against it: what a server runs to
     decode several requests in one pass (``runtime/batch.py``).
-    ``prefill_graph`` (default on): an int4 target at an accuracy level other than 1 also gets
-    ``target.prefill.onnx``, the same graph and weights file at level 1 (fp32 compute), which a runtime may run a
-    prompt's prefill chunks through (``quantize.write_prefill_graph``; chosen per CPU at load time).
+    ``prefill_graph``: an int4 target at an accuracy level other than 1 also gets ``target.prefill.onnx``, a graph
+    of the same interface that a runtime may run a prompt's prefill chunks through (chosen per CPU at load time):
+    ``int8-rows`` (default) the checkpoint quantized int8-rows, in a weights file of its own
+    (``quantize.write_rows_prefill_graph``: integer GEMM, which runs on AMX); ``level1`` the target's own weights file
+    at fp32 compute (``quantize.write_prefill_graph``); None, none.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -104,6 +113,8 @@ def export_pair(target: str | Path, draft: str | Path | None, out: str | Path, *
     for role, q in quants.items():
         if q not in QUANT_CHOICES:
             raise ValueError(f"{role} quantization must be one of {', '.join(QUANT_CHOICES)}, got {q!r}")
+    if prefill_graph is not None and prefill_graph not in PREFILL_QUANTS:
+        raise ValueError(f"prefill_graph must be one of {', '.join(PREFILL_QUANTS)} or None, got {prefill_graph!r}")
     if attention not in ATTENTION_CHOICES:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
     if draft is not None and draft_head is not None:
@@ -189,6 +200,11 @@ def export_pair(target: str | Path, draft: str | Path | None, out: str | Path, *
                     raise ExportError(f"the draft head or the target's features differ from PyTorch by "
                                       f"{worst:.3g} > tolerance {tolerance:g} ({diffs})")
                 models["draft"]["verification"] = {k: round(v, 8) for k, v in diffs.items()}
+        with_prefill_graph = prefill_graph is not None and quants["target"] == "int4" and \
+            accuracy_level != PREFILL_ACCURACY_LEVEL
+        if with_prefill_graph and prefill_graph == "int8-rows":  # from the fp32 graph, before it is quantized
+            bar.set_description("prefill graph (int8-rows)")
+            rows_prefill = write_rows_prefill_graph(tmp / models["target"]["file"])
         for role, entry in models.items():  # a draft head too (no checkpoint of its own: no drift measured)
             if quants[role] == "fp32":
                 continue
@@ -219,9 +235,9 @@ def export_pair(target: str | Path, draft: str | Path | None, out: str | Path, *
                                                                  quants["target"], block_size, accuracy_level,
                                                                  manifest if verify else None)
         # int4 only: the one MatMulNBits width whose prefill was measured both ways (docs/quantization.md)
-        if prefill_graph and quants["target"] == "int4" and accuracy_level != PREFILL_ACCURACY_LEVEL:
+        if with_prefill_graph:
             bar.set_description("prefill graph")
-            record = write_prefill_graph(tmp / models["target"]["file"])
+            record = rows_prefill if prefill_graph == "int8-rows" else write_prefill_graph(tmp / models["target"]["file"])
             if record is not None:
                 models["target"]["prefill_graph"] = record
                 if verify:

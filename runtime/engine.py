@@ -207,10 +207,11 @@ class Engine:
         an ``.npz`` from ``scripts/build_datastore.py`` (``runtime/drafters/datastore.py``) that the ``suffix``
         drafter consults where its live cache knows less; read and checked on the first suffix generation.
         ``prefill_graph`` (auto | on | off; ONNX Runtime only): run prompts' prefill chunks through the target's
-        prefill graph where the engine has one (an int4 export: the same weights at fp32 compute); ``auto`` does
-        so on CPUs where that was measured faster (``ort_backend.use_prefill_graph``).  Target-only and
-        speculative generation share the prefill, so either choice is lossless; the two choices' outputs may differ
-        from each other in the last bits of the prompt's KV cache, as two engines would.
+        prefill graph where the engine has one (an int4 export: the checkpoint at int8-rows in weights of its own,
+        or the same weights at fp32 compute); ``auto`` does so on CPUs where that was measured faster
+        (``ort_backend.use_prefill_graph``).  Target-only and speculative generation share the prefill, so either
+        choice is lossless; the two choices' outputs may differ from each other, as two engines' would: the
+        prompt's KV cache holds the prefill graph's numbers.
         ``attention_kernel`` (auto | flash | unfused; ONNX Runtime only): the target's GroupQueryAttention kernel,
         for every pass; ``auto`` takes the unfused one on CPUs where it was measured faster
         (``ort_backend.attention_flash``).  Lossless for the same reason.

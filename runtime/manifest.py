@@ -111,6 +111,14 @@ class ModelSpec:
         return dataclasses.replace(self, path=self.path.parent / record["file"], raw=raw)
 
     @property
+    def prefill_graph_scheme(self) -> str | None:
+        """How the prefill graph computes: ``int8-rows`` (weights of its own, integer GEMM) or ``matmulnbits`` (the
+        target's MatMulNBits weights at another accuracy level; manifests before the key mean this); None without
+        one."""
+        record = self.raw.get("prefill_graph")
+        return None if not record else record.get("scheme", "matmulnbits")
+
+    @property
     def feature_head(self) -> dict | None:
         """A feature head's extra tensors: {hidden_input, features_input, select_input, hidden_output,
         hidden_size, feature_size, draft_vocab (file), target_features_layers}."""

@@ -108,10 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "and concatenates the cache every step); bucketed = concat reading whole context buckets, masked, so "
                    "shapes are fixed per bucket (for TensorRT + CUDA graphs); auto (default) = gqa where the "
                    "checkpoint allows")
+    e.add_argument("--prefill-quant", choices=("int8-rows", "level1"), default="int8-rows",
+                   help="an int4 target at accuracy level 4 also gets target.prefill.onnx, which the runtime prefills "
+                   "prompts through on CPUs where that is faster (`--prefill-graph` of generate/bench/serve): "
+                   "int8-rows (default) = the checkpoint quantized int8-rows in weights of its own (the demo target: "
+                   "+249 MB; integer GEMM, which runs on AMX: a 1,024-token prompt's first token in 0.83 s against "
+                   "1.53 s for level1 on a Xeon with AMX); level1 = the target's own weights file at fp32 compute "
+                   "(~100 KB; faster than int8 activations on CPUs without VNNI)")
     e.add_argument("--no-prefill-graph", action="store_true",
-                   help="an int4 target at accuracy level 4 gets target.prefill.onnx by default: the same graph "
-                   "and weights file at fp32 compute (~100 KB), which the runtime prefills prompts through on CPUs "
-                   "where that is faster (`--prefill-graph` of generate/bench/serve); this flag leaves it out")
+                   help="leave target.prefill.onnx out (smaller engine; every prefill runs through the target graph)")
     e.add_argument("--batch", action="store_true",
                    help="also write target-batch.onnx, the target with one cache slot per sequence, quantized like "
                    "the target and checked against it: `specrt serve --max-batch` decodes several requests in one "
@@ -322,7 +327,8 @@ def _export(args) -> int:
                          quant=args.quant, target_quant=args.target_quant, draft_quant=args.draft_quant,
                          block_size=args.block_size, accuracy_level=args.accuracy_level,
                          draft_accuracy_level=args.draft_accuracy_level, attention=args.attention,
-                         draft_head=args.draft_head, batch=args.batch, prefill_graph=not args.no_prefill_graph)
+                         draft_head=args.draft_head, batch=args.batch,
+                         prefill_graph=None if args.no_prefill_graph else args.prefill_quant)
     for role, diffs in report.max_abs_diff.items():
         shown = ", ".join(f"{k} {v:.1e}" for k, v in diffs.items() if not k.endswith("argmax_equal"))
         same = ", ".join(f"{k.removesuffix('_argmax_equal')} {v:.1%}" for k, v in diffs.items()
@@ -340,9 +346,9 @@ def _export(args) -> int:
 
 def _ort_session_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-graph", choices=("auto", "on", "off"), default="auto",
-                        help="run prompts' prefill through the target's prefill graph (int4 engines: the same weights "
-                        "at fp32 compute, faster on long prompts on CPUs without VNNI or with AMX); auto (default) "
-                        "decides by the CPU, see `specrt info`")
+                        help="run prompts' prefill through the target's prefill graph (int4 engines: the checkpoint "
+                        "at int8-rows, or the same int4 weights at fp32 compute; faster on long prompts where "
+                        "measured); auto (default) decides by the CPU and the graph, see `specrt info`")
     parser.add_argument("--attention-kernel", choices=("auto", "flash", "unfused"), default="auto",
                         help="ONNX Runtime's GroupQueryAttention kernel for the target: flash (its default) or "
                         "unfused (faster prefill of long prompts where measured: x86 with AVX-512); auto (default) "
@@ -578,9 +584,12 @@ def _info(args) -> int:
         if spec.prefill_graph is not None:
             from specrt.runtime.ort_backend import PREFILL_GRAPH_MIN_ROWS, use_prefill_graph
 
-            use, why = use_prefill_graph("auto")
-            print(f"        prefill graph {_printable(spec.prefill_graph.path.name)} (accuracy level "
-                  f"{raw['prefill_graph']['accuracy_level']}) for prefill chunks of {PREFILL_GRAPH_MIN_ROWS}+ tokens: ONNX Runtime "
+            record = raw["prefill_graph"]
+            use, why = use_prefill_graph("auto", scheme=spec.prefill_graph_scheme)
+            form = "int8-rows, weights of its own" if spec.prefill_graph_scheme == "int8-rows" else \
+                f"accuracy level {record.get('accuracy_level')}"
+            print(f"        prefill graph {_printable(spec.prefill_graph.path.name)} ({form}) for prefill chunks of "
+                  f"{PREFILL_GRAPH_MIN_ROWS}+ tokens: ONNX Runtime "
                   f"{'uses' if use else 'does not use'} it on this machine by default, {why} (--prefill-graph on | off)")
         if spec.role == "target" and spec.kv.in_place:
             from specrt.runtime.ort_backend import attention_flash, built_kernel

@@ -81,8 +81,9 @@ def engine_label(engine: Engine) -> str:
 
     target = bits(engine.manifest.target)
     if getattr(engine.target_model, "prefill_session", None) is not None:
-        level = engine.manifest.target.raw["prefill_graph"]["accuracy_level"]
-        target += f", prefill acc{level}"
+        record = engine.manifest.target.raw["prefill_graph"]
+        target += ", prefill int8-rows" if engine.manifest.target.prefill_graph_scheme == "int8-rows" else \
+            f", prefill acc{record['accuracy_level']}"
     if engine.manifest.draft is None:
         return f"{target}, no draft"
     draft = bits(engine.manifest.draft)

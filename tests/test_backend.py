@@ -151,14 +151,19 @@ def test_tensorrt_rtx_replays_its_own_cuda_graphs_and_keeps_its_runtime_cache(en
 
 
 def test_prefill_graph_choice_follows_the_cpu():
-    """auto: the prefill graph (fp32 compute) where it was measured faster -- x86 without VNNI, or with AMX -- and
-    nowhere else."""
+    """auto: a prefill graph at fp32 compute where it was measured faster -- x86 without VNNI, or with AMX -- and
+    nowhere else; an int8-rows one on every x86 CPU (measured faster on each kind)."""
     assert use_prefill_graph("auto", frozenset({"avx2", "fma"}))[0]
     assert not use_prefill_graph("auto", frozenset({"avx2", "fma", "avx512_vnni"}))[0]
     assert use_prefill_graph("auto", frozenset({"avx2", "fma", "avx512_vnni", "amx_int8", "amx_tile"}))[0]
     assert not use_prefill_graph("auto", frozenset({"avx2", "avx_vnni"}))[0]
     assert not use_prefill_graph("auto", frozenset({"asimd", "asimddp"}))[0]  # ARM: unmeasured
     assert use_prefill_graph("on", frozenset())[0] and not use_prefill_graph("off", frozenset({"avx2"}))[0]
+    # an int8-rows prefill graph (weights of its own, integer GEMM): faster on every x86 CPU measured
+    for flags in ({"avx2", "fma"}, {"avx2", "avx512_vnni"}, {"avx2", "avx512_vnni", "amx_int8"}):
+        assert use_prefill_graph("auto", frozenset(flags), scheme="int8-rows")[0]
+    assert not use_prefill_graph("auto", frozenset({"asimd"}), scheme="int8-rows")[0]
+    assert not use_prefill_graph("off", frozenset({"avx2"}), scheme="int8-rows")[0]
     with pytest.raises(GenerationError, match="prefill_graph must be one of auto, on, off"):
         use_prefill_graph("yes")
 

@@ -189,28 +189,37 @@ def test_quantized_engine_is_lossless_against_itself(tmp_path, checkpoints):
             assert engine.generate(prompt, max_new_tokens=25, k=k).token_ids == base
 
 
-def test_int4_target_prefills_through_its_prefill_graph(tmp_path, checkpoints):
-    """An int4 target at accuracy level 4 also gets target.prefill.onnx, the same graph and weights file at level 1.
-    Where it is chosen, the prompt's prefill runs through it (the cache holds exactly what that graph computes) and
-    everything else through the target graph; either way speculative output equals target-only output."""
+@pytest.mark.parametrize("form", ["int8-rows", "level1"])
+def test_int4_target_prefills_through_its_prefill_graph(tmp_path, checkpoints, form):
+    """An int4 target at accuracy level 4 also gets target.prefill.onnx: the checkpoint quantized int8-rows in weights
+    of its own (the default), or the same graph and weights file at level 1.  Where it is chosen, the prompt's
+    prefill runs through it (the cache holds exactly what that graph computes) and everything else through the
+    target graph; either way speculative output equals target-only output."""
     import onnx
     from specrt.runtime import Engine
     from specrt.runtime.ort_backend import OrtModel, OrtModelStep
 
     out = tmp_path / "engine"
-    export_pair(checkpoints["target"], checkpoints["close"], out, max_context=96, quant="int4", progress=False)
+    export_pair(checkpoints["target"], checkpoints["close"], out, max_context=96, quant="int4", progress=False,
+                prefill_graph=form)
     m = load_manifest(out)
     record = m.target.raw["prefill_graph"]
     assert m.raw["format_version"] == 4 and "prefill_graph" not in m.draft.raw  # an optional key: no new version
-    assert (record["file"], record["external_data"], record["accuracy_level"]) == \
-        ("target.prefill.onnx", "target.onnx.data", 1)
     assert set(record["verification"]) == {"prefill", "prefill_argmax_equal", "decode", "decode_argmax_equal"}
     model = onnx.load(str(out / record["file"]), load_external_data=False)
-    assert {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
-            if a.name == "accuracy_level"} == {1}
-    # the graph alone: its weights are read from the target's file, not copied
-    assert m.raw["files"][record["file"]]["bytes"] <= m.raw["files"]["target.onnx"]["bytes"] + 1024
-
+    ops = {n.op_type for n in model.graph.node}
+    if form == "level1":
+        assert (record["file"], record["external_data"], record["scheme"], record["accuracy_level"]) == \
+            ("target.prefill.onnx", "target.onnx.data", "matmulnbits", 1)
+        assert {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+                if a.name == "accuracy_level"} == {1}
+        # the graph alone: its weights are read from the target's file, not copied
+        assert m.raw["files"][record["file"]]["bytes"] <= m.raw["files"]["target.onnx"]["bytes"] + 1024
+    else:
+        assert (record["file"], record["external_data"], record["scheme"]) == \
+            ("target.prefill.onnx", "target.prefill.onnx.data", "int8-rows") and "accuracy_level" not in record
+        assert "MatMulIntegerToFloat" in ops and "MatMulNBits" not in ops
+        assert m.target.prefill_graph_scheme == "int8-rows"
     from specrt.runtime.ort_backend import PREFILL_GRAPH_MIN_ROWS
 
     ids = (np.arange(PREFILL_GRAPH_MIN_ROWS) * 7 % 50 + 3).astype(np.int64)  # one chunk, long enough for the graph
@@ -233,12 +242,16 @@ def test_int4_target_prefills_through_its_prefill_graph(tmp_path, checkpoints):
         step.prefill(ids[:8])  # a short chunk runs through the target graph either way (faster there)
         np.testing.assert_array_equal(keys(step)[:, :, :, :8], short)
         engine = Engine.load(out, prefill_graph=choice)
+        from specrt.peers import engine_label
+
+        assert ("prefill int8-rows" if form == "int8-rows" else "prefill acc1") in engine_label(engine) or \
+            choice == "off"
         for prompt in ([5, 17, 33], ids[:40].tolist()):
             base = engine.generate(prompt, max_new_tokens=20, use_draft=False).token_ids
             for k in (1, 2, 4):
                 assert engine.generate(prompt, max_new_tokens=20, k=k).token_ids == base, (choice, prompt, k)
     export_pair(checkpoints["target"], None, out, max_context=48, quant="int4", progress=False, force=True,
-                verify=False, prefill_graph=False)
+                verify=False, prefill_graph=None)
     assert "prefill_graph" not in load_manifest(out).target.raw
 
 

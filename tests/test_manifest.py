@@ -41,6 +41,12 @@ def test_good_manifest_validates(engines):
      "must be a graph of its own"),
     (lambda d: d["models"]["target"].update(prefill_graph={"file": "draft.onnx", "accuracy_level": 7}),
      "prefill_graph/accuracy_level"),
+    (lambda d: d["models"]["target"].update(prefill_graph={"file": "draft.onnx"}), "'accuracy_level' is a required"),
+    (lambda d: d["models"]["target"].update(prefill_graph={"file": "draft.onnx", "scheme": "int8-rows",
+                                                           "accuracy_level": 1}), "prefill_graph"),
+    (lambda d: d["models"]["target"].update(prefill_graph={"file": "draft.onnx", "scheme": "bf16",
+                                                           "accuracy_level": 1}),
+     "prefill_graph/scheme"),
 ])
 def test_corrupt_manifests_are_rejected(engine_copy, mutate, match):
     edit(engine_copy, mutate)
