@@ -200,6 +200,7 @@ def export_pair(target: str | Path, draft: str | Path | None, out: str | Path, *
                     raise ExportError(f"the draft head or the target's features differ from PyTorch by "
                                       f"{worst:.3g} > tolerance {tolerance:g} ({diffs})")
                 models["draft"]["verification"] = {k: round(v, 8) for k, v in diffs.items()}
+        # int4 only: the one MatMulNBits width whose prefill was measured both ways (docs/quantization.md)
         with_prefill_graph = prefill_graph is not None and quants["target"] == "int4" and \
             accuracy_level != PREFILL_ACCURACY_LEVEL
         if with_prefill_graph and prefill_graph == "int8-rows":  # from the fp32 graph, before it is quantized
@@ -234,7 +235,6 @@ def export_pair(target: str | Path, draft: str | Path | None, out: str | Path, *
             models["target"]["batch_graph"] = export_batch_graph(target_dir, tmp, max_context, models["target"],
                                                                  quants["target"], block_size, accuracy_level,
                                                                  manifest if verify else None)
-        # int4 only: the one MatMulNBits width whose prefill was measured both ways (docs/quantization.md)
         if with_prefill_graph:
             bar.set_description("prefill graph")
             record = rows_prefill if prefill_graph == "int8-rows" else write_prefill_graph(tmp / models["target"]["file"])
