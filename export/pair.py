@@ -24,6 +24,7 @@ from specrt.export.quantize import (
     PREFILL_QUANTS,
     QUANT_CHOICES,
     quantize_file,
+    share_tensors,
     write_prefill_graph,
     write_rows_prefill_graph,
 )
@@ -238,6 +239,8 @@ def export_pair(target: str | Path, draft: str | Path | None, out: str | Path, *
         if with_prefill_graph:
             bar.set_description("prefill graph")
             record = rows_prefill if prefill_graph == "int8-rows" else write_prefill_graph(tmp / models["target"]["file"])
+            if prefill_graph == "int8-rows":  # its fp32 embedding table is the int4 target's, byte for byte: stored once
+                share_tensors(tmp / record["file"], tmp / models["target"]["file"])
             if record is not None:
                 models["target"]["prefill_graph"] = record
                 if verify:

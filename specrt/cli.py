@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an int4 target at accuracy level 4 also gets target.prefill.onnx, which the runtime prefills "
                    "prompts through on CPUs where that is faster (`--prefill-graph` of generate/bench/serve): "
                    "int8-rows (default) = the checkpoint quantized int8-rows in weights of its own (the demo target: "
-                   "+249 MB; integer GEMM, which runs on AMX: a 1,024-token prompt's first token in 0.83 s against "
-                   "1.53 s for level1 on a Xeon with AMX); level1 = the target's own weights file at fp32 compute "
+                   "+135 MB; the embedding table is read from the target's file; integer GEMM, which runs on AMX: a "
+                   "1,024-token prompt's first token in 0.83 s against 1.53 s for level1 on a Xeon with AMX); level1 = the target's own weights file at fp32 compute "
                    "(~100 KB; faster than int8 activations on CPUs without VNNI)")
     e.add_argument("--no-prefill-graph", action="store_true",
                    help="leave target.prefill.onnx out (smaller engine; every prefill runs through the target graph)")

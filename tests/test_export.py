@@ -220,6 +220,10 @@ def test_int4_target_prefills_through_its_prefill_graph(tmp_path, checkpoints, f
             ("target.prefill.onnx", "target.prefill.onnx.data", "int8-rows") and "accuracy_level" not in record
         assert "MatMulIntegerToFloat" in ops and "MatMulNBits" not in ops
         assert m.target.prefill_graph_scheme == "int8-rows"
+        # the fp32 embedding table is the target's, stored once: read from the target's weights file
+        where = {t.name: {e.key: e.value for e in t.external_data}.get("location") for t in model.graph.initializer}
+        assert where["embed_tokens.weight"] == "target.onnx.data"
+        assert "target.prefill.onnx.data" in where.values()  # its int8 weights stay its own
     from specrt.runtime.ort_backend import PREFILL_GRAPH_MIN_ROWS
 
     ids = (np.arange(PREFILL_GRAPH_MIN_ROWS) * 7 % 50 + 3).astype(np.int64)  # one chunk, long enough for the graph
@@ -351,3 +355,41 @@ def test_first_choice_agreement_is_a_share_of_rows():
     got[1] = [0.0, 2.0, 0.0]  # one row of four picks another token
     assert first_choice_agreement(got, ref) == 0.75
     assert first_choice_agreement(ref, ref) == 1.0
+
+
+def test_share_tensors_stores_a_tensor_once_and_only_when_its_bytes_match(tmp_path):
+    """``share_tensors`` points a graph's tensor at the other file's copy only where name, type, shape and bytes
+    all match; the graph computes the same, and its own weights file keeps the rest."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from specrt.export.quantize import share_tensors
+
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((64, 16)).astype(np.float32)
+
+    def save(name: str, weight: np.ndarray) -> None:
+        nodes = [helper.make_node("Gather", ["table", "ids"], ["rows"]), helper.make_node("MatMul", ["rows", "w"], ["y"])]
+        graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 16])],
+                                  [numpy_helper.from_array(table, "table"), numpy_helper.from_array(weight, "w")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        onnx.save_model(model, str(tmp_path / f"{name}.onnx"), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=f"{name}.onnx.data", size_threshold=0)
+
+    save("target", rng.standard_normal((16, 16)).astype(np.float32))
+    save("prefill", rng.standard_normal((16, 16)).astype(np.float32))  # "w": same name and shape, other bytes
+    ids = np.array([3, 0, 63], np.int64)
+
+    def run() -> np.ndarray:
+        return ort.InferenceSession(str(tmp_path / "prefill.onnx"), providers=["CPUExecutionProvider"]).run(
+            None, {"ids": ids})[0]
+
+    before, size = run(), (tmp_path / "prefill.onnx.data").stat().st_size
+    assert share_tensors(tmp_path / "prefill.onnx", tmp_path / "target.onnx") == table.nbytes
+    where = {t.name: {e.key: e.value for e in t.external_data}["location"]
+             for t in onnx.load(str(tmp_path / "prefill.onnx"), load_external_data=False).graph.initializer}
+    assert where == {"table": "target.onnx.data", "w": "prefill.onnx.data"}
+    assert (tmp_path / "prefill.onnx.data").stat().st_size == size - table.nbytes
+    np.testing.assert_array_equal(run(), before)
+    assert share_tensors(tmp_path / "prefill.onnx", tmp_path / "target.onnx") == 0  # nothing left to share
