@@ -1,19 +1,23 @@
 #!/usr/bin/env python
-"""One layer's attention for a few new rows over a long cache, two ways in ONNX Runtime on the CPU: its fused
-GroupQueryAttention (unfused kernel, the cache written in place -- what every specrt in-place graph runs) and an
-explicit form of ordinary nodes that another graph layout would allow.
+"""One layer's attention for a few new rows (or a prefill chunk) over a long cache, several ways in ONNX Runtime on
+the CPU: its fused GroupQueryAttention (unfused kernel, the cache written in place -- what every specrt in-place
+graph runs), the same node over an int8 cache (ONNX Runtime's quantized-cache path: ``kv_cache_bit_width`` 8 with
+per-tensor or per-channel scales), and an explicit form of ordinary nodes that another graph layout would allow.
 
 The explicit form: the query heads of each KV head stacked into one matrix, ``FusedMatMul`` (transB, the scale
 folded in) against the cached keys and, apart, against the new rows' keys (plus a bias: causal or a tree's),
 ``Concat``, ``Softmax``, ``Split``, and two ``MatMul``s with the values, summed.  It reads each KV head's cache once
 for all its query heads and needs the valid cache entries as a contiguous tensor of their own, so a graph built on
 it would need a cache layout whose valid prefix is contiguous per head (or a copy per pass) and the new keys and
-values written outside the graph; rotary embedding is left out of both forms here.
+values written outside the graph; rotary embedding is left out of every form here.
 
-This measures what that redesign could buy before it is built (demo verifier shapes: 9 query heads, 3 KV heads of
-64; 2 threads; median ms per layer; the two forms alternate call by call):
+This measures what a redesign could buy before it is built (demo verifier shapes: 9 query heads, 3 KV heads of
+64; 2 threads; median ms per layer; the forms alternate call by call).  One layer's cache stays in the CPU's caches
+between calls here, which a 30-layer pass's does not: a 1-row pass over a long context is bound by memory in a
+whole graph and by arithmetic here, so the smaller int8 cache's 1-row numbers are a lower bound on what it saves.
 
     python benchmarks/attention_forms.py --contexts 1024,2000 --rows 1,2,5,9
+    python benchmarks/attention_forms.py --forms gqa,int8-tensor,int8-channel --contexts 768 --rows 1,5,9,256
 """
 from __future__ import annotations
 
@@ -39,23 +43,42 @@ def session(nodes, inputs, outputs, initializers=(), threads: int = 2) -> ort.In
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def fused(rows: int, past: int, rng: np.random.Generator):
-    """GroupQueryAttention over an in-place cache buffer (its unfused CPU kernel, as specrt's auto choice on AVX-512)."""
+# ONNX Runtime's quantized-cache attributes for an int8 cache, and its scale's length: one, or one per channel
+INT8_CACHES = {"int8-tensor": ("PER_TENSOR", 1), "int8-channel": ("PER_CHANNEL", KV_HEADS * HEAD_DIM)}
+
+
+def fused(rows: int, past: int, rng: np.random.Generator, cache: str = "fp32"):
+    """GroupQueryAttention over an in-place cache buffer (its unfused CPU kernel, as specrt's auto choice on AVX-512),
+    fp32 or int8 (``INT8_CACHES``: scales as inputs, new rows quantized by the node as it writes them)."""
     os.environ["ORT_GQA_DISABLE_FLASH_ATTENTION"] = "1"  # read when the session is built
-    node = helper.make_node("GroupQueryAttention", ["qkv", "", "", "past_key", "past_value", "seqlens_k", "total"],
-                            ["out", "present_key", "present_value"], domain="com.microsoft", num_heads=NUM_HEADS,
-                            kv_num_heads=KV_HEADS, scale=HEAD_DIM ** -0.5)
     vi = helper.make_tensor_value_info
-    s = session([node], [vi("qkv", TensorProto.FLOAT, [1, rows, (NUM_HEADS + 2 * KV_HEADS) * HEAD_DIM]),
-                         vi("past_key", TensorProto.FLOAT, [1, KV_HEADS, BUFFER, HEAD_DIM]),
-                         vi("past_value", TensorProto.FLOAT, [1, KV_HEADS, BUFFER, HEAD_DIM]),
-                         vi("seqlens_k", TensorProto.INT32, [1]), vi("total", TensorProto.INT32, [])],
-                [vi(n, TensorProto.FLOAT, None) for n in ("out", "present_key", "present_value")])
+    cache_type = TensorProto.FLOAT if cache == "fp32" else TensorProto.INT8
+    inputs = ["qkv", "", "", "past_key", "past_value", "seqlens_k", "total"]
+    declared = [vi("qkv", TensorProto.FLOAT, [1, rows, (NUM_HEADS + 2 * KV_HEADS) * HEAD_DIM]),
+                vi("past_key", cache_type, [1, KV_HEADS, BUFFER, HEAD_DIM]),
+                vi("past_value", cache_type, [1, KV_HEADS, BUFFER, HEAD_DIM]),
+                vi("seqlens_k", TensorProto.INT32, [1]), vi("total", TensorProto.INT32, [])]
+    attributes = {}
+    if cache != "fp32":
+        quant_type, scales = INT8_CACHES[cache]
+        inputs += [""] * 5 + ["k_scale", "v_scale"]  # no rotary, position ids, bias, head sink or smooth softmax
+        declared += [vi("k_scale", TensorProto.FLOAT, [scales]), vi("v_scale", TensorProto.FLOAT, [scales])]
+        attributes = {"k_quant_type": quant_type, "v_quant_type": quant_type, "kv_cache_bit_width": 8}
+    node = helper.make_node("GroupQueryAttention", inputs, ["out", "present_key", "present_value"],
+                            domain="com.microsoft", num_heads=NUM_HEADS, kv_num_heads=KV_HEADS,
+                            scale=HEAD_DIM ** -0.5, **attributes)
+    s = session([node], declared, [vi("out", TensorProto.FLOAT, None), vi("present_key", cache_type, None),
+                                   vi("present_value", cache_type, None)])
     binding = s.io_binding()
     for name in ("key", "value"):  # one buffer, read and written in place
-        cache = ort.OrtValue.ortvalue_from_numpy(rng.standard_normal((1, KV_HEADS, BUFFER, HEAD_DIM), np.float32))
-        binding.bind_ortvalue_input(f"past_{name}", cache)
-        binding.bind_ortvalue_output(f"present_{name}", cache)
+        shape = (1, KV_HEADS, BUFFER, HEAD_DIM)
+        values = rng.standard_normal(shape, np.float32) if cache == "fp32" else \
+            rng.integers(-127, 128, shape, dtype=np.int8)
+        buffer = ort.OrtValue.ortvalue_from_numpy(values)
+        binding.bind_ortvalue_input(f"past_{name}", buffer)
+        binding.bind_ortvalue_output(f"present_{name}", buffer)
+        if cache != "fp32":
+            binding.bind_cpu_input(f"{name[0]}_scale", np.full(INT8_CACHES[cache][1], 0.02, np.float32))
     binding.bind_cpu_input("qkv", rng.standard_normal((1, rows, (NUM_HEADS + 2 * KV_HEADS) * HEAD_DIM), np.float32))
     binding.bind_cpu_input("seqlens_k", np.array([past + rows - 1], np.int32))
     binding.bind_cpu_input("total", np.array(past + rows, np.int32))
@@ -91,18 +114,28 @@ def explicit(rows: int, past: int, rng: np.random.Generator):
     return lambda: s.run_with_iobinding(binding)
 
 
+FORMS = {"gqa": fused, "explicit": explicit,
+         **{name: (lambda rows, past, rng, name=name: fused(rows, past, rng, name)) for name in INT8_CACHES}}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", default="1024,2000", help="cache entries before the new rows")
-    ap.add_argument("--rows", default="1,2,5,9", help="new rows per pass")
+    ap.add_argument("--rows", default="1,2,5,9", help="new rows per pass (256: a prefill chunk)")
+    ap.add_argument("--forms", default="gqa,explicit",
+                    help=f"comma-separated, the first is the reference of the ratios: {', '.join(FORMS)}")
     ap.add_argument("--repeats", type=int, default=60)
     args = ap.parse_args()
+    forms = args.forms.split(",")
+    if unknown := [f for f in forms if f not in FORMS]:
+        ap.error(f"unknown form(s) {', '.join(unknown)}; choose from {', '.join(FORMS)}")
     rng = np.random.default_rng(0)
-    print("| cache entries | rows | GroupQueryAttention (ms) | explicit (ms) | GroupQueryAttention / explicit |\n"
-          "|---:|---:|---:|---:|---:|")
+    print("| cache entries | rows | " + " | ".join(f"{f} (ms)" for f in forms) + " | " +
+          " | ".join(f"{f} / {forms[0]}" for f in forms[1:]) + " |")
+    print("|---:|---:|" + "---:|" * (2 * len(forms) - 1))
     for past in (int(c) for c in args.contexts.split(",")):
         for rows in (int(r) for r in args.rows.split(",")):
-            runs = {"fused": fused(rows, past, rng), "explicit": explicit(rows, past, rng)}
+            runs = {name: FORMS[name](rows, past, rng) for name in forms}
             times: dict[str, list[float]] = {name: [] for name in runs}
             for i in range(args.repeats + 5):  # the first five warm up
                 for name, run in runs.items():
@@ -111,8 +144,8 @@ def main() -> int:
                     if i >= 5:
                         times[name].append(time.perf_counter() - t0)
             ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
-            print(f"| {past:,} | {rows} | {ms['fused']:.3f} | {ms['explicit']:.3f} | "
-                  f"{ms['fused'] / ms['explicit']:.2f} |")
+            print(f"| {past:,} | {rows} | " + " | ".join(f"{ms[f]:.3f}" for f in forms) + " | " +
+                  " | ".join(f"{ms[f] / ms[forms[0]]:.2f}" for f in forms[1:]) + " |")
     return 0
 
 
