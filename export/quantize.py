@@ -263,8 +263,10 @@ def share_tensors(graph: Path, source: Path) -> int:
     model = onnx.load(str(graph), load_external_data=False)
     location = {t.name: {e.key: e.value for e in t.external_data}.get("location") for t in model.graph.initializer}
     own = set(location.values()) - their_files - {None}
-    if len(own) != 1:
+    if len(own) > 1:
         raise ValueError(f"{graph.name}: expected one weights file of its own, found {sorted(own)}")
+    if not own:
+        return 0
     own_file = graph.parent / own.pop()
     shared = 0
     for t in model.graph.initializer:
@@ -277,8 +279,8 @@ def share_tensors(graph: Path, source: Path) -> int:
         if hit is None or hit[:2] != (t.data_type, tuple(t.dims)):
             continue
         ext = hit[2]
-        offset, length = int(ext.get("offset", 0)), int(ext["length"])
-        if length != len(t.raw_data):
+        offset, length = int(ext.get("offset", 0)), int(ext.get("length", -1))
+        if length != len(t.raw_data):  # (a record without its optional length is left alone)
             continue
         with open(graph.parent / ext["location"], "rb") as f:
             f.seek(offset)
@@ -290,6 +292,8 @@ def share_tensors(graph: Path, source: Path) -> int:
             t.external_data.add(key=key, value=value)
         t.data_location = onnx.TensorProto.EXTERNAL
         shared += length
+    if shared and not any(t.HasField("raw_data") and len(t.raw_data) >= 1024 for t in model.graph.initializer):
+        return 0  # nothing would be left in its own weights file, which the manifest names: keep the copy
     if shared:
         own_file.unlink()  # rewritten below with the tensors that are its own alone
         onnx.save_model(model, str(graph), save_as_external_data=True, all_tensors_to_one_file=True,

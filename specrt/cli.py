@@ -586,7 +586,7 @@ def _info(args) -> int:
 
             record = raw["prefill_graph"]
             use, why = use_prefill_graph("auto", scheme=spec.prefill_graph_scheme)
-            form = "int8-rows, weights of its own" if spec.prefill_graph_scheme == "int8-rows" else \
+            form = "int8-rows, weights of its own, the embedding table read from the target's" if spec.prefill_graph_scheme == "int8-rows" else \
                 f"accuracy level {record.get('accuracy_level')}"
             print(f"        prefill graph {_printable(spec.prefill_graph.path.name)} ({form}) for prefill chunks of "
                   f"{PREFILL_GRAPH_MIN_ROWS}+ tokens: ONNX Runtime "

@@ -66,7 +66,7 @@ def test_a_fifo_is_not_a_file(engine_copy):
         Engine.load(engine_copy)  # and does not block reading the pipe
 
 
-def _external(model_path: Path, location: str) -> None:
+def _external(model_path: Path, location: str, offset: int = 0, length: int = 16) -> None:
     """Move the first initializer of an ONNX file to external data at ``location`` (bytes left as they were)."""
     import onnx
 
@@ -74,7 +74,7 @@ def _external(model_path: Path, location: str) -> None:
     init = model.graph.initializer[0]
     init.ClearField("raw_data")
     init.data_location = onnx.TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", "0"), ("length", "16")):
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
         entry = init.external_data.add()
         entry.key, entry.value = key, value
     model_path.write_bytes(model.SerializeToString())
@@ -88,6 +88,18 @@ def test_onnx_external_data_outside_the_manifest_is_refused(engine_copy, tmp_pat
     _external(engine_copy / "draft.onnx", location)
     rehash(engine_copy, "draft.onnx")
     with pytest.raises(EngineDirError, match=f"reads external data from '{location}'"):
+        Engine.load(engine_copy)
+
+
+@pytest.mark.parametrize("past_the_end", ["offset", "length"])
+def test_external_data_past_the_end_of_a_listed_file_is_a_clear_error(engine_copy, past_the_end):
+    """A graph may read tensors from another listed file (an int4 engine's prefill graph reads the target's
+    embedding table): a range outside that file is refused with an EngineDirError, not read."""
+    size = (engine_copy / "tokenizer.json").stat().st_size
+    offset, length = (size + 4096, 16) if past_the_end == "offset" else (0, size + 4096)
+    _external(engine_copy / "draft.onnx", "tokenizer.json", offset, length)
+    rehash(engine_copy, "draft.onnx")
+    with pytest.raises(EngineDirError, match="draft.onnx"):
         Engine.load(engine_copy)
 
 
