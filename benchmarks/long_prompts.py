@@ -190,16 +190,24 @@ def profile(path: Path, context: int, kernel: str = "auto") -> dict:
             return so
         ort_backend.session_options = options
         try:
-            step = ort_backend.OrtModelStep(ort_backend.OrtModel(spec, attention_kernel=kernel))
+            model = ort_backend.OrtModel(spec, attention_kernel=kernel)
+            step = ort_backend.OrtModelStep(model)
         finally:
             ort_backend.session_options = original
         ids = (np.arange(context + rows) * 7919 % 5000 + 10).astype(np.int64)
         step.prefill(ids[:context])
         runs = 3
         for _ in range(runs):
-            step.forward(ids[context:context + rows], context, last_only=rows == PREFILL_CHUNK)
+            if rows == PREFILL_CHUNK:  # as a prompt's chunk runs: through the prefill graph where the engine uses one
+                step.extend(ids[context:context + rows], context)
+            else:
+                step.forward(ids[context:context + rows], context)
             step.set_length(context)
-        events = json.loads(Path(step.session.end_profiling()).read_text())
+        session = model.prefill_session if rows == PREFILL_CHUNK and model.prefill_session is not None \
+            else step.session
+        if session is not step.session:
+            label = "prefill chunk (prefill graph)"
+        events = json.loads(Path(session.end_profiling()).read_text())
         last = [e for e in events if e.get("name") == "model_run"][-runs:]
         lo, hi = last[0]["ts"], last[-1]["ts"] + last[-1]["dur"]
         per = collections.Counter()
