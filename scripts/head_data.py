@@ -18,6 +18,8 @@ log-probabilities recorded while it writes them.  Resumable stages, each with a 
                 teacher-forced passes (the same data, sampled answers included, whatever the machine's
                 rounding; not faster: on 2 cores a conversation's tokens cost about the same either way).
 4. ``card``     the data card: sources, kinds, prompt and answer tokens, shares          -> card.json
+                With ``--keep DIR``, also DIR/card.json, the card of the kept answers, read from them alone (the
+                same on every machine; rewritten whenever answers are kept).
 
     python scripts/head_data.py --verifier .cache/demo/verifier-hf --out .cache/head/data \\
         --keep engines/demo/head-data
@@ -265,6 +267,43 @@ def kept_answers(keep: Path | None) -> list[dict]:
             for line in gzip.decompress(f.read_bytes()).decode().splitlines()]
 
 
+def kept_card(keep: Path) -> dict:
+    """The data card of what ``keep`` holds, read from the kept answers alone, so any machine gets the same one:
+    distinct prompts, conversations, answer tokens and their shares per source, families, kinds, and how many
+    conversations have a second turn, were sampled, or were cut at a loop."""
+    by_source: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    families: dict[str, set] = collections.defaultdict(set)
+    kinds: collections.Counter = collections.Counter()
+    prompts = set()
+    for k in kept_answers(keep):
+        src = by_source[k.get("source", "unknown")]
+        src["conversations"] += 1
+        src["two_turn"] += len(k["answers"]) > 1
+        src["sampled"] += bool(k.get("sampled"))
+        src["looped"] += bool(k.get("looped"))
+        src["answer_tokens"] += sum(len(a) for a in k["answers"])
+        families[k.get("source", "unknown")].add(k.get("family"))
+        kinds[k.get("kind", "unknown")] += 1
+        prompts.add(k["prompt_sha"])
+    total = sum(v["answer_tokens"] for v in by_source.values())
+    convs = sum(v["conversations"] for v in by_source.values())
+    return {"distinct_prompts": len(prompts), "conversations": convs, "answer_tokens": total,
+            "two_turn": sum(v["two_turn"] for v in by_source.values()),
+            "sampled": sum(v["sampled"] for v in by_source.values()),
+            "kinds": dict(kinds.most_common()),
+            "sources": {k: dict(v) | {"families": len(families[k]),
+                                      "share_of_conversations": round(v["conversations"] / max(1, convs), 4),
+                                      "share_of_answer_tokens": round(v["answer_tokens"] / max(1, total), 4)}
+                        for k, v in sorted(by_source.items())}}
+
+
+def write_kept_card(keep: Path) -> dict:
+    card = kept_card(keep)
+    keep.mkdir(parents=True, exist_ok=True)
+    (keep / "card.json").write_text(json.dumps(card, indent=1) + "\n")
+    return card
+
+
 def finished_shards(out: Path) -> list[Path]:
     return sorted(p for p in out.glob("shard_*") if (p / "done").is_file())
 
@@ -484,8 +523,12 @@ def main() -> int:
         else [json.loads(line) for line in (args.out / "prompts.jsonl").read_text().splitlines()]
     if args.stage in ("all", "answers", "rebuild"):
         stage_answers(args, tok, prompts, generate=args.stage != "rebuild")
+    if args.keep and args.stage in ("all", "answers", "rebuild", "card"):  # what is kept, from the kept files alone
+        card = write_kept_card(args.keep)
+        print(f"kept: {card['conversations']:,} conversations, {card['distinct_prompts']:,} distinct prompts, "
+              f"{card['answer_tokens']:,} answer tokens ({args.keep / 'card.json'})", file=sys.stderr)
     if args.no_rebuild and args.stage == "all":
-        print("--no-rebuild: the data card is not written (its shards are not all here)", file=sys.stderr)
+        print("--no-rebuild: the shards' data card is not written (its shards are not all here)", file=sys.stderr)
     elif args.stage in ("all", "rebuild", "card"):
         card = stage_card(args, prompts)
         print(json.dumps({k: card[k] for k in ("prompts", "conversations", "answer_tokens")}), file=sys.stderr)

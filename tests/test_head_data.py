@@ -227,3 +227,26 @@ def test_a_prompt_kept_twice_rebuilds_once_and_near_duplicates_of_kept_prompts_a
     asked.clear()
     head_data.stage_answers(_args(tmp_path, out=tmp_path / "data2", no_rebuild=True), _Tok(), prompts)
     assert asked == [other] and head_data.finished_shards(tmp_path / "data2") == []
+
+
+def test_the_kept_card_counts_what_the_kept_files_hold(tmp_path):
+    """The data card of the kept answers: per source conversations, answer tokens and their shares, distinct prompts
+    (a prompt answered twice, greedy and sampled, counts once), second turns, sampled and looped answers."""
+    a, b = _prompt("a-0", ["first question"]), _prompt("b-0", ["second question", "and a follow-up"])
+    b["source"], b["family"], b["kind"] = "other", "other/x", "qa"
+    head_data.keep_answers(tmp_path, {}, [a | {"answers": [[1, 2, 3]]}, a | {"answers": [[1, 2]], "sampled": True}])
+    head_data.keep_answers(tmp_path, {}, [b | {"answers": [[5], [6, 7, 8, 9]], "looped": True}])
+    card = head_data.write_kept_card(tmp_path)
+    assert json.loads((tmp_path / "card.json").read_text()) == card
+    assert (card["distinct_prompts"], card["conversations"], card["answer_tokens"]) == (2, 3, 10)
+    assert (card["two_turn"], card["sampled"]) == (1, 1)
+    first, other = card["sources"][a["source"]], card["sources"]["other"]
+    assert (first["conversations"], first["answer_tokens"], first["share_of_answer_tokens"]) == (2, 5, 0.5)
+    assert (other["two_turn"], other["looped"], other["families"]) == (1, 1, 1)
+    assert card["kinds"] == {"chat": 2, "qa": 1}
+
+
+def test_the_committed_card_is_the_committed_answers_card():
+    """engines/demo/head-data/card.json is rewritten whenever answers are kept: it must describe the files beside it."""
+    keep = Path(__file__).resolve().parents[1] / "engines" / "demo" / "head-data"
+    assert json.loads((keep / "card.json").read_text()) == head_data.kept_card(keep)
