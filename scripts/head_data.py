@@ -318,6 +318,13 @@ def job_for(p: dict, tok: Tokens, args, sampled: bool) -> batch_gen.Job | None:
                          temperature=0.7 if sampled else 0.0, keep_from=max(0, len(ids) - PROMPT_TAIL), meta=meta)
 
 
+def first_sources(jobs: list[batch_gen.Job], sources: Iterable[str] = ()) -> list[batch_gen.Job]:
+    """``jobs`` with those of ``sources`` first, each group in its own order (``--first``): a run cut short has
+    answered the sources the data lacks most.  ``balanced`` still holds each source to its share."""
+    sources = set(sources)
+    return sorted(jobs, key=lambda j: j.meta["source"] not in sources) if sources else jobs
+
+
 def balanced(jobs: Iterable[batch_gen.Job], answered: collections.Counter, cap: float = ANSWER_SHARE_CAP,
              after: int = BALANCE_AFTER) -> Iterator[batch_gen.Job]:
     """``jobs`` in order, except that a job whose source holds more than ``cap`` of the answer tokens so far waits
@@ -406,7 +413,8 @@ def stage_answers(args, tok: Tokens, prompts: list[dict], generate: bool = True)
         next_index = writer.index
     if not generate:
         return
-    jobs = [j for j in (job_for(p, tok, args, sampled[p["id"]]) for p in todo) if j is not None]
+    jobs = first_sources([j for j in (job_for(p, tok, args, sampled[p["id"]]) for p in todo) if j is not None],
+                         args.first)
     answered = collections.Counter()  # answer tokens per source, for ``balanced``
     for s in finished_shards(args.out):
         for c in json.loads((s / "convs.json").read_text()):
@@ -488,6 +496,9 @@ def main() -> int:
                     "(default 32; 0: never)")
     ap.add_argument("--sampled", type=float, default=0.1, help="share of answers sampled at temperature 0.7")
     ap.add_argument("--slots", type=int, default=32, help="conversations per pass (default 32)")
+    ap.add_argument("--first", type=lambda v: [x for x in v.split(",") if x], default=[], metavar="SOURCES",
+                    help="answer these sources' prompts before the others (comma-separated, e.g. "
+                    "magpie,verifier-passages: what a run cut short should have; each still capped at its share)")
     ap.add_argument("--max-context", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)

@@ -47,6 +47,12 @@ def test_a_source_with_long_answers_waits_and_every_job_still_comes():
     assert order[-1] == "code"  # what waited comes last
 
 
+def test_first_sources_come_first_each_in_its_own_order():
+    jobs = [_job(0, "a"), _job(0, "m"), _job(1, "a"), _job(0, "p"), _job(1, "m")]
+    assert [j.key for j in head_data.first_sources(jobs, ["m", "p"])] == ["m-0", "p-0", "m-1", "a-0", "a-1"]
+    assert head_data.first_sources(jobs, []) == jobs
+
+
 def test_the_list_order_is_kept_when_no_source_is_over():
     jobs = [_job(i, s) for i, s in enumerate(["a", "b", "c", "d"] * 25)]
     order = _answer(jobs, {s: 10 for s in "abcd"}, collections.Counter(), cap=0.3, after=0)
@@ -152,7 +158,7 @@ class _Tok:
 def _args(tmp_path, **kw):
     return types.SimpleNamespace(**({"out": tmp_path / "data", "keep": tmp_path / "kept", "seed": 0, "sampled": 0.0,
                                      "no_rebuild": False, "max_new_tokens": 8, "max_context": 512,
-                                     "stop_loops": 0} | kw))
+                                     "stop_loops": 0, "first": []} | kw))
 
 
 def _stand_in_verifier(monkeypatch) -> list[str]:
