@@ -267,34 +267,41 @@ def kept_answers(keep: Path | None) -> list[dict]:
             for line in gzip.decompress(f.read_bytes()).decode().splitlines()]
 
 
-def kept_card(keep: Path) -> dict:
-    """The data card of what ``keep`` holds, read from the kept answers alone, so any machine gets the same one:
-    distinct prompts, conversations, answer tokens and their shares per source, families, kinds, and how many
-    conversations have a second turn, were sampled, or were cut at a loop."""
+def tally(convs: Iterable[dict]) -> dict:
+    """A data card's counts over conversations (``source``, ``family``, ``kind``, ``answers``, ``sampled``,
+    ``looped``, and ``recorded_tokens`` where shards give it): conversations, answer tokens and their shares per
+    source, families, kinds, second turns, sampled and loop-cut answers."""
     by_source: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     families: dict[str, set] = collections.defaultdict(set)
     kinds: collections.Counter = collections.Counter()
-    prompts = set()
-    for k in kept_answers(keep):
-        src = by_source[k.get("source", "unknown")]
+    for c in convs:
+        src = by_source[c.get("source", "unknown")]
         src["conversations"] += 1
-        src["two_turn"] += len(k["answers"]) > 1
-        src["sampled"] += bool(k.get("sampled"))
-        src["looped"] += bool(k.get("looped"))
-        src["answer_tokens"] += sum(len(a) for a in k["answers"])
-        families[k.get("source", "unknown")].add(k.get("family"))
-        kinds[k.get("kind", "unknown")] += 1
-        prompts.add(k["prompt_sha"])
+        src["two_turn"] += len(c["answers"]) > 1
+        src["sampled"] += bool(c.get("sampled"))
+        src["looped"] += bool(c.get("looped"))
+        src["answer_tokens"] += sum(len(a) for a in c["answers"])
+        if "recorded_tokens" in c:
+            src["recorded_tokens"] += c["recorded_tokens"]
+        families[c.get("source", "unknown")].add(c.get("family"))
+        kinds[c.get("kind", "unknown")] += 1
     total = sum(v["answer_tokens"] for v in by_source.values())
-    convs = sum(v["conversations"] for v in by_source.values())
-    return {"distinct_prompts": len(prompts), "conversations": convs, "answer_tokens": total,
+    convs_n = sum(v["conversations"] for v in by_source.values())
+    return {"conversations": convs_n, "answer_tokens": total,
             "two_turn": sum(v["two_turn"] for v in by_source.values()),
             "sampled": sum(v["sampled"] for v in by_source.values()),
             "kinds": dict(kinds.most_common()),
             "sources": {k: dict(v) | {"families": len(families[k]),
-                                      "share_of_conversations": round(v["conversations"] / max(1, convs), 4),
+                                      "share_of_conversations": round(v["conversations"] / max(1, convs_n), 4),
                                       "share_of_answer_tokens": round(v["answer_tokens"] / max(1, total), 4)}
                         for k, v in sorted(by_source.items())}}
+
+
+def kept_card(keep: Path) -> dict:
+    """The data card of what ``keep`` holds, read from the kept answers alone, so any machine gets the same one
+    (``tally``, plus the distinct prompts)."""
+    kept = kept_answers(keep)
+    return {"distinct_prompts": len({k["prompt_sha"] for k in kept})} | tally(kept)
 
 
 def write_kept_card(keep: Path) -> dict:
@@ -447,34 +454,18 @@ def stage_answers(args, tok: Tokens, prompts: list[dict], generate: bool = True)
 
 
 def stage_card(args, prompts: list[dict]) -> dict:
-    """Sources, kinds, conversations and tokens per source, and their shares."""
-    by_source: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    families: dict[str, set] = collections.defaultdict(set)
-    kinds: collections.Counter = collections.Counter()
-    for s in finished_shards(args.out):
-        starts = np.load(s / "starts.npy")
-        roles = np.load(s / "roles.npy")
-        for i, c in enumerate(json.loads((s / "convs.json").read_text())):
-            r = roles[starts[i]:starts[i + 1]]
-            src = by_source[c["source"]]
-            src["conversations"] += 1
-            src["two_turn"] += len(c["answers"]) > 1
-            src["sampled"] += bool(c.get("sampled"))
-            src["looped"] += bool(c.get("looped"))
-            src["answer_tokens"] += sum(len(a) for a in c["answers"])
-            src["recorded_tokens"] += len(r)
-            families[c["source"]].add(c["family"])
-            kinds[c["kind"]] += 1
-    total = sum(v["answer_tokens"] for v in by_source.values())
-    convs = sum(v["conversations"] for v in by_source.values())
-    card = {"prompts": len(prompts), "conversations": convs, "answer_tokens": total,
-            "recorded_tokens": sum(v["recorded_tokens"] for v in by_source.values()),
+    """Sources, kinds, conversations and tokens per source, and their shares, over the shards (``tally``)."""
+    def convs() -> Iterator[dict]:
+        for s in finished_shards(args.out):
+            starts = np.load(s / "starts.npy")
+            for i, c in enumerate(json.loads((s / "convs.json").read_text())):
+                yield c | {"recorded_tokens": int(starts[i + 1] - starts[i])}
+
+    counts = tally(convs())
+    card = {"prompts": len(prompts), "conversations": counts["conversations"], "answer_tokens": counts["answer_tokens"],
+            "recorded_tokens": sum(v.get("recorded_tokens", 0) for v in counts["sources"].values()),
             "feature_layers": list(FEATURE_LAYERS), "max_new_tokens": args.max_new_tokens,
-            "kinds": dict(kinds.most_common()),
-            "sources": {k: dict(v) | {"families": len(families[k]),
-                                      "share_of_conversations": round(v["conversations"] / max(1, convs), 4),
-                                      "share_of_answer_tokens": round(v["answer_tokens"] / max(1, total), 4)}
-                        for k, v in sorted(by_source.items())}}
+            "kinds": counts["kinds"], "sources": counts["sources"]}
     (args.out / "card.json").write_text(json.dumps(card, indent=1))
     return card
 
