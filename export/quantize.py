@@ -235,8 +235,8 @@ def write_rows_prefill_graph(path: Path) -> dict:
     the int8-rows graph prefilled the demo target's 1,024-token prompt in 0.83 s against 1.53 s for the int4 graph at
     fp32 compute (``write_prefill_graph``), taking turns on 2 cores of a Xeon with AMX.  The cost is disk and memory:
     a second set of weights (the demo target: 135 MB beside the int4 graph's 198 MB; the fp32 embedding table is
-    the target's, read from its file: ``share_tensors``).  Its cache entries are the int8-rows graph's numbers for the prompt, the int4 graph's for
-    everything decoded after it: ``compare_prefill_graph`` measures the difference at export."""
+    the target's, read from its file: ``share_tensors``).  Its cache entries are the int8-rows graph's numbers for
+    the prompt, the int4 graph's for everything decoded after it: ``compare_prefill_graph`` measures the difference at export."""
     out = path.with_name(path.stem + ".prefill.onnx")
     data = out.with_name(out.name + ".data")
     onnx.save_model(onnx.load(str(path)), str(out), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -287,7 +287,6 @@ def share_tensors(graph: Path, source: Path) -> int:
             if f.read(length) != t.raw_data:
                 continue
         t.ClearField("raw_data")
-        del t.external_data[:]
         for key, value in (("location", ext["location"]), ("offset", str(offset)), ("length", str(length))):
             t.external_data.add(key=key, value=value)
         t.data_location = onnx.TensorProto.EXTERNAL

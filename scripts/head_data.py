@@ -462,7 +462,8 @@ def stage_card(args, prompts: list[dict]) -> dict:
                 yield c | {"recorded_tokens": int(starts[i + 1] - starts[i])}
 
     counts = tally(convs())
-    card = {"prompts": len(prompts), "conversations": counts["conversations"], "answer_tokens": counts["answer_tokens"],
+    card = {"prompts": len(prompts), "conversations": counts["conversations"],
+            "answer_tokens": counts["answer_tokens"],
             "recorded_tokens": sum(v.get("recorded_tokens", 0) for v in counts["sources"].values()),
             "feature_layers": list(FEATURE_LAYERS), "max_new_tokens": args.max_new_tokens,
             "kinds": counts["kinds"], "sources": counts["sources"]}

@@ -113,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "prompts through on CPUs where that is faster (`--prefill-graph` of generate/bench/serve): "
                    "int8-rows (default) = the checkpoint quantized int8-rows in weights of its own (the demo target: "
                    "+135 MB; the embedding table is read from the target's file; integer GEMM, which runs on AMX: a "
-                   "1,024-token prompt's first token in 0.83 s against 1.53 s for level1 on a Xeon with AMX); level1 = the target's own weights file at fp32 compute "
-                   "(~100 KB; faster than int8 activations on CPUs without VNNI)")
+                   "1,024-token prompt's first token in 0.83 s against 1.53 s for level1 on a Xeon with AMX); level1 = "
+                   "the target's own weights file at fp32 compute (~100 KB; faster than int8 activations on CPUs "
+                   "without VNNI)")
     e.add_argument("--no-prefill-graph", action="store_true",
                    help="leave target.prefill.onnx out (smaller engine; every prefill runs through the target graph)")
     e.add_argument("--batch", action="store_true",
@@ -586,8 +587,8 @@ def _info(args) -> int:
 
             record = raw["prefill_graph"]
             use, why = use_prefill_graph("auto", scheme=spec.prefill_graph_scheme)
-            form = "int8-rows, weights of its own, the embedding table read from the target's" if spec.prefill_graph_scheme == "int8-rows" else \
-                f"accuracy level {record.get('accuracy_level')}"
+            form = "int8-rows, weights of its own, the embedding table read from the target's" \
+                if spec.prefill_graph_scheme == "int8-rows" else f"accuracy level {record.get('accuracy_level')}"
             print(f"        prefill graph {_printable(spec.prefill_graph.path.name)} ({form}) for prefill chunks of "
                   f"{PREFILL_GRAPH_MIN_ROWS}+ tokens: ONNX Runtime "
                   f"{'uses' if use else 'does not use'} it on this machine by default, {why} (--prefill-graph on | off)")

@@ -369,7 +369,8 @@ def test_share_tensors_stores_a_tensor_once_and_only_when_its_bytes_match(tmp_pa
     table = rng.standard_normal((64, 16)).astype(np.float32)
 
     def save(name: str, weight: np.ndarray) -> None:
-        nodes = [helper.make_node("Gather", ["table", "ids"], ["rows"]), helper.make_node("MatMul", ["rows", "w"], ["y"])]
+        nodes = [helper.make_node("Gather", ["table", "ids"], ["rows"]),
+                 helper.make_node("MatMul", ["rows", "w"], ["y"])]
         graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 16])],
                                   [numpy_helper.from_array(table, "table"), numpy_helper.from_array(weight, "w")])
