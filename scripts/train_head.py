@@ -41,6 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 import batch_gen  # scripts/ is not a package
+import head_data
 
 # new tokens per answer in the live benchmark (``benchmarks/head_acceptance.py --max-new-tokens``) that the held-out
 # evaluation's ``live`` replay mirrors
@@ -609,14 +610,22 @@ def export(args, cfg, head, draft_vocab, shards, eval_seqs, to_draft, step, seco
               "train_conversations": len(train_seqs), "held_out_conversations": len(eval_seqs),
               "parameters": count_params(weights), "held_out": ev, "curve": curve,
               "checkpoint": args.checkpoint if step else "none",
-              "data_cards": {str(d): json.loads((d / "card.json").read_text()) for d in args.data
-                             if (d / "card.json").is_file()},
+              "data_card": shards_card(shards),
               # the exported checkpoint's own training invocation (its last resume), then this export's
               "training_args": json_safe(trained_args or {}), "export_args": json_safe(vars(args))}
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     (out / "README.md").write_text(model_card(record, cfg, len(draft_vocab)))
     print(json.dumps({k: v for k, v in record.items() if k != "curve"}, indent=1))
     return 0
+
+
+def shards_card(shards: list[dict]) -> dict:
+    """The data card of the conversations in the shards this run read (``head_data.tally``), not of a ``card.json``
+    beside them: on a machine that holds part of the data, that file describes other shards or none."""
+    counts = head_data.tally(c for sh in shards for c in (sh["convs"] or []))
+    legacy = sum(len(sh["starts"]) - 1 for sh in shards if not sh["convs"])
+    return {k: counts[k] for k in ("conversations", "answer_tokens", "two_turn", "sampled", "kinds", "sources")} \
+        | {"legacy_conversations": legacy}
 
 
 def model_card(record: dict, cfg, vocab: int) -> str:
@@ -669,29 +678,39 @@ def model_card(record: dict, cfg, vocab: int) -> str:
                      + " / ".join(f"{a:.3f}" for a in c["acceptance_by_position"])
                      + f" | {c['tokens_per_pass'].get('4', c['tokens_per_pass'].get(4, 0)):.2f} | "
                      + (f"{replay['by_position'][0]:.3f} / {replay['tokens_per_pass']:.2f} |" if replay else "– |"))
-    cards = record.get("data_cards", {})
+    if "data_card" in record:
+        lines += data_card(record["data_card"])
+    cards = record.get("data_cards", {})  # records written before ``data_card``: the card.json of each --data
     for where, card in cards.items():
         lines += data_card(card, f"Data ({where})" if len(cards) > 1 else "Data")
     return "\n".join(lines) + "\n"
 
 
 def data_card(card: dict, title: str = "Data") -> list[str]:
-    """The data's sources and shares (``head_data.py --stage card``), as model-card lines."""
+    """The data's sources and shares, as model-card lines: a card of the shards a run read (``shards_card``) or,
+    in records written before it, a ``head_data.py`` card (which also counts the prompt list)."""
     sampled = sum(src["sampled"] for src in card["sources"].values()) / max(1, card["conversations"])
     two_turn = sum(src["two_turn"] for src in card["sources"].values()) / max(1, card["conversations"])
-    rest = card["prompts"] - card["conversations"]
     looped = sum(src.get("looped", 0) for src in card["sources"].values())
+    if "prompts" in card:
+        rest = card["prompts"] - card["conversations"]
+        what = (f"the answers to {card['conversations']:,} of the {card['prompts']:,} prompts in its prompt list "
+                "(after near-duplicate removal" + (f"; {rest:,} not answered yet, a rerun of `head_data.py` answers "
+                                                   "more" if rest > 0 else ""))
+    else:
+        what = "the conversations in the shards this run read (training and held out" + (
+            f"; {card['legacy_conversations']:,} more in shards that do not record their sources"
+            if card.get("legacy_conversations") else "")
     lines = ["", f"## {title}", "",
              (f"{card['conversations']:,} conversations written by the verifier itself ({1 - sampled:.0%} greedy, "
               f"{sampled:.0%} sampled at temperature 0.7; {two_turn:.0%} with a second user turn), "
-              f"{card['answer_tokens']:,} answer tokens: the answers to {card['conversations']:,} of the "
-              f"{card['prompts']:,} prompts in its prompt list (after near-duplicate removal"
-              + (f"; {rest:,} not answered yet, a rerun of `head_data.py` answers more" if rest > 0 else "")
+              f"{card['answer_tokens']:,} answer tokens: {what}"
               + (f"; {looped:,} answers ended after 32 tokens of repeating themselves, `--stop-loops`" if looped
                  else "")
-              + "). Its answers are committed as token ids in `engines/demo/head-data`: `make head-data` rebuilds the "
-              "data from them by teacher-forced passes and answers the rest (`scripts/head_data.py`, resumable, "
-              "hours on two cores); `make head-train` trains a head of this kind on it from scratch."), "",
+              + "). The whole data set's answers are committed as token ids in `engines/demo/head-data` (its "
+              "`card.json` gives every source's share): `make head-data` rebuilds the data from them by "
+              "teacher-forced passes and answers the rest (`scripts/head_data.py`, resumable, hours on two cores); "
+              "`make head-train` trains a head of this kind on it from scratch."), "",
              "| source | families | conversations | answer tokens | share of answer tokens | two turns | sampled |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, src in card["sources"].items():

@@ -125,3 +125,25 @@ def test_init_from_head_carries_each_output_row_to_its_token_in_a_new_vocabulary
         assert torch.all(rows[j] == 0.5)
     name = next(k for k in saved if k != "lm_head.weight")
     torch.testing.assert_close(dict(new.named_parameters())[name].detach(), saved[name].to(torch.float16).float())
+
+
+def test_the_model_card_describes_the_shards_the_run_read_not_a_card_beside_them():
+    def shard(convs: list[dict]) -> dict:
+        sh = _shard(list(range(sum(len(a) for c in convs for a in c["answers"]) + len(convs))))
+        return sh | {"convs": convs}
+
+    read = [shard([{"source": "magpie", "family": "a", "kind": "magpie", "answers": [[1, 2, 3]]},
+                   {"source": "manpages", "family": "ls", "kind": "code", "answers": [[4], [5, 6]], "sampled": True}]),
+            shard([{"source": "magpie", "family": "b", "kind": "magpie", "answers": [[7, 8]], "looped": True}]),
+            _shard([1, 2, 3, 4]) | {"convs": None}]  # a legacy shard: no sources recorded
+    card = train_head.shards_card(read)
+    assert (card["conversations"], card["answer_tokens"], card["legacy_conversations"]) == (3, 8, 1)
+    assert card["sources"]["magpie"]["answer_tokens"] == 5 and card["sources"]["magpie"]["families"] == 2
+    assert card["sources"]["manpages"]["two_turn"] == 1 and card["sampled"] == 1
+    text = "\n".join(train_head.data_card(card))
+    assert "3 conversations" in text and "8 answer tokens" in text and "the shards this run read" in text
+    assert "1 more in shards that do not record their sources" in text and "1 answers ended" in text
+    assert "| magpie | 2 | 2 | 5 | 62.5% |" in text
+    # a record written before shards_card: a head_data.py card, prompt list included
+    old = card | {"prompts": 5}
+    assert "of the 5 prompts in its prompt list" in "\n".join(train_head.data_card(old))
