@@ -622,10 +622,8 @@ def export(args, cfg, head, draft_vocab, shards, eval_seqs, to_draft, step, seco
 def shards_card(shards: list[dict]) -> dict:
     """The data card of the conversations in the shards this run read (``head_data.tally``), not of a ``card.json``
     beside them: on a machine that holds part of the data, that file describes other shards or none."""
-    counts = head_data.tally(c for sh in shards for c in (sh["convs"] or []))
     legacy = sum(len(sh["starts"]) - 1 for sh in shards if not sh["convs"])
-    return {k: counts[k] for k in ("conversations", "answer_tokens", "two_turn", "sampled", "kinds", "sources")} \
-        | {"legacy_conversations": legacy}
+    return head_data.tally(c for sh in shards for c in (sh["convs"] or [])) | {"legacy_conversations": legacy}
 
 
 def model_card(record: dict, cfg, vocab: int) -> str:
