@@ -332,30 +332,75 @@ def first_sources(jobs: list[batch_gen.Job], sources: Iterable[str] = ()) -> lis
     return sorted(jobs, key=lambda j: j.meta["source"] not in sources) if sources else jobs
 
 
-def balanced(jobs: Iterable[batch_gen.Job], answered: collections.Counter, cap: float = ANSWER_SHARE_CAP,
+class SourceShares:
+    """Answer tokens per source, counting the answers still being written: ``batch_gen.generate`` keeps dozens of
+    conversations in flight, and a share counted only at their end overshoots the cap by what they add.  A job in
+    flight counts as its source's mean answer so far (the mean over every source before its first answer)."""
+
+    def __init__(self, answered: collections.Counter | None = None,
+                 conversations: collections.Counter | None = None):
+        self.answered = collections.Counter(answered or {})  # answer tokens of finished conversations
+        self.finished = collections.Counter(conversations or {})
+        self.in_flight: collections.Counter = collections.Counter()
+
+    def start(self, source: str) -> None:
+        self.in_flight[source] += 1
+
+    def finish(self, source: str, tokens: int) -> None:
+        self.in_flight[source] -= 1
+        self.answered[source] += tokens
+        self.finished[source] += 1
+
+    def mean(self, source: str) -> float:
+        if self.finished[source]:
+            return self.answered[source] / self.finished[source]
+        done = sum(self.finished.values())
+        return sum(self.answered.values()) / done if done else 0.0
+
+    def expected(self, source: str) -> float:
+        return self.answered[source] + self.in_flight[source] * self.mean(source)
+
+    def total(self) -> float:
+        return sum(self.answered.values()) + sum(n * self.mean(s) for s, n in self.in_flight.items())
+
+
+def balanced(jobs: Iterable[batch_gen.Job], shares: SourceShares, cap: float = ANSWER_SHARE_CAP,
              after: int = BALANCE_AFTER) -> Iterator[batch_gen.Job]:
-    """``jobs`` in order, except that a job whose source holds more than ``cap`` of the answer tokens so far waits
-    until that source's share is under the cap again; what still waits when the list runs out comes last, the
-    least-represented source first.  ``answered`` (answer tokens per source) is the caller's: it adds each finished
-    conversation, and ``batch_gen.generate`` pulls the next job only when a slot frees, so the shares are current."""
+    """``jobs`` in order, except that a job whose source would hold more than ``cap`` of the answer tokens (those in
+    flight counted, ``SourceShares``) waits until its source is under the cap again.  When the list runs out, the
+    waiting jobs come least-represented source first, each only while its source stays under the cap; those that
+    never get under it are not answered (a message counts them): the cap is the data's promise, not a preference.
+    The caller reports each finished conversation (``shares.finish``); ``batch_gen.generate`` pulls the next job
+    only when a slot frees, so the shares are current at each pull."""
     waiting: dict[str, collections.deque] = collections.defaultdict(collections.deque)
 
     def over(source: str) -> bool:
-        total = sum(answered.values())
-        return total >= after and answered[source] > cap * total
+        total = shares.total()
+        return total >= after and shares.expected(source) > cap * total
+
+    def take(job: batch_gen.Job) -> batch_gen.Job:
+        shares.start(job.meta["source"])
+        return job
 
     for job in jobs:
         for source, queue in waiting.items():  # a source back under the cap: its oldest waiting job first
             if queue and not over(source):
-                yield queue.popleft()
+                yield take(queue.popleft())
         source = job.meta["source"]
         if over(source):
             waiting[source].append(job)
         else:
-            yield job
-    while any(waiting.values()):
-        source = min((s for s, q in waiting.items() if q), key=lambda s: answered[s])
-        yield waiting[source].popleft()
+            yield take(job)
+    while True:
+        under = [s for s, q in waiting.items() if q and not over(s)]
+        if not under:
+            break
+        yield take(waiting[min(under, key=shares.expected)].popleft())
+    left = {s: len(q) for s, q in waiting.items() if q}
+    if left:
+        print(f"{sum(left.values())} prompts not answered: their sources hold {cap:.0%} of the answer tokens "
+              f"({', '.join(f'{s} {n}' for s, n in sorted(left.items()))}); answers of other sources let them in",
+              file=sys.stderr)
 
 
 def stage_answers(args, tok: Tokens, prompts: list[dict], generate: bool = True) -> None:
@@ -422,12 +467,15 @@ def stage_answers(args, tok: Tokens, prompts: list[dict], generate: bool = True)
         return
     jobs = first_sources([j for j in (job_for(p, tok, args, sampled[p["id"]]) for p in todo) if j is not None],
                          args.first)
-    answered = collections.Counter()  # answer tokens per source, for ``balanced``
+    answered, conversations = collections.Counter(), collections.Counter()  # per source, for ``balanced``
     for s in finished_shards(args.out):
         for c in json.loads((s / "convs.json").read_text()):
             answered[c["source"]] += sum(len(a) for a in c["answers"])
+            conversations[c["source"]] += 1
     for k, p in unbuilt:
         answered[p["source"]] += sum(len(a) for a in k["answers"])
+        conversations[p["source"]] += 1
+    shares = SourceShares(answered, conversations)
     keep = (lambda items: keep_answers(args.keep, by_id, [{"id": d.job.key, **d.job.meta, "answers": d.answers,
                                                            "looped": d.looped} for d in items])) if args.keep else None
     writer = ShardWriter(args.out, next_index, keep)
@@ -438,12 +486,12 @@ def stage_answers(args, tok: Tokens, prompts: list[dict], generate: bool = True)
     # shard); only the conversations still being written are lost, and a rerun answers them again
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        for d in batch_gen.generate(target, balanced(jobs, answered), args.max_new_tokens, tok.eos,
+        for d in batch_gen.generate(target, balanced(jobs, shares), args.max_new_tokens, tok.eos,
                                     turn_end=tok.turn_end, top_k=TOP_K, seed=args.seed,
                                     stop_repeats=args.stop_loops):
             writer.add(d)
             tokens += sum(len(a) for a in d.answers)
-            answered[d.job.meta["source"]] += sum(len(a) for a in d.answers)
+            shares.finish(d.job.meta["source"], sum(len(a) for a in d.answers))
             bar(1)
             bar.bar.set_postfix(answer_tok_s=f"{tokens / (time.time() - t0):.0f}")
     except KeyboardInterrupt:

@@ -19,32 +19,57 @@ def _job(i: int, source: str) -> batch_gen.Job:
     return batch_gen.Job(f"{source}-{i}", [1, 2, 3], [], meta={"source": source})
 
 
-def _answer(jobs, lengths: dict[str, int], answered: collections.Counter, cap: float, after: int) -> list[str]:
-    """Run ``balanced`` as the answers stage does: each job pulled is answered at once with its source's length."""
-    order = []
-    for job in head_data.balanced(jobs, answered, cap=cap, after=after):
-        source = job.meta["source"]
-        answered[source] += lengths[source]
-        order.append(source)
+def _answer(jobs, lengths: dict[str, int], shares: head_data.SourceShares, cap: float, after: int,
+            slots: int = 1) -> list[str]:
+    """Run ``balanced`` as the answers stage does: ``slots`` conversations in flight, each pulled job answered
+    (with its source's length) when ``slots`` more have been pulled after it, the rest at the end."""
+    order, flight = [], collections.deque()
+    for job in head_data.balanced(jobs, shares, cap=cap, after=after):
+        order.append(job.meta["source"])
+        flight.append(job.meta["source"])
+        if len(flight) == slots:  # the oldest in flight finishes, freeing the slot the next pull fills
+            source = flight.popleft()
+            shares.finish(source, lengths[source])
+    while flight:
+        source = flight.popleft()
+        shares.finish(source, lengths[source])
     return order
 
 
-def test_a_source_with_long_answers_waits_and_every_job_still_comes():
+def _shares(order: list[str], lengths: dict[str, int]) -> dict[str, float]:
+    tokens = collections.Counter()
+    for s in order:
+        tokens[s] += lengths[s]
+    return {s: n / sum(tokens.values()) for s, n in tokens.items()}
+
+
+def test_a_source_with_long_answers_waits_and_never_passes_the_cap():
     # "code" answers 5x longer than the others, and a third of the list is code: in list order it would hold
     # 5 / (5 + 2) = 71% of the answer tokens
     sources = ["code", "chat", "maths"]
     jobs = [_job(i, sources[i % 3]) for i in range(300)]
     lengths = {"code": 500, "chat": 100, "maths": 100}
-    answered = collections.Counter()
-    order = _answer(jobs, lengths, answered, cap=0.4, after=1000)
-    assert sorted(order) == sorted(j.meta["source"] for j in jobs)  # nothing lost, nothing twice
-    # while the other sources last, code stays near the cap (one conversation over it at most)
-    first = order[:200]
-    tokens = collections.Counter()
-    for s in first:
-        tokens[s] += lengths[s]
-    assert tokens["code"] / sum(tokens.values()) < 0.4 + 500 / sum(tokens.values())
-    assert order[-1] == "code"  # what waited comes last
+    order = _answer(jobs, lengths, head_data.SourceShares(), cap=0.4, after=1000)
+    assert order.count("chat") == order.count("maths") == 100  # the sources under the cap: every job
+    assert 0 < order.count("code") < 100  # code: what the cap lets in, the rest not answered
+    # one conversation over the cap at most, while the other sources last and after
+    assert _shares(order, lengths)["code"] <= 0.4 + 500 / sum(lengths[s] for s in order)
+
+
+def test_answers_in_flight_count_so_many_slots_do_not_overshoot_the_cap():
+    # 32 conversations in flight, as batch_gen runs them: counted only when finished, "code" would be pulled 32
+    # times past the cap before the first of them lands
+    sources = ["code", "chat", "maths", "docs"]
+    jobs = [_job(i, sources[i % 4]) for i in range(2000)]
+    lengths = {"code": 400, "chat": 100, "maths": 100, "docs": 100}
+    order = _answer(jobs, lengths, head_data.SourceShares(), cap=0.3, after=1000, slots=32)
+    assert _shares(order, lengths)["code"] <= 0.3 + 400 / sum(lengths[s] for s in order)
+    unweighted = head_data.SourceShares()  # the same run were in-flight answers not counted: it does overshoot
+    unweighted.start = lambda source: None
+    unweighted.finish = lambda source, tokens: (unweighted.answered.update({source: tokens}),
+                                                unweighted.finished.update({source: 1}))
+    order = _answer(jobs, lengths, unweighted, cap=0.3, after=1000, slots=32)
+    assert _shares(order, lengths)["code"] > 0.3 + 400 / sum(lengths[s] for s in order)
 
 
 def test_first_sources_come_first_each_in_its_own_order():
@@ -55,15 +80,20 @@ def test_first_sources_come_first_each_in_its_own_order():
 
 def test_the_list_order_is_kept_when_no_source_is_over():
     jobs = [_job(i, s) for i, s in enumerate(["a", "b", "c", "d"] * 25)]
-    order = _answer(jobs, {s: 10 for s in "abcd"}, collections.Counter(), cap=0.3, after=0)
+    order = _answer(jobs, {s: 10 for s in "abcd"}, head_data.SourceShares(), cap=0.3, after=50)
     assert order == ["a", "b", "c", "d"] * 25
 
 
 def test_shares_count_from_what_was_answered_before():
-    # an earlier run left "a" far over the cap: its jobs wait behind every other one
+    # an earlier run left "a" at 10,000 answer tokens and "b" at none: "a" waits until five of "b"'s answers
+    # bring it under 70%, then every job comes
     jobs = [_job(i, s) for i, s in enumerate(["a", "b"] * 10)]
-    order = _answer(jobs, {"a": 10, "b": 10}, collections.Counter(a=10_000), cap=0.5, after=100)
-    assert order == ["b"] * 10 + ["a"] * 10
+    before = head_data.SourceShares(collections.Counter(a=10_000), collections.Counter(a=10_000))
+    order = _answer(jobs, {"a": 1, "b": 1_000}, before, cap=0.7, after=100)
+    assert order[:5] == ["b"] * 5 and sorted(order) == ["a"] * 10 + ["b"] * 10
+    # nothing to bring it under: its jobs are not answered
+    before = head_data.SourceShares(collections.Counter(a=10_000), collections.Counter(a=10_000))
+    assert _answer(jobs, {"a": 1, "b": 10}, before, cap=0.7, after=100) == ["b"] * 10
 
 
 class _CyclingTarget:
