@@ -366,17 +366,17 @@ class SourceShares:
 
 def balanced(jobs: Iterable[batch_gen.Job], shares: SourceShares, cap: float = ANSWER_SHARE_CAP,
              after: int = BALANCE_AFTER) -> Iterator[batch_gen.Job]:
-    """``jobs`` in order, except that a job whose source would hold more than ``cap`` of the answer tokens (those in
-    flight counted, ``SourceShares``) waits until its source is under the cap again.  When the list runs out, the
+    """``jobs`` in order, except that a job whose answer would take its source past ``cap`` of the answer tokens
+    (those in flight counted, ``SourceShares``) waits until there is room again.  When the list runs out, the
     waiting jobs come least-represented source first, each only while its source stays under the cap; those that
     never get under it are not answered (a message counts them): the cap is the data's promise, not a preference.
     The caller reports each finished conversation (``shares.finish``); ``batch_gen.generate`` pulls the next job
     only when a slot frees, so the shares are current at each pull."""
     waiting: dict[str, collections.deque] = collections.defaultdict(collections.deque)
 
-    def over(source: str) -> bool:
-        total = shares.total()
-        return total >= after and shares.expected(source) > cap * total
+    def over(source: str) -> bool:  # were one more of its jobs started now (at its mean length)
+        total, mean = shares.total(), shares.mean(source)
+        return total >= after and shares.expected(source) + mean > cap * (total + mean)
 
     def take(job: batch_gen.Job) -> batch_gen.Job:
         shares.start(job.meta["source"])
