@@ -57,8 +57,9 @@ TOP_K = 8
 SHARD_TOKENS = 1 << 15  # ~70 conversations: a hard stop (power, SIGKILL) loses at most one shard
 PROMPT_TAIL = 256  # prompt tokens recorded before the answer (the runtime head reads a window of 256)
 # The prompt list caps each source at 10% of the prompts, but answers' lengths differ by source (code and docs run
-# long: 240 tokens a conversation against fortunes' 130), so what is trained on is capped too: a source past this
-# share of the answer tokens waits (``balanced``).  Not before this many answer tokens: early shares are noise.
+# long: 240 tokens a conversation against fortunes' 130), so what is trained on is capped too: a job whose answer
+# would take its source past this share of the answer tokens, counting those in flight, waits (``balanced``).  Not
+# before this many answer tokens: early shares are noise.
 ANSWER_SHARE_CAP = 0.10
 BALANCE_AFTER = 20_000
 
@@ -368,8 +369,10 @@ def balanced(jobs: Iterable[batch_gen.Job], shares: SourceShares, cap: float = A
              after: int = BALANCE_AFTER) -> Iterator[batch_gen.Job]:
     """``jobs`` in order, except that a job whose answer would take its source past ``cap`` of the answer tokens
     (those in flight counted, ``SourceShares``) waits until there is room again.  When the list runs out, the
-    waiting jobs come least-represented source first, each only while its source stays under the cap; those that
-    never get under it are not answered (a message counts them): the cap is the data's promise, not a preference.
+    waiting jobs come least-represented source first, each only while its source has room; the first time none has,
+    the rest are not answered (a message counts them; the answers still in flight may make room, for a rerun): the
+    cap is the data's promise, not a preference.  With a cap of 1/N, N sources or fewer at equal shares never have
+    room for one more: the cap is meant for many sources (``ANSWER_SHARE_CAP``, ~20 here).
     The caller reports each finished conversation (``shares.finish``); ``batch_gen.generate`` pulls the next job
     only when a slot frees, so the shares are current at each pull."""
     waiting: dict[str, collections.deque] = collections.defaultdict(collections.deque)
@@ -398,9 +401,9 @@ def balanced(jobs: Iterable[batch_gen.Job], shares: SourceShares, cap: float = A
         yield take(waiting[min(under, key=shares.expected)].popleft())
     left = {s: len(q) for s, q in waiting.items() if q}
     if left:
-        print(f"{sum(left.values())} prompts not answered: their sources hold {cap:.0%} of the answer tokens "
-              f"({', '.join(f'{s} {n}' for s, n in sorted(left.items()))}); answers of other sources let them in",
-              file=sys.stderr)
+        print(f"{sum(left.values())} prompts not answered: each would take its source past {cap:.0%} of the answer "
+              f"tokens ({', '.join(f'{s} {n}' for s, n in sorted(left.items()))}); a rerun answers them once other "
+              "sources' answers make room", file=sys.stderr)
 
 
 def stage_answers(args, tok: Tokens, prompts: list[dict], generate: bool = True) -> None:

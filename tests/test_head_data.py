@@ -61,8 +61,10 @@ def test_answers_in_flight_count_so_many_slots_do_not_overshoot_the_cap():
     sources = ["code", "chat", "maths", "docs"]
     jobs = [_job(i, sources[i % 4]) for i in range(2000)]
     lengths = {"code": 400, "chat": 100, "maths": 100, "docs": 100}
-    order = _answer(jobs, lengths, head_data.SourceShares(), cap=0.3, after=1000, slots=32)
+    shares = head_data.SourceShares()
+    order = _answer(jobs, lengths, shares, cap=0.3, after=1000, slots=32)
     assert _shares(order, lengths)["code"] <= 0.3
+    assert not +shares.in_flight  # every job pulled was counted finished: nothing left in flight
     unweighted = head_data.SourceShares()  # the same run were in-flight answers not counted: it does overshoot
     unweighted.start = lambda source: None
     unweighted.finish = lambda source, tokens: (unweighted.answered.update({source: tokens}),
