@@ -21,11 +21,13 @@ from specrt.runtime.sampling import SamplingParams
 from specrt.runtime.tree import Tree, merge
 
 MODEL_DEPTH = 2  # how deep the model's branches go in a hybrid tree: each level is a draft step per branch
-# A feature head's branches stop at its first position: the runners-up beside the greedy first token come from
-# the logits the head computed while following the last commit, so they cost no head call; a second level
-# costs one.  Measured on Spec-Bench (docs/drafters.md, "Trees"): depth 1 drafts 2.29 tokens/pass at 42.5 tok/s,
-# depth 2 2.40 at 39.2 (each against the ngram+recycle chain in its own run: 41.6-42.7 tok/s).
-HEAD_DEPTH = 1
+# A feature head's branches: its greedy chain this deep, a runner-up beside each node.  The first level comes from
+# the logits the head computed while following the last commit (no head call); each further level costs one
+# (~1 ms).  Measured on Spec-Bench dev, one run taking turns prompt by prompt (docs/drafters.md, "Trees"): with
+# the current head, depth 1 / 2 / 3 drafted 2.25 / 2.42 / 2.45 tokens per pass at 1.41x / 1.45x / 1.46x; an
+# earlier, weaker head gained too little for the calls (depth 1 1.44x, 2-4 1.42-1.43x).  2: within 1% of 3 in two
+# runs, one head call less.
+HEAD_DEPTH = 2
 
 
 class HybridDrafter(Drafter):

@@ -216,11 +216,14 @@ def test_a_head_tree_costs_its_chains_head_calls_and_no_more():
         assert probs[2] < MIN_BRANCH_P < probs[1]
 
 
-def test_a_hybrid_tree_takes_the_heads_first_position_only_at_no_head_call():
-    """HEAD_DEPTH = 1: beside the context's matches, the head's first choice and its runners-up, all read from
-    the logits of the last commit -- a hybrid tree pass makes no head call of its own."""
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_a_hybrid_tree_takes_the_heads_chain_depth_deep_at_one_head_call_a_level_past_the_first(monkeypatch, depth):
+    """``HEAD_DEPTH``: beside the context's matches, the head's greedy chain that deep with a runner-up beside each
+    node; the first level is read from the logits of the last commit (no head call), each further level costs one."""
+    from specrt.runtime import drafters
     from specrt.runtime.drafters import DrafterOptions, make_drafter
 
+    monkeypatch.setattr(drafters, "HEAD_DEPTH", depth)
     head = CountingHead()
     head.spec.kind = "feature-head"
     d = make_drafter("hybrid", DrafterOptions(), head, vocab_map=np.arange(100, 100 + CountingHead.V),
@@ -229,8 +232,10 @@ def test_a_hybrid_tree_takes_the_heads_first_position_only_at_no_head_call():
     d.model._logits, d.model.length = head.forward(np.array([100]), 0, inputs={})[0], 1
     head.calls = 0
     p = d.propose_tree(4, 32, SamplingParams(), np.random.default_rng(0))
-    assert head.calls == 0 and d.last_source == "eagle"
-    assert p.token_ids.tolist() == [101, 102] and p.parents.tolist() == [-1, -1]
+    assert head.calls == depth - 1 and d.last_source == "eagle"
+    chain_parents = [-1] + [2 * level for level in range(depth - 1)]  # chain node l sits at row 2l
+    assert p.token_ids.tolist() == [t for level in range(depth) for t in (101 + level, 102 + level)]
+    assert p.parents.tolist() == [q for parent in chain_parents for q in (parent, parent)]
 
 
 @pytest.mark.parametrize("window", [1, 3, 11, None])
