@@ -455,16 +455,25 @@ def stage_answers(args, tok: Tokens, prompts: list[dict], generate: bool = True)
         return
     target = load_target(args)
     next_index = int(shards[-1].name.split("_")[1]) + 1 if shards else 0
+    # Ctrl-C or a kill (SIGTERM) stops between conversations and keeps every finished one (a shorter last shard);
+    # a rerun goes on from there
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if replayable:  # the answers are in git: rebuild their shards by teacher-forced passes, no generation
         writer = ShardWriter(args.out, next_index)
         bar = Progress(len(replayable), "rebuild from kept answers")
-        for k, p in replayable:
-            job = job_for(p, tok, args, k["sampled"])
-            d = batch_gen.replay(target, job, k["answers"], TOP_K, looped=bool(k.get("looped"))) if job else None
-            if d is not None:
-                writer.add(d)
-            bar(1)
-        writer.flush()
+        try:
+            for k, p in replayable:
+                job = job_for(p, tok, args, k["sampled"])
+                d = batch_gen.replay(target, job, k["answers"], TOP_K, looped=bool(k.get("looped"))) if job else None
+                if d is not None:
+                    writer.add(d)
+                bar(1)
+        except KeyboardInterrupt:
+            print(f"\nstopped: keeping the {len(writer.items)} conversations rebuilt since the last shard; rerun to "
+                  "resume", file=sys.stderr)
+            return
+        finally:
+            writer.flush()
         next_index = writer.index
     if not generate:
         return
@@ -485,9 +494,7 @@ def stage_answers(args, tok: Tokens, prompts: list[dict], generate: bool = True)
     print(f"{len(done) + len(replayable) + len(unbuilt)} conversations done; {len(jobs)} to go", file=sys.stderr)
     bar = Progress(len(jobs), "verifier answers")
     t0, tokens = time.time(), 0
-    # Ctrl-C or a kill (SIGTERM) stops between passes and keeps every finished conversation (a shorter last
-    # shard); only the conversations still being written are lost, and a rerun answers them again
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # the same for answering: only the conversations still being written are lost, and a rerun answers them again
     try:
         for d in batch_gen.generate(target, balanced(jobs, shares), args.max_new_tokens, tok.eos,
                                     turn_end=tok.turn_end, top_k=TOP_K, seed=args.seed,
