@@ -29,10 +29,13 @@ from specrt.runtime import Engine
 setup = json.loads(sys.stdin.readline())
 engine = Engine.load(setup["engine"])
 import specrt
+from specrt.runtime.request import Request
+# every prompt prefilled afresh, on both sides (a commit without prefix reuse has no field to turn it off)
+fresh = {"reuse_prefix": False} if "reuse_prefix" in Request.__dataclass_fields__ else {}
 print(json.dumps({"ready": True, "version": specrt.__file__}), flush=True)
 for line in sys.stdin:
     req = json.loads(line)
-    r = engine.generate(req["ids"], **req["params"])
+    r = engine.generate(req["ids"], **req["params"], **fresh)
     print(json.dumps({"ids": r.token_ids, "seconds": r.stats.total_s}), flush=True)
 '''
 
@@ -74,7 +77,7 @@ def main() -> int:
     configs = a.config or ["target-only", "ngram:8:adaptive"]
     from specrt.runtime.request import Request
 
-    # this tree prefills every prompt afresh, as the older commit does (it has no prefix reuse to turn off)
+    # this tree prefills every prompt afresh, as the worker does
     fresh = {"reuse_prefix": False} if "reuse_prefix" in Request.__dataclass_fields__ else {}
     engine = Engine.load(a.engine)
     questions = spec_bench.load_questions(a.questions)[:a.limit]
