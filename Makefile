@@ -75,6 +75,9 @@ OPENVINO_VENV := .cache/openvino-venv
 # to INPUTS (a draft or head folder), so a .cache built by an older checkout is exported again, as `make demo` does
 current = test -f $(1)/manifest.json && test -z "$$(find export -name '*.py' -newer $(1)/manifest.json; find $(2) -type f -newer $(1)/manifest.json)"
 SPEC_BENCH ?= ../shared/benchmarks/spec_bench/dev.jsonl
+# the suffix drafter's datastore: the verifier's committed answers (engines/demo/head-data) as a continuation table,
+# shipped in the int8-rows engine, where it measured fastest
+DATASTORE := .cache/datastore/answers.npz
 peers-setup:
 	mkdir -p .cache/genai .cache/openvino
 	test -x $(GENAI_VENV)/bin/python || $(PYTHON) -m venv $(GENAI_VENV)
@@ -83,7 +86,8 @@ peers-setup:
 	$(call current,.cache/demo/engine-dq4,engines/demo/draft) || $(SPECRT) export $(DEMO_PAIR) --out .cache/demo/engine-dq4 --draft-quant int4
 	$(call current,.cache/demo/engine-int4,engines/demo/draft) || $(SPECRT) export $(DEMO_PAIR) --out .cache/demo/engine-int4 --quant int4
 	$(call current,.cache/demo/engine-eagle,engines/demo/head) || $(SPECRT) export $(HEAD_PAIR) --out .cache/demo/engine-eagle
-	$(call current,.cache/demo/engine-q8,engines/demo/head) || $(SPECRT) export $(HEAD_PAIR) --out .cache/demo/engine-q8 --quant
+	test -f $(DATASTORE) && test -z "$$(find engines/demo/head-data scripts/build_datastore.py -newer $(DATASTORE))" || $(PYTHON) scripts/build_datastore.py --data engines/demo/head-data --out $(DATASTORE)
+	$(call current,.cache/demo/engine-q8,engines/demo/head $(DATASTORE)) || $(SPECRT) export $(HEAD_PAIR) --out .cache/demo/engine-q8 --quant --datastore $(DATASTORE)
 	$(call current,.cache/demo/engine-int4-eagle,engines/demo/head) || $(SPECRT) export $(HEAD_PAIR) --out .cache/demo/engine-int4-eagle --quant int4
 	test -x $(OPENVINO_VENV)/bin/python || $(PYTHON) -m venv $(OPENVINO_VENV)
 	$(OPENVINO_VENV)/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 openvino-genai==2026.4.1.0 "optimum-intel[openvino]"
@@ -102,11 +106,11 @@ bench-steps: peers-setup
 
 ## Spec-Bench (48 questions, 6 categories), one run: the demo pair (draft model, n-gram chain and tree of 32, suffix,
 ## hybrid chain and tree of 32, ngram+recycle chain and tree of 32), the EAGLE head on the fp32 target (alone, hybrid
-## chain and tree of 32) and the int8-rows target
-## (ngram+recycle on int8-rows), n-gram and hybrid on int4, target-only on each, beside
+## chain and tree of 32) and the int8-rows target (the head alone, n-gram, suffix with the engine's datastore, hybrid
+## chain, ngram+recycle), n-gram and hybrid on int4, target-only on each, beside
 ## onnxruntime-genai int4 and OpenVINO GenAI int4 (plain, prompt lookup, draft model)
 bench-spec: peers-setup
-	$(SPECRT) bench .cache/demo/engine --spec-bench $(SPEC_BENCH) --also-engine .cache/demo/engine-eagle --also-engine .cache/demo/engine-q8 --also-engine .cache/demo/engine-int4-eagle --k 8 --policy adaptive --engine-drafters model,ngram,ngram@32,suffix,hybrid,hybrid@32,ngram+recycle,ngram+recycle@32 --engine-drafters eagle,hybrid,hybrid@32 --engine-drafters eagle,ngram,hybrid,ngram+recycle --engine-drafters ngram,hybrid --genai-model .cache/genai/int4 --genai-python $(GENAI_VENV)/bin/python --openvino-model .cache/openvino/int4 --openvino-draft .cache/openvino/draft --openvino-python $(OPENVINO_VENV)/bin/python --repeats 1 --max-new-tokens 96 --report .cache/demo/spec_bench.md
+	$(SPECRT) bench .cache/demo/engine --spec-bench $(SPEC_BENCH) --also-engine .cache/demo/engine-eagle --also-engine .cache/demo/engine-q8 --also-engine .cache/demo/engine-int4-eagle --k 8 --policy adaptive --engine-drafters model,ngram,ngram@32,suffix,hybrid,hybrid@32,ngram+recycle,ngram+recycle@32 --engine-drafters eagle,hybrid,hybrid@32 --engine-drafters eagle,ngram,suffix,hybrid,ngram+recycle --engine-drafters ngram,hybrid --genai-model .cache/genai/int4 --genai-python $(GENAI_VENV)/bin/python --openvino-model .cache/openvino/int4 --openvino-draft .cache/openvino/draft --openvino-python $(OPENVINO_VENV)/bin/python --repeats 1 --max-new-tokens 96 --report .cache/demo/spec_bench.md
 
 ## int4 verifier + draft engine (ONNX Runtime MatMulNBits), then its bench
 demo-int4:

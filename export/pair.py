@@ -46,6 +46,9 @@ TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "added_tokens.json"}
 
 
+DATASTORE_FILE = "datastore.npz"
+
+
 class ExportError(SpecrtError, RuntimeError):
     """Export failed; the output directory was left untouched."""
 
@@ -55,6 +58,18 @@ class ExportReport:
     out: Path
     max_abs_diff: dict[str, dict[str, float]] = field(default_factory=dict)
     text_drift: dict[str, dict[str, float]] = field(default_factory=dict)  # quantized models on held-out text
+
+
+def _check_datastore(path: Path, vocab_size: int):
+    """The datastore at ``path``, read and checked now (before minutes of export) against the target's vocabulary."""
+    from specrt.runtime.drafters import Datastore
+
+    try:
+        store = Datastore.load(path, vocab_size)
+        store.arrays()
+    except SpecrtError as e:
+        raise ExportError(f"--datastore: {e}") from None
+    return store
 
 
 def draft_default_quant(quant: str, draft_head: str | Path | None) -> str:
@@ -72,7 +87,7 @@ def export_pair(target: str | Path, draft: str | Path | None, out: str | Path, *
                 target_quant: str | None = None, draft_quant: str | None = None, block_size: int = 32,
                 accuracy_level: int = 4, draft_accuracy_level: int = 4, attention: str = "auto",
                 draft_head: str | Path | None = None, tree: bool = True, batch: bool = False,
-                prefill_graph: str | None = "int8-rows") -> ExportReport:
+                prefill_graph: str | None = "int8-rows", datastore: str | Path | None = None) -> ExportReport:
     """Export ``target`` (the verification model) and ``draft`` into the engine directory ``out``.
 
     ``draft=None`` writes a target-only engine: it runs the context drafters (ngram, suffix) and
@@ -100,6 +115,10 @@ def export_pair(target: str | Path, draft: str | Path | None, out: str | Path, *
     ``int8-rows`` (default) the checkpoint quantized int8-rows, in a weights file of its own
     (``quantize.write_rows_prefill_graph``: integer GEMM, which runs on AMX); ``level1`` the target's own weights file
     at fp32 compute (``quantize.write_prefill_graph``); None, none.
+    ``datastore``: an ``.npz`` from ``scripts/build_datastore.py`` (the target's own answers as a continuation
+    table), checked against the target's vocabulary and copied in as ``datastore.npz``: the ``suffix`` drafter
+    then drafts from it by default, and ``suffix`` replaces ``ngram`` as the engine's default drafter
+    (``runtime.engine.request_defaults``).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -142,6 +161,7 @@ def export_pair(target: str | Path, draft: str | Path | None, out: str | Path, *
     t_cfg = configs["target"]
     limit = min(getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 1 << 30
                 for c in configs.values())
+    store = _check_datastore(Path(datastore), t_cfg.vocab_size) if datastore is not None else None
     max_context = max_context or min(DEFAULT_MAX_CONTEXT, limit)
     if max_context > limit:
         raise ValueError(f"--max-context {max_context} exceeds the models' position limit {limit}")
@@ -266,6 +286,11 @@ def export_pair(target: str | Path, draft: str | Path | None, out: str | Path, *
             elif (tmp / name).is_file():  # e.g. a slow tokenizer's model file: not needed at run time
                 (tmp / name).unlink()
         tok_files = sorted(set(tok_files))
+        if store is not None:
+            shutil.copyfile(store.path, tmp / DATASTORE_FILE)
+            manifest["datastore"] = {"file": DATASTORE_FILE, "ngram_max": store.ngram_max,
+                                     "min_count": store.min_count, "entries": len(store),
+                                     "source": Path(datastore).name[:200]}
         for p in tmp.iterdir():
             p.chmod(0o644)
         if "tokenizer.json" not in tok_files:

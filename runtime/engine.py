@@ -78,15 +78,19 @@ class Stream:
 # of 32 with adaptive k up to 8 was the fastest fp32 row; a target that quantizes activations to int8 verifies
 # chains only (``trees_lossless``), and n-gram was its fastest drafter.  The adaptive policy drafts nothing where
 # drafting does not pay (a chat answer that repeats nothing: measured no slower than target-only beyond noise).
+# An engine that carries a datastore of the target's own answers (``manifest.datastore``) drafts with ``suffix``
+# where these say ``ngram``: on the int8-rows demo target, suffix with the datastore ran 6% faster than n-gram
+# (docs/drafters.md, "A datastore of the target's answers"); on fp32 it was within noise of n-gram.
 DEFAULTS = {"model": {"drafter": "ngram", "k": 8, "policy": "adaptive", "tree_nodes": 0},
             "feature-head": {"drafter": "hybrid", "k": 8, "policy": "adaptive", "tree_nodes": 32},
             None: {"drafter": "ngram", "k": 8, "policy": "adaptive", "tree_nodes": 0}}
 
 
-def request_defaults(manifest: Manifest, trees: bool | None = None) -> dict:
+def request_defaults(manifest: Manifest, trees: bool | None = None, datastore: bool | None = None) -> dict:
     """Drafter, k, policy and tree size for a request that names none: measured on Spec-Bench (``DEFAULTS``, per
     draft kind); chains, and n-gram instead of the hybrid, where the target verifies chains only (``trees``: whether
-    this engine takes lossless tree passes; default: what the manifest says)."""
+    this engine takes lossless tree passes; default: what the manifest says); ``suffix`` instead of n-gram where a
+    datastore is loaded (``datastore``; default: whether the manifest ships one)."""
     kind = manifest.draft.kind if manifest.draft is not None else None
     integer = invariance.integer_activations(manifest.target.raw.get("quantization"))
     if trees is None:
@@ -98,6 +102,8 @@ def request_defaults(manifest: Manifest, trees: bool | None = None) -> dict:
         d["tree_nodes"] = 0
         if d["drafter"] == "hybrid" and integer:
             d["drafter"] = "ngram"
+    if d["drafter"] == "ngram" and (manifest.datastore is not None if datastore is None else datastore):
+        d["drafter"] = "suffix"
     return d
 
 
@@ -173,7 +179,8 @@ class Engine:
     @property
     def defaults(self) -> dict:
         """What a request that leaves them unset gets (``request_defaults``); chains on a batching engine."""
-        return request_defaults(self.manifest, trees=self.trees_lossless and self.batcher is None)
+        return request_defaults(self.manifest, trees=self.trees_lossless and self.batcher is None,
+                                datastore=self.datastore is not None)
 
     @property
     def default_drafter(self) -> str:
@@ -189,7 +196,7 @@ class Engine:
     def load(cls, path: str | Path, backend: str = "onnxruntime", threads: int | None = None,
              draft_threads: int | None = None, spin: bool = True, check_hashes: bool = True,
              check_invariance: bool = True, device: int = 0, cuda_graphs: bool = True,
-             max_batch: int = 1, datastore: str | Path | None = None, prefill_graph: str = "auto",
+             max_batch: int = 1, datastore: str | Path | bool | None = None, prefill_graph: str = "auto",
              attention_kernel: str = "auto") -> Engine:
         """Validate the manifest (schema + SHA-256 of every file) and open the models.
 
@@ -205,7 +212,8 @@ class Engine:
         from the target's batch graph (an engine exported with ``--batch``; ``runtime/batch.py``): their one-token
         steps share passes, and each still speculates alone where that yields more; trees are off.  ``datastore``:
         an ``.npz`` from ``scripts/build_datastore.py`` (``runtime/drafters/datastore.py``) that the ``suffix``
-        drafter consults where its live cache knows less; read and checked on the first suffix generation.
+        drafter consults where its live cache knows less; read and checked on the first suffix generation.  None
+        (default): the engine's own, if its directory ships one (``specrt export --datastore``); False: none.
         ``prefill_graph`` (auto | on | off; ONNX Runtime only): run prompts' prefill chunks through the target's
         prefill graph where the engine has one (an int4 export: the checkpoint at int8-rows in weights of its own,
         or the same weights at fp32 compute); ``auto`` does so on CPUs where that was measured faster
@@ -220,7 +228,9 @@ class Engine:
             raise GenerationError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         manifest = load_manifest(path, check_hashes=check_hashes)
         # a missing file fails here, before the models open; its contents are read on first use
-        store = Datastore.load(datastore, manifest.target.vocab_size) if datastore is not None else None
+        if datastore is None or datastore is True:
+            datastore = manifest.datastore  # the directory's own (hash-checked with its other files), or None
+        store = Datastore.load(datastore, manifest.target.vocab_size) if datastore not in (None, False) else None
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or not 1 <= max_batch <= 256:
             raise GenerationError(f"max_batch must be an integer in [1, 256], got {max_batch!r}")
         target_spec = manifest.target

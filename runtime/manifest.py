@@ -138,6 +138,7 @@ class Manifest:
     chat_template: str | None
     add_bos_token: bool
     raw: dict[str, Any]
+    datastore: Path | None = None  # the suffix drafter's static table shipped in the directory, or None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -182,6 +183,9 @@ def validate_manifest(data: Any) -> None:
             raise EngineDirError(f"manifest.json: files {folded[name.casefold()]!r} and {name!r} differ only in "
                                  f"case. {_REEXPORT}")
         folded[name.casefold()] = name
+    if "datastore" in data and data["datastore"]["file"] not in data["files"]:
+        raise EngineDirError(f"manifest.json: datastore/file {data['datastore']['file']!r} is not listed in files. "
+                             f"{_REEXPORT}")
     tok = data["tokenizer"]
     for name in [tok["tokenizer_json"], *tok["files"]]:
         if name not in data["files"]:
@@ -382,6 +386,7 @@ def load_manifest(root: str | Path, check_hashes: bool = True) -> Manifest:
         chat_template=tok.get("chat_template"),
         add_bos_token=tok.get("add_bos_token", False),
         raw=data,
+        datastore=root / data["datastore"]["file"] if "datastore" in data else None,
     )
 
 

@@ -115,7 +115,8 @@ def specrt_systems(engine: Engine, ks: Sequence[int], max_new_tokens: int, label
     pairs = list(plan) if plan is not None else [(d, n) for d in drafters for n in tree_nodes]
     for drafter, nodes in pairs:
         for k in ks:
-            name = f"specrt {drafter} k={k}" + (f" {policy}" if policy != "fixed" else "") + \
+            shown = drafter + (" + datastore" if drafter == "suffix" and engine.datastore is not None else "")
+            name = f"specrt {shown} k={k}" + (f" {policy}" if policy != "fixed" else "") + \
                 (f" tree {nodes}" if nodes else "") + suffix
             if drafter == "model" and len(pairs) == 1 and not nodes:
                 name = f"specrt k={k}{suffix}"

@@ -47,6 +47,9 @@ def test_good_manifest_validates(engines):
     (lambda d: d["models"]["target"].update(prefill_graph={"file": "draft.onnx", "scheme": "bf16",
                                                            "accuracy_level": 1}),
      "prefill_graph/scheme"),
+    (lambda d: d.update(datastore={"file": "nope.npz"}), "datastore/file 'nope.npz' is not listed"),
+    (lambda d: d.update(datastore={"file": "../answers.npz"}), "datastore/file"),
+    (lambda d: d.update(datastore={"file": "target.onnx", "run": "python -c 1"}), "datastore"),
 ])
 def test_corrupt_manifests_are_rejected(engine_copy, mutate, match):
     edit(engine_copy, mutate)

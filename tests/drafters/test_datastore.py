@@ -234,3 +234,86 @@ def test_cli_generate_takes_a_datastore(engines, tmp_path):
     bad.write_bytes(b"junk")
     p = generate("--drafter", "suffix", "--datastore", bad)
     assert p.returncode == 2 and f"{bad}: not a valid specrt datastore" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.fixture(scope="module")
+def shipped(checkpoints, target_only, tmp_path_factory):
+    """(engine directory, the target's greedy answers): a target-only engine exported with a datastore of those
+    answers (what `specrt export --datastore` ships)."""
+    from specrt.export import export_pair
+
+    plain = {tuple(p): target_only.generate(p, max_new_tokens=30, use_draft=False).token_ids for p in PROMPTS}
+    root = tmp_path_factory.mktemp("shipped")
+    Datastore.build([list(p) + out for p, out in plain.items()] * 2, ngram_max=4).save(root / "answers.npz")
+    export_pair(checkpoints["target"], None, root / "engine", max_context=target_only.manifest.max_context,
+                tolerance=1e-4, progress=False, datastore=root / "answers.npz")
+    return root / "engine", plain
+
+
+def cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "specrt.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, check=False)
+
+
+def test_an_engine_that_ships_a_datastore_drafts_from_it_by_default(shipped, target_only):
+    from specrt.runtime import Engine
+
+    path, plain = shipped
+    engine = Engine.load(path)
+    entry = engine.manifest.raw["datastore"]
+    assert entry["file"] == "datastore.npz" and "datastore.npz" in engine.manifest.raw["files"]
+    assert entry["entries"] == len(engine.datastore) > 0 and entry["ngram_max"] == 4
+    assert engine.defaults["drafter"] == "suffix"  # where a target-only engine would default to ngram
+    engine.manifest = target_only.manifest  # no EOS, as in target_only
+    proposed = taken = 0
+    for p in PROMPTS:
+        engine.suffix_cache.clear()
+        r = engine.generate(p, max_new_tokens=30)  # nothing named: suffix, drafting from the shipped table
+        assert r.token_ids == plain[tuple(p)] and r.stats.drafter == "suffix", p
+        proposed, taken = proposed + r.stats.proposed, taken + r.stats.accepted
+    assert taken > proposed // 2
+    off = Engine.load(path, datastore=False)
+    assert off.datastore is None and off.default_drafter == "ngram"
+    info = cli("info", path)
+    assert info.returncode == 0 and "datastore: datastore.npz" in info.stdout, info.stderr
+    assert "a request that names none: suffix" in info.stdout
+
+
+def test_export_refuses_a_bad_datastore_before_exporting(checkpoints, tmp_path):
+    from specrt.export import ExportError, export_pair
+
+    bad = tmp_path / "bad.npz"
+    Datastore.build([[1, 70_000, 2]] * 2).save(bad)  # proposes a token beyond the tiny target's vocabulary
+    with pytest.raises(ExportError, match="--datastore: .*outside the target's vocabulary"):
+        export_pair(checkpoints["target"], None, tmp_path / "engine", max_context=64, progress=False, datastore=bad)
+    assert not (tmp_path / "engine").exists()
+
+
+def test_a_shipped_datastore_that_is_no_table_fails_requests_clearly_and_loses_nothing(shipped, tmp_path):
+    """An engine directory is untrusted: a datastore whose hash matches a rewritten manifest but which is no valid
+    table loads (it is read lazily) and every request that drafts from it fails with the file named."""
+    import json
+    import shutil
+
+    from specrt.runtime import Engine
+    from specrt.runtime.manifest import sha256_file
+
+    path = tmp_path / "engine"
+    shutil.copytree(shipped[0], path)
+    (path / "datastore.npz").write_bytes(b"junk")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["datastore.npz"] = {"sha256": sha256_file(path / "datastore.npz"), "bytes": 4}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    engine = Engine.load(path)
+    with pytest.raises(GenerationError, match="datastore.npz: not a valid specrt datastore"):
+        engine.generate([5], max_new_tokens=3)
+    assert engine.generate([5], max_new_tokens=3, drafter="ngram").token_ids  # the engine still serves
+    assert Engine.load(path, datastore=False).generate([5], max_new_tokens=3).token_ids
+    for args in (("info", path), ("generate", path, "--prompt-ids", "5", "--max-new-tokens", "3")):
+        p = cli(*args)
+        assert p.returncode == 2 and "not a valid specrt datastore" in p.stderr and "Traceback" not in p.stderr
+    p = cli("generate", path, "--prompt-ids", "5", "--max-new-tokens", "3", "--no-datastore")
+    assert p.returncode == 0, p.stderr
