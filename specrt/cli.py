@@ -280,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
                    help="onnxruntime (the CPU; default) or tensorrt (the engine's plans, on an NVIDIA GPU)")
     s.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads for the target")
+    sds = s.add_mutually_exclusive_group()
+    sds.add_argument("--datastore", type=Path, default=None, metavar="FILE",
+                     help="a .npz from scripts/build_datastore.py: the suffix drafter also drafts from it (default: the "
+                     "engine's own, if it ships one)")
+    sds.add_argument("--no-datastore", action="store_true",
+                     help="leave the engine's own datastore unused (its default drafter is then ngram again)")
     _ort_session_arguments(s)
     s.add_argument("--ray", action="store_true",
                    help="serve through Ray Serve instead (one engine per replica; needs ray[serve]; see docs/serving.md)")
@@ -657,7 +663,8 @@ def _serve(args) -> int:
                            model_name=args.model_name, timeout_s=args.timeout, max_body_bytes=args.max_body_bytes,
                            threads=args.threads, backend=args.backend, max_batch=max_batch,
                            prefill_graph=args.prefill_graph,
-                           attention_kernel=args.attention_kernel)
+                           attention_kernel=args.attention_kernel,
+                           datastore=False if args.no_datastore else (str(args.datastore) if args.datastore else None))
     if args.ray:
         from specrt import ray_serve
 

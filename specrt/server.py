@@ -73,6 +73,7 @@ class Config:
     max_batch: int = 1  # > 1: that many sequences share the engine's batched passes (its batch graph)
     prefill_graph: str = "auto"  # an int4 target's prefill graph: auto (by the CPU) | on | off (Engine.load)
     attention_kernel: str = "auto"  # the target's GroupQueryAttention kernel: auto (by the CPU) | flash | unfused
+    datastore: str | bool | None = None  # the suffix drafter's table: None = the engine's own, False = none, or a file
 
 
 class Metrics:
@@ -235,7 +236,7 @@ class App:
         self.config = config
         first = engine or Engine.load(config.engine_dir, backend=config.backend, threads=config.threads,
                                       max_batch=config.max_batch, prefill_graph=config.prefill_graph,
-                                      attention_kernel=config.attention_kernel)
+                                      attention_kernel=config.attention_kernel, datastore=config.datastore)
         self.engine = first
         # concurrent generations: the batching engine's slots, or --engines sequences of their own passes
         concurrent = first.batch.slots if first.batcher is not None else config.engines

@@ -277,6 +277,10 @@ def test_an_engine_that_ships_a_datastore_drafts_from_it_by_default(shipped, tar
     assert taken > proposed // 2
     off = Engine.load(path, datastore=False)
     assert off.datastore is None and off.default_drafter == "ngram"
+    from specrt.server import App, Config
+
+    assert App(Config(str(path))).engine.default_drafter == "suffix"  # what `specrt serve` loads
+    assert App(Config(str(path), datastore=False)).engine.datastore is None  # `specrt serve --no-datastore`
     info = cli("info", path)
     assert info.returncode == 0 and "datastore: datastore.npz" in info.stdout, info.stderr
     assert "a request that names none: suffix" in info.stdout
