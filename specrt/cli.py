@@ -142,12 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--draft-threads", type=int, default=None, help="threads for the draft (default 1)")
         g.add_argument("--no-spin", action="store_true",
                        help="idle ONNX Runtime threads sleep instead of busy-waiting between runs")
-        ds = g.add_mutually_exclusive_group()
-        ds.add_argument("--datastore", type=Path, default=None, metavar="FILE",
-                        help="a .npz from scripts/build_datastore.py: the suffix drafter also drafts from it "
-                        "(default: the engine's own, if it ships one)")
-        ds.add_argument("--no-datastore", action="store_true",
-                        help="leave the engine's own datastore unused (its default drafter is then ngram again)")
+        _datastore_arguments(g)
         _ort_session_arguments(g)
         if name == "generate":
             src = g.add_mutually_exclusive_group(required=True)
@@ -280,12 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
                    help="onnxruntime (the CPU; default) or tensorrt (the engine's plans, on an NVIDIA GPU)")
     s.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads for the target")
-    sds = s.add_mutually_exclusive_group()
-    sds.add_argument("--datastore", type=Path, default=None, metavar="FILE",
-                     help="a .npz from scripts/build_datastore.py: the suffix drafter also drafts from it (default: the "
-                     "engine's own, if it ships one)")
-    sds.add_argument("--no-datastore", action="store_true",
-                     help="leave the engine's own datastore unused (its default drafter is then ngram again)")
+    _datastore_arguments(s)
     _ort_session_arguments(s)
     s.add_argument("--ray", action="store_true",
                    help="serve through Ray Serve instead (one engine per replica; needs ray[serve]; see docs/serving.md)")
@@ -369,6 +359,16 @@ def _ort_session_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ONNX Runtime's GroupQueryAttention kernel for the target: flash (its default) or "
                         "unfused (faster prefill of long prompts where measured: x86 with AVX-512); auto (default) "
                         "decides by the CPU, see `specrt info`")
+
+
+def _datastore_arguments(parser) -> None:
+    """--datastore FILE | --no-datastore (generate, bench, serve): Engine.load's ``datastore``."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--datastore", type=Path, default=None, metavar="FILE",
+                       help="a .npz from scripts/build_datastore.py: the suffix drafter also drafts from it "
+                       "(default: the engine's own, if it ships one)")
+    group.add_argument("--no-datastore", action="store_true",
+                       help="leave the engine's own datastore unused (its default drafter is then ngram again)")
 
 
 def _generate(args) -> int:
