@@ -2,8 +2,8 @@
 match when there is one, the target's recycled predictions otherwise -- the same composition).
 
 Context matching is nearly free and, when it hits, usually right for several tokens; the draft model
-costs a forward pass per token and is right less often but everywhere.  Both follow every commit
-(the model's cache catches up on the tokens it did not propose, through its prefill stage).
+costs a forward pass per token and is right less often but everywhere.  Both follow every commit; a draft
+model or feature head runs the commits of the steps a match drafted only when it is next asked, in one pass.
 
 As a tree it takes both: the context's matches as branches, and the model's top choices for the next
 token (each continued ``MODEL_DEPTH`` deep; a feature head's ``HEAD_DEPTH``) beside them -- where no match exists or the match is wrong

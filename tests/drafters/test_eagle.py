@@ -162,7 +162,8 @@ def test_head_prompts_are_the_ones_tested():
 
 
 class CountingHead(ModelStep):
-    """A stand-in feature head fed target ids 100 + j: its logits favour draft id j + 1, then j + 2; counts calls."""
+    """A stand-in feature head fed target ids 100 + j: its logits favour draft id j + 1, then j + 2; counts calls and
+    keeps each call's ids, position and features."""
 
     V = 16
 
@@ -172,9 +173,12 @@ class CountingHead(ModelStep):
             "hidden_size": 4, "feature_size": 6}})()
         self.max_context = 64
         self.calls = 0
+        self.seen: list[tuple[list[int], int, np.ndarray | None]] = []
 
     def forward(self, ids, pos, *, tree=None, inputs=None, last_only=False):
         self.calls += 1
+        features = (inputs or {}).get("f")
+        self.seen.append((np.asarray(ids).tolist(), pos, None if features is None else features.copy()))
         ids = np.asarray(ids)[-1:] if last_only else np.asarray(ids)
         logits = np.full((len(ids), self.V), -10.0, np.float32)
         for r, t in enumerate(ids - 100):
@@ -214,6 +218,34 @@ def test_a_head_tree_costs_its_chains_head_calls_and_no_more():
                 assert not any(p.parents[j] == i for j in range(len(p)))
         probs = np.exp([3.0, 2.0, -4.0]) / (np.exp([3.0, 2.0, -4.0]).sum() + 13 * np.exp(-10.0))
         assert probs[2] < MIN_BRANCH_P < probs[1]
+
+
+def test_the_head_runs_the_commits_kept_since_it_last_ran_in_one_pass_when_next_asked():
+    """A commit is kept, not run: a hybrid's context match may draft the next steps, and a head pass costs little
+    more for more rows.  The next proposal runs every kept commit in order, from the slot after the last real one,
+    with each row's own features; then proposal 1 follows the last committed token."""
+    from specrt.runtime.drafters.eagle import EagleDrafter
+
+    head = CountingHead()
+    d = EagleDrafter(head, np.arange(100, 100 + CountingHead.V), target_vocab=200, max_k=8)
+    d._logits, d.length = head.forward(np.array([100]), 0, inputs={})[0], 1
+    head.calls = 0
+    features = np.arange(3 * 6, dtype=np.float32).reshape(3, 6)
+    d.commit([101], 102, features[:2])  # the target's feature buffer is reused by its next pass: the head keeps a copy
+    features[:2] = -1.0
+    d.commit([], 104, np.arange(12, 18, dtype=np.float32)[None])
+    assert head.calls == 0
+    p = d.propose(2, SamplingParams(), np.random.default_rng(0))
+    ids, pos, seen_features = head.seen[-2]  # the catch-up; then one call for proposal 2
+    assert head.calls == 2 and ids == [101, 102, 104] and pos == 1 and d.length == 4
+    assert seen_features[0].tolist() == np.arange(18, dtype=np.float32).reshape(3, 6).tolist()
+    assert p.token_ids.tolist() == [105, 106]  # 104 -> draft id 5, then its own output's successor
+    head.calls = 0
+    d.propose_tree(1, 4, SamplingParams(), np.random.default_rng(0))
+    assert head.calls == 0  # nothing kept since: proposal 1 comes from the logits already there
+    d.commit([105], 106, features[:2])
+    d.end()  # a generation that ends drops what it kept
+    assert d._pending == [] and d._logits is None
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
