@@ -17,8 +17,8 @@ with ``length`` the head's cache length:
 So per target pass the head runs one pass of up to k + 1 rows and k - 1 passes of one row -- fewer where a
 hybrid's context match drafts some steps: the head then catches up on several commits in one pass.  That pays
 because a head pass costs little more for more rows, and the first after a target pass most: the target's
-weights have pushed the head's out of the caches (int8-rows demo target: 1.2 ms a head pass between target
-passes against 0.4 ms back to back).
+weights have pushed the head's out of the caches (int8-rows demo target, 2 cores of an AMD EPYC: 1.2 ms a head
+pass between target passes against 0.4 ms back to back).
 
 The head's logits cover a reduced draft vocabulary; ``vocab_map[j]`` is the target id of draft logit j.  For sampling, q
 over the target vocabulary is q over the draft vocabulary placed at those ids (zero elsewhere: a token
