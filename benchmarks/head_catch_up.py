@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 from specrt.runtime import Engine
 from specrt.runtime.drafters.eagle import EagleDrafter
 from tqdm.auto import tqdm
 
-from specrt.spec_bench import build_prompts, load_questions
+from specrt.spec_bench import SideBySide, build_prompts, load_questions
 
 LAZY = EagleDrafter.commit
 
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = build_prompts(engine, load_questions(args.questions), args.max_new_tokens)
     request = {"drafter": args.drafter, "k": args.k, "policy": "adaptive", "tree_nodes": args.tree_nodes}
     configs = ["target-only", "eager", "lazy"]
-    tally: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    tally = SideBySide()
     try:
         for i, p in enumerate(tqdm(prompts, desc="head catch-up", unit="turn")):
             reference = None
@@ -63,25 +62,13 @@ def main(argv: list[str] | None = None) -> int:
                 reference = ids if reference is None else reference
                 if ids != reference:
                     raise SystemExit(f"{config}: output differs from target-only on question {p.question_id}")
-                for cat in (p.category, "overall"):
-                    t = tally[(config, cat)]
-                    t["seconds"] += seconds
-                    t["tokens"] += len(ids)
-                    t["passes"] += out.stats.steps
+                tally.add(config, p.category, seconds, len(ids), out.stats.steps)
     finally:
         EagleDrafter.commit = LAZY
-    cats = sorted({c for _, c in tally}, key=lambda c: (c == "overall", c))
     shape = f"tree {args.tree_nodes}" if args.tree_nodes else "chains"
     print(f"{args.engine}, {args.drafter} ({shape}), adaptive k <= {args.k}, greedy, {len(prompts)} turns; "
           "speed over target-only / tokens per pass; every output identical to target-only\n")
-    print("| configuration | " + " | ".join(cats) + " |\n|---|" + "---:|" * len(cats))
-    for config in configs:
-        cells = []
-        for cat in cats:
-            t, ref = tally[(config, cat)], tally[("target-only", cat)]
-            speed = (t["tokens"] / t["seconds"]) / (ref["tokens"] / ref["seconds"])
-            cells.append(f"{speed:.2f}x / {t['tokens'] / max(1.0, t['passes']):.2f}")
-        print(f"| {config} | " + " | ".join(cells) + " |")
+    print(tally.table(configs, "target-only"))
     return 0
 
 

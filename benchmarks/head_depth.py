@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 from specrt.runtime import Engine, drafters
 from tqdm.auto import tqdm
 
-from specrt.spec_bench import build_prompts, load_questions
+from specrt.spec_bench import SideBySide, build_prompts, load_questions
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine.load(args.engine)
     prompts = build_prompts(engine, load_questions(args.questions), args.max_new_tokens)
     configs = ["target-only"] + [f"depth {d}" for d in map(int, args.depths.split(","))]
-    tally: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    tally = SideBySide()
     for p in tqdm(prompts, desc="head depths", unit="turn"):
         reference = None
         for config in configs:
@@ -51,22 +50,10 @@ def main(argv: list[str] | None = None) -> int:
             reference = ids if reference is None else reference
             if ids != reference:
                 raise SystemExit(f"{config}: output differs from target-only on question {p.question_id}")
-            for cat in (p.category, "overall"):
-                t = tally[(config, cat)]
-                t["seconds"] += seconds
-                t["tokens"] += len(ids)
-                t["passes"] += out.stats.steps
-    cats = sorted({c for _, c in tally}, key=lambda c: (c == "overall", c))
+            tally.add(config, p.category, seconds, len(ids), out.stats.steps)
     print(f"{args.engine}, hybrid tree {args.tree_nodes}, adaptive k <= 8, greedy, {len(prompts)} turns; "
           "speed over target-only / tokens per pass; every output identical to target-only\n")
-    print("| configuration | " + " | ".join(cats) + " |\n|---|" + "---:|" * len(cats))
-    for config in configs:
-        cells = []
-        for cat in cats:
-            t, ref = tally[(config, cat)], tally[("target-only", cat)]
-            speed = (t["tokens"] / t["seconds"]) / (ref["tokens"] / ref["seconds"])
-            cells.append(f"{speed:.2f}x / {t['tokens'] / max(1.0, t['passes']):.2f}")
-        print(f"| {config} | " + " | ".join(cells) + " |")
+    print(tally.table(configs, "target-only"))
     return 0
 
 

@@ -113,6 +113,35 @@ class Tally:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
+
+class SideBySide:
+    """Configurations of one engine timed turn by turn (a benchmark script's A/B): per configuration and category,
+    seconds, tokens and target passes; printed as speed over a reference configuration / tokens per pass."""
+
+    def __init__(self) -> None:
+        self.tally: dict[tuple[str, str], dict[str, float]] = {}
+
+    def add(self, config: str, category: str, seconds: float, tokens: int, passes: int) -> None:
+        for cat in (category, "overall"):
+            t = self.tally.setdefault((config, cat), {"seconds": 0.0, "tokens": 0, "passes": 0})
+            t["seconds"] += seconds
+            t["tokens"] += tokens
+            t["passes"] += passes
+
+    def table(self, configs: Sequence[str], reference: str) -> str:
+        """Markdown: a row per configuration, a column per category (Spec-Bench's order, then overall)."""
+        cats = [c for c in (*CATEGORIES, "overall") if (reference, c) in self.tally]
+        lines = ["| configuration | " + " | ".join(TITLES.get(c, c) for c in cats) + " |",
+                 "|---|" + "---:|" * len(cats)]
+        for config in configs:
+            cells = []
+            for cat in cats:
+                t, ref = self.tally[(config, cat)], self.tally[(reference, cat)]
+                speed = (t["tokens"] / t["seconds"]) / (ref["tokens"] / ref["seconds"])
+                cells.append(f"{speed:.2f}x / {t['tokens'] / max(1.0, t['passes']):.2f}")
+            lines.append(f"| {config} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
 def run_spec_bench(systems: Sequence[System], prompts: Sequence[Prompt], repeats: int = 1,
                    progress: bool = True) -> list[dict]:
     """One row per system: per-category and overall tallies, speedups and identity with the reference."""

@@ -139,3 +139,14 @@ def test_cli_engine_drafters_plan(engines, tmp_path):
     assert bad.returncode == 2 and "cannot run drafter 'model'" in bad.stderr
     bad = specrt("bench", engines["target_only"], "--spec-bench", q, "--engine-drafters", "ngram@x", check=False)
     assert bad.returncode == 2 and "DRAFTER@NODES" in bad.stderr
+
+
+def test_side_by_side_prints_speed_over_the_reference_and_tokens_per_pass_per_category():
+    tally = spec_bench.SideBySide()
+    tally.add("target-only", "rag", 2.0, 10, 10)
+    tally.add("target-only", "qa", 1.0, 10, 10)
+    tally.add("spec", "rag", 1.0, 10, 4)
+    tally.add("spec", "qa", 1.0, 10, 5)
+    lines = tally.table(["target-only", "spec"], "target-only").splitlines()
+    assert lines[0] == "| configuration | QA | RAG | overall |"
+    assert lines[3] == "| spec | 1.00x / 2.00 | 2.00x / 2.50 | 1.50x / 2.22 |"  # overall: 20 tokens in 2 s vs 3 s
