@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from specrt.runtime import Engine
@@ -55,14 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             for config in configs if i % 2 else [configs[0], *reversed(configs[1:])]:  # neither always goes first
                 EagleDrafter.commit = eager_commit if config == "eager" else LAZY
                 kwargs = {"use_draft": False} if config == "target-only" else request
-                t0 = time.perf_counter()
-                out = engine.generate(p.ids, max_new_tokens=args.max_new_tokens, reuse_prefix=False, **kwargs)
-                seconds = time.perf_counter() - t0
-                ids = [int(t) for t in out.token_ids]
+                ids = tally.run(engine, p, config, args.max_new_tokens, reference, **kwargs)
                 reference = ids if reference is None else reference
-                if ids != reference:
-                    raise SystemExit(f"{config}: output differs from target-only on question {p.question_id}")
-                tally.add(config, p.category, seconds, len(ids), out.stats.steps)
     finally:
         EagleDrafter.commit = LAZY
     shape = f"tree {args.tree_nodes}" if args.tree_nodes else "chains"

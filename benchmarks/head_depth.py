@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from specrt.runtime import Engine, drafters
@@ -43,14 +42,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 drafters.HEAD_DEPTH = int(config.split()[1])
                 kwargs = {"drafter": "hybrid", "k": 8, "policy": "adaptive", "tree_nodes": args.tree_nodes}
-            t0 = time.perf_counter()
-            out = engine.generate(p.ids, max_new_tokens=args.max_new_tokens, reuse_prefix=False, **kwargs)
-            seconds = time.perf_counter() - t0
-            ids = [int(t) for t in out.token_ids]
+            ids = tally.run(engine, p, config, args.max_new_tokens, reference, **kwargs)
             reference = ids if reference is None else reference
-            if ids != reference:
-                raise SystemExit(f"{config}: output differs from target-only on question {p.question_id}")
-            tally.add(config, p.category, seconds, len(ids), out.stats.steps)
     print(f"{args.engine}, hybrid tree {args.tree_nodes}, adaptive k <= 8, greedy, {len(prompts)} turns; "
           "speed over target-only / tokens per pass; every output identical to target-only\n")
     print(tally.table(configs, "target-only"))

@@ -22,6 +22,7 @@ same question -- only the earlier questions of the same repeat, as in real use.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +121,19 @@ class SideBySide:
 
     def __init__(self) -> None:
         self.tally: dict[tuple[str, str], dict[str, float]] = {}
+
+    def run(self, engine: Engine, prompt: Prompt, config: str, max_new_tokens: int, reference: list[int] | None,
+            **request) -> list[int]:
+        """One greedy generation of ``prompt`` with ``request`` (no prefix reuse), timed and added; its token ids.
+        Stops the benchmark (SystemExit) where they differ from ``reference`` (None: this is the reference)."""
+        t0 = time.perf_counter()
+        out = engine.generate(prompt.ids, max_new_tokens=max_new_tokens, reuse_prefix=False, **request)
+        seconds = time.perf_counter() - t0
+        ids = [int(t) for t in out.token_ids]
+        if reference is not None and ids != reference:
+            raise SystemExit(f"{config}: output differs from the reference on question {prompt.question_id}")
+        self.add(config, prompt.category, seconds, len(ids), out.stats.steps)
+        return ids
 
     def add(self, config: str, category: str, seconds: float, tokens: int, passes: int) -> None:
         for cat in (category, "overall"):

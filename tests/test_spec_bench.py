@@ -150,3 +150,13 @@ def test_side_by_side_prints_speed_over_the_reference_and_tokens_per_pass_per_ca
     lines = tally.table(["target-only", "spec"], "target-only").splitlines()
     assert lines[0] == "| configuration | QA | RAG | overall |"
     assert lines[3] == "| spec | 1.00x / 2.00 | 2.00x / 2.50 | 1.50x / 2.22 |"  # overall: 20 tokens in 2 s vs 3 s
+
+
+def test_side_by_side_runs_tally_and_stop_on_an_output_that_differs(engine):
+    p = spec_bench.build_prompts(engine, QUESTIONS[2:], max_new_tokens=6, progress=False)[0]
+    tally = spec_bench.SideBySide()
+    reference = tally.run(engine, p, "target-only", 6, None, use_draft=False)
+    assert tally.run(engine, p, "ngram", 6, reference, drafter="ngram", k=4) == reference
+    assert tally.tally[("ngram", "rag")]["tokens"] == len(reference) == tally.tally[("ngram", "overall")]["tokens"]
+    with pytest.raises(SystemExit, match="ngram: output differs from the reference on question 481"):
+        tally.run(engine, p, "ngram", 6, [t + 1 for t in reference], drafter="ngram", k=4)
