@@ -371,11 +371,16 @@ def _datastore_arguments(parser) -> None:
                        help="leave the engine's own datastore unused (its default drafter is then ngram again)")
 
 
+
+def _datastore(args) -> str | bool | None:
+    """What those options ask of Engine.load: False (none), a file, or None (the engine's own, if any)."""
+    return False if args.no_datastore else (str(args.datastore) if args.datastore else None)
+
 def _generate(args) -> int:
     from specrt.runtime import Engine, GenerationError
 
     engine = Engine.load(args.engine, backend=args.backend, threads=args.threads, draft_threads=args.draft_threads,
-                         spin=not args.no_spin, datastore=False if args.no_datastore else args.datastore,
+                         spin=not args.no_spin, datastore=_datastore(args),
                          prefill_graph=args.prefill_graph,
                          attention_kernel=args.attention_kernel)
     prompt = (args.prompt_ids if args.prompt_ids is not None else
@@ -441,7 +446,7 @@ def _bench(args) -> int:
     elif args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
     engine = Engine.load(args.engine, backend=args.backend, threads=args.threads, draft_threads=args.draft_threads,
-                         spin=not args.no_spin, datastore=False if args.no_datastore else args.datastore,
+                         spin=not args.no_spin, datastore=_datastore(args),
                          prefill_graph=args.prefill_graph,
                          attention_kernel=args.attention_kernel)
     prompts = json.loads(args.prompts.read_text()) if args.prompts else DEFAULT_PROMPTS
@@ -664,7 +669,7 @@ def _serve(args) -> int:
                            threads=args.threads, backend=args.backend, max_batch=max_batch,
                            prefill_graph=args.prefill_graph,
                            attention_kernel=args.attention_kernel,
-                           datastore=False if args.no_datastore else (str(args.datastore) if args.datastore else None))
+                           datastore=_datastore(args))
     if args.ray:
         from specrt import ray_serve
 
