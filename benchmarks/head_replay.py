@@ -9,6 +9,10 @@
    commit over each answer, per category -- what ``benchmarks/head_acceptance.py`` measures in a live run, where
    the engine's own numerics (int4, int8-rows) decide the answers; on the demo head the two agree within 0.04 per
    category at the first position (docs/drafters.md).
+3. With ``--why``, where the head's first draft misses (teacher-forced, every answer position): by the verifier's own
+   confidence in the token (its top-1 probability >= 0.9 or not) and by whether the token copies text -- its
+   trigram occurs earlier in what the head reads (the prompt's last 256 tokens and the answer), or only in the
+   part of the question before that, which the head never reads -- per category.
 
 Needs torch and transformers (build-time tools), as the head's training does.
 
@@ -79,7 +83,28 @@ def answer_shard(questions: Path, verifier: Path, out: Path, max_new_tokens: int
     writer.flush()
 
 
-def score(head_dir: Path, verifier: Path, data: Path, answer_tokens: int) -> dict:
+NOT_COPIED, COPIED_NEAR, COPIED_FAR = 0, 1, 2
+CONFIDENT = 0.9  # the verifier's top-1 probability above which a token counts as one it is sure of
+
+
+def copied(tokens, first: int, far: set[tuple[int, int, int]]):
+    """For each position t >= ``first`` of ``tokens``: ``COPIED_NEAR`` where the trigram ending at t already occurs
+    in ``tokens[:t]`` (text the head reads), ``COPIED_FAR`` where it occurs only in ``far`` (the trigrams of text
+    before ``tokens``, which the head never reads), else ``NOT_COPIED``; positions before ``first`` stay 0."""
+    import numpy as np
+
+    out = np.zeros(len(tokens), np.int8)
+    seen: set[tuple[int, int, int]] = set()
+    for t in range(2, len(tokens)):
+        tri = (int(tokens[t - 2]), int(tokens[t - 1]), int(tokens[t]))
+        if t >= first:
+            out[t] = COPIED_NEAR if tri in seen else COPIED_FAR if tri in far else NOT_COPIED
+        seen.add(tri)
+    return out
+
+
+def load_head(head_dir: Path, verifier: Path):
+    """The head of ``head_dir`` on ``verifier``'s embeddings, its draft vocabulary and the target -> draft map."""
     import numpy as np
     import torch
     import train_head
@@ -95,9 +120,59 @@ def score(head_dir: Path, verifier: Path, data: Path, answer_tokens: int) -> dic
     head = make_head(HeadConfig.for_target(cfg_t, layers, len(draft)), model.get_input_embeddings().weight.detach())
     del model
     train_head.init_from_head(head, head_dir, draft)
+    return head, layers, draft, to_draft
+
+
+def score(head_dir: Path, verifier: Path, data: Path, answer_tokens: int) -> dict:
+    import train_head
+
+    head, layers, draft, to_draft = load_head(head_dir, verifier)
     shards = train_head.load_shards([data], layers)
     seqs = train_head.sequences(shards, 2)
     return train_head.evaluate(head, shards, seqs, to_draft, draft, STEPS, 10**12, live_tokens=answer_tokens)
+
+
+def why(head_dir: Path, verifier: Path, data: Path, questions: Path) -> dict:
+    """First-draft acceptance, teacher-forced, per category and cell (confident or not x ``copied`` class):
+    {category: [[hits, positions] x 6]}, cells ordered (not confident: not copied, near, far; confident: ...)."""
+    import numpy as np
+    import torch
+    import train_head
+    from tokenizers import Tokenizer
+
+    from specrt.spec_bench import load_questions
+
+    head, layers, draft, to_draft = load_head(head_dir, verifier)
+    shards = train_head.load_shards([data], layers)
+    seqs = train_head.sequences(shards, 2)
+    tokenizer = Tokenizer.from_file(str(verifier / "tokenizer.json"))
+    far_of = {}  # question id -> the trigrams of its turns' text (what a prompt may quote from before the window)
+    for i, q in enumerate(load_questions(questions)):
+        ids = [t for turn in q["turns"] for t in tokenizer.encode(turn).ids]
+        far_of[str(q.get("question_id", i))] = {tuple(ids[j:j + 3]) for j in range(len(ids) - 2)}
+    batches = train_head.Batches(shards, seqs, to_draft, 512, 1, 0)
+    cells: dict[str, np.ndarray] = {}
+    head.eval()
+    with torch.no_grad():
+        for i, a, b, *_ in seqs:
+            conv = train_head.conversation(shards[i], a)
+            tokens = np.asarray(shards[i]["tokens"][a:b])
+            copy = copied(tokens, 0, far_of.get(conv["id"].rsplit("/", 1)[0], set()))
+            sure = np.exp(np.asarray(shards[i]["top_logp"][a:b, 0], np.float32)) >= CONFIDENT
+            tally = cells.setdefault(conv["kind"], np.zeros((6, 2), np.int64))
+            for p in range(0, b - a - 2, 512):
+                t = min(512, b - a - 1 - p)
+                features, next_ids, top_ids, _, _, role, _ = batches.window(i, a, b, p, t)
+                logits = head.unrolled(torch.from_numpy(next_ids)[None], torch.from_numpy(features)[None], 1)[0]
+                first = draft[logits[0].argmax(-1).numpy()]
+                for s in range(t - 1):
+                    if role[s] <= 0:
+                        continue
+                    # slot s drafts token p + s + 2 from the verifier's distribution at row p + s + 1
+                    cell = 3 * int(sure[p + s + 1]) + int(copy[p + s + 2])
+                    tally[cell] += (int(first[s] == top_ids[s, 0]), 1)
+    cells["all"] = sum(cells.values())
+    return {k: v.tolist() for k, v in cells.items()}
 
 
 def main() -> int:
@@ -109,6 +184,8 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=96, help="per turn (default 96, as make bench-spec)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    ap.add_argument("--why", action="store_true",
+                    help="also: where each head's first draft misses, by the verifier's confidence and by copying")
     args = ap.parse_args()
     if not args.questions.is_file():
         raise SystemExit(f"{args.questions}: no such file")
@@ -132,6 +209,18 @@ def main() -> int:
         for kind, r in sorted(ev["live"].items(), key=lambda kv: (kv[0] == "all", kv[0])):
             print(f"| {'**overall**' if kind == 'all' else kind} | {r['passes']:,} | "
                   + " / ".join(f"{a:.3f}" for a in r["by_position"]) + f" | {r['tokens_per_pass']:.2f} |")
+        if args.why:
+            ev["why"] = why(h, args.verifier, args.out, args.questions)
+            print(f"\n{h}: first-draft acceptance, teacher-forced, by the verifier's top-1 probability and by where "
+                  f"the token's trigram occurs before it (acceptance (share of the category's positions))\n\n"
+                  "| category | p < 0.9, not copied | p < 0.9, copied near | p < 0.9, copied far | "
+                  "p >= 0.9, not copied | p >= 0.9, copied near | p >= 0.9, copied far | all |\n"
+                  "|---|---:|---:|---:|---:|---:|---:|---:|")
+            for kind, c in sorted(ev["why"].items(), key=lambda kv: (kv[0] == "all", kv[0])):
+                n = sum(x[1] for x in c)
+                print(f"| {'**overall**' if kind == 'all' else kind} | "
+                      + " | ".join(f"{x[0] / max(1, x[1]):.2f} ({x[1] / max(1, n):.2f})" for x in c)
+                      + f" | {sum(x[0] for x in c) / max(1, n):.3f} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0
