@@ -87,18 +87,17 @@ NOT_COPIED, COPIED_NEAR, COPIED_FAR = 0, 1, 2
 CONFIDENT = 0.9  # the verifier's top-1 probability above which a token counts as one it is sure of
 
 
-def copied(tokens, first: int, far: set[tuple[int, int, int]]):
-    """For each position t >= ``first`` of ``tokens``: ``COPIED_NEAR`` where the trigram ending at t already occurs
-    in ``tokens[:t]`` (text the head reads), ``COPIED_FAR`` where it occurs only in ``far`` (the trigrams of text
-    before ``tokens``, which the head never reads), else ``NOT_COPIED``; positions before ``first`` stay 0."""
+def copied(tokens, far: set[tuple[int, int, int]]):
+    """For each position t of ``tokens``: ``COPIED_NEAR`` where the trigram ending at t already occurs in
+    ``tokens[:t]`` (text the head reads), ``COPIED_FAR`` where it occurs only in ``far`` (the trigrams of text
+    before ``tokens``, which the head never reads), else ``NOT_COPIED`` (the first two positions too)."""
     import numpy as np
 
     out = np.zeros(len(tokens), np.int8)
     seen: set[tuple[int, int, int]] = set()
     for t in range(2, len(tokens)):
         tri = (int(tokens[t - 2]), int(tokens[t - 1]), int(tokens[t]))
-        if t >= first:
-            out[t] = COPIED_NEAR if tri in seen else COPIED_FAR if tri in far else NOT_COPIED
+        out[t] = COPIED_NEAR if tri in seen else COPIED_FAR if tri in far else NOT_COPIED
         seen.add(tri)
     return out
 
@@ -157,7 +156,7 @@ def why(head_dir: Path, verifier: Path, data: Path, questions: Path) -> dict:
         for i, a, b, *_ in seqs:
             conv = train_head.conversation(shards[i], a)
             tokens = np.asarray(shards[i]["tokens"][a:b])
-            copy = copied(tokens, 0, far_of.get(conv["id"].rsplit("/", 1)[0], set()))
+            copy = copied(tokens, far_of.get(conv["id"].rsplit("/", 1)[0], set()))
             sure = np.exp(np.asarray(shards[i]["top_logp"][a:b, 0], np.float32)) >= CONFIDENT
             tally = cells.setdefault(conv["kind"], np.zeros((6, 2), np.int64))
             for p in range(0, b - a - 2, 512):
@@ -213,8 +212,8 @@ def main() -> int:
             ev["why"] = why(h, args.verifier, args.out, args.questions)
             print(f"\n{h}: first-draft acceptance, teacher-forced, by the verifier's top-1 probability and by where "
                   f"the token's trigram occurs before it (acceptance (share of the category's positions))\n\n"
-                  "| category | p < 0.9, not copied | p < 0.9, copied near | p < 0.9, copied far | "
-                  "p >= 0.9, not copied | p >= 0.9, copied near | p >= 0.9, copied far | all |\n"
+                  "| category | " + " | ".join(f"p {op} {CONFIDENT}, {c}" for op in ("<", ">=")
+                                              for c in ("not copied", "copied near", "copied far")) + " | all |\n"
                   "|---|---:|---:|---:|---:|---:|---:|---:|")
             for kind, c in sorted(ev["why"].items(), key=lambda kv: (kv[0] == "all", kv[0])):
                 n = sum(x[1] for x in c)

@@ -13,8 +13,7 @@ def test_a_trigram_seen_in_the_window_is_a_near_copy_one_only_before_it_a_far_co
     far = {(7, 8, 9)}
     #          0  1  2  3  4  5  6  7  8  9
     tokens = [1, 2, 3, 4, 1, 2, 3, 7, 8, 9]
-    got = head_replay.copied(tokens, 4, far).tolist()
-    assert got[:4] == [0, 0, 0, 0]  # before ``first``: not classified
+    got = head_replay.copied(tokens, far).tolist()
     assert got[6] == COPIED_NEAR  # (1, 2, 3) ends at 2 and again at 6
     assert got[4] == got[5] == got[7] == got[8] == NOT_COPIED  # (3, 4, 1), (4, 1, 2), (2, 3, 7), (3, 7, 8): new
     assert got[9] == COPIED_FAR  # (7, 8, 9) occurs only in the text before the window
@@ -22,6 +21,6 @@ def test_a_trigram_seen_in_the_window_is_a_near_copy_one_only_before_it_a_far_co
 
 def test_near_wins_over_far_and_a_trigram_does_not_match_itself():
     tokens = [5, 6, 7, 5, 6, 7]
-    got = head_replay.copied(tokens, 0, {(5, 6, 7)}).tolist()
+    got = head_replay.copied(tokens, {(5, 6, 7)}).tolist()
     assert got[2] == COPIED_FAR  # its own first occurrence is not an earlier one
     assert got[5] == COPIED_NEAR
