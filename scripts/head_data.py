@@ -7,6 +7,7 @@ log-probabilities recorded while it writes them.  Resumable stages, each with a 
                 later prompts summarise and question                                        -> seeds.jsonl
 2. ``prompts``  every offline source of ``head_prompts.py`` plus the seeds; near-duplicates removed, no
                 source or family over 10%, a quarter with a second user turn              -> prompts.jsonl
+                (rebuilt when the seeds or the counts differ from what it was built from)
 3. ``answers``  the verifier's answers (greedy; a tenth sampled at temperature 0.7), 32 conversations per
                 pass through its batched in-place graph (``batch_gen.py``); each recorded token's features
                 (the inputs of layers 3, 15 and 27: EAGLE-3's low / middle / high) and the verifier's top-8
@@ -171,15 +172,28 @@ def seed_prompts(tok: Tokens, seeds: list[dict], args) -> list[dict]:
     return magpie[:args.magpie] + head_prompts.passage_prompts(rng, passages[:args.passages])
 
 
+def prompts_made_from(args, seeds: list[dict]) -> str:
+    """What a prompt list is built from (the counts, the random seed and which seeds exist), as a short hash."""
+    made = {"seed": args.seed, "scale": args.scale, "magpie": args.magpie, "passages": args.passages,
+            "seeds": sorted(s["key"] for s in seeds)}
+    return hashlib.sha256(json.dumps(made, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def stage_prompts(args, tok: Tokens, seeds: list[dict]) -> list[dict]:
-    path = args.out / "prompts.jsonl"
+    path, made_path = args.out / "prompts.jsonl", args.out / "prompts.made"
+    made = prompts_made_from(args, seeds)
     if path.is_file():
-        return [json.loads(line) for line in path.read_text().splitlines()]
+        if made_path.is_file() and made_path.read_text().strip() == made:
+            return [json.loads(line) for line in path.read_text().splitlines()]
+        # a list built before more seeds were written (or with other counts) would never ask about the new ones
+        print("the prompt list was built from other seeds or counts: rebuilding it (answers are matched by their "
+              "prompt's text, so none is lost)", file=sys.stderr)
     prompts = head_prompts.finish(head_prompts.build(seed=args.seed, scale=args.scale) + seed_prompts(tok, seeds, args),
                                   seed=args.seed)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(p) + "\n" for p in prompts))
     tmp.replace(path)
+    made_path.write_text(made + "\n")
     return prompts
 
 

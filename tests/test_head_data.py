@@ -12,6 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import batch_gen
 import head_data
+import head_prompts
 import numpy as np
 
 
@@ -287,3 +288,29 @@ def test_the_committed_card_is_the_committed_answers_card():
     """engines/demo/head-data/card.json is rewritten whenever answers are kept: it must describe the files beside it."""
     keep = Path(__file__).resolve().parents[1] / "engines" / "demo" / "head-data"
     assert json.loads((keep / "card.json").read_text()) == head_data.kept_card(keep)
+
+
+def test_the_prompt_list_is_rebuilt_when_seeds_were_added_after_it_and_reused_otherwise(tmp_path, monkeypatch):
+    built = []
+
+    def build(seed, scale):
+        built.append(seed)
+        return [{"source": "docs", "family": "docs/a", "kind": "qa", "turns": ["What is a pipe?"]}]
+
+    monkeypatch.setattr(head_prompts, "build", build)
+    monkeypatch.setattr(head_prompts, "finish", lambda prompts, seed: [p | {"id": str(i)} for i, p in enumerate(prompts)])
+    monkeypatch.setattr(head_data, "seed_prompts", lambda tok, seeds, args: [
+        {"source": "verifier-passages", "family": "verifier-passages/g0", "kind": "rag", "turns": [s["key"]]}
+        for s in seeds])
+    args = _args(tmp_path, scale=1.0, magpie=10, passages=10)
+    args.out.mkdir()
+    one = [{"key": "passage-0"}]
+    first = head_data.stage_prompts(args, None, one)
+    assert head_data.stage_prompts(args, None, one) == first and len(built) == 1  # the same seeds: read, not rebuilt
+    again = head_data.stage_prompts(args, None, one + [{"key": "passage-1"}])
+    assert len(built) == 2 and [p["turns"] for p in again][-1] == ["passage-1"]
+    (args.out / "prompts.made").unlink()  # a list written before lists recorded what they were built from
+    head_data.stage_prompts(args, None, one + [{"key": "passage-1"}])
+    assert len(built) == 3
+    head_data.stage_prompts(args, None, one + [{"key": "passage-1"}])
+    assert len(built) == 3
