@@ -371,10 +371,10 @@ def _datastore_arguments(parser) -> None:
                        help="leave the engine's own datastore unused (its default drafter is then ngram again)")
 
 
-
 def _datastore(args) -> str | bool | None:
     """What those options ask of Engine.load: False (none), a file, or None (the engine's own, if any)."""
     return False if args.no_datastore else (str(args.datastore) if args.datastore else None)
+
 
 def _generate(args) -> int:
     from specrt.runtime import Engine, GenerationError

@@ -114,13 +114,12 @@ class Tally:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-
 class SideBySide:
     """Configurations of one engine timed turn by turn (a benchmark script's A/B): per configuration and category,
     seconds, tokens and target passes; printed as speed over a reference configuration / tokens per pass."""
 
     def __init__(self) -> None:
-        self.tally: dict[tuple[str, str], dict[str, float]] = {}
+        self.tally: dict[tuple[str, str], Tally] = {}
 
     def run(self, engine: Engine, prompt: Prompt, config: str, max_new_tokens: int, reference: list[int] | None,
             **request) -> list[int]:
@@ -137,10 +136,11 @@ class SideBySide:
 
     def add(self, config: str, category: str, seconds: float, tokens: int, passes: int) -> None:
         for cat in (category, "overall"):
-            t = self.tally.setdefault((config, cat), {"seconds": 0.0, "tokens": 0, "passes": 0})
-            t["seconds"] += seconds
-            t["tokens"] += tokens
-            t["passes"] += passes
+            t = self.tally.setdefault((config, cat), Tally())
+            t.seconds += seconds
+            t.tokens += tokens
+            t.steps += passes
+            t.runs += 1
 
     def table(self, configs: Sequence[str], reference: str) -> str:
         """Markdown: a row per configuration, a column per category (Spec-Bench's order, then overall)."""
@@ -151,10 +151,10 @@ class SideBySide:
             cells = []
             for cat in cats:
                 t, ref = self.tally[(config, cat)], self.tally[(reference, cat)]
-                speed = (t["tokens"] / t["seconds"]) / (ref["tokens"] / ref["seconds"])
-                cells.append(f"{speed:.2f}x / {t['tokens'] / max(1.0, t['passes']):.2f}")
+                cells.append(f"{t.tokens_per_s / ref.tokens_per_s:.2f}x / {t.tokens / max(1, t.steps):.2f}")
             lines.append(f"| {config} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
+
 
 def run_spec_bench(systems: Sequence[System], prompts: Sequence[Prompt], repeats: int = 1,
                    progress: bool = True) -> list[dict]:

@@ -157,6 +157,6 @@ def test_side_by_side_runs_tally_and_stop_on_an_output_that_differs(engine):
     tally = spec_bench.SideBySide()
     reference = tally.run(engine, p, "target-only", 6, None, use_draft=False)
     assert tally.run(engine, p, "ngram", 6, reference, drafter="ngram", k=4) == reference
-    assert tally.tally[("ngram", "rag")]["tokens"] == len(reference) == tally.tally[("ngram", "overall")]["tokens"]
+    assert tally.tally[("ngram", "rag")].tokens == len(reference) == tally.tally[("ngram", "overall")].tokens
     with pytest.raises(SystemExit, match="ngram: output differs from the reference on question 481"):
         tally.run(engine, p, "ngram", 6, [t + 1 for t in reference], drafter="ngram", k=4)
