@@ -11,8 +11,8 @@ log-probabilities recorded while it writes them.  Resumable stages, each with a 
 3. ``answers``  the verifier's answers (greedy; a tenth sampled at temperature 0.7), 32 conversations per
                 pass through its batched in-place graph (``batch_gen.py``); each recorded token's features
                 (the inputs of layers 3, 15 and 27: EAGLE-3's low / middle / high) and the verifier's top-8
-                next-token log-probs (the soft targets), for the prompt's last 256 tokens and everything
-                after, written as memory-mappable shards; a source past 10% of the answer tokens waits
+                next-token log-probs (the soft targets), for the prompt's last ``--prompt-tail`` tokens (256)
+                and everything after, written as memory-mappable shards; a source past 10% of the answer tokens waits
                 until it is under again; an answer stuck in a loop ends after 32 repeating tokens -> shard_*/
                 With ``--keep DIR``, each shard's answers also go to DIR as token ids with their prompts (and the
                 seeds too): git-sized, and a later run on a machine without the shards rebuilds them from there by
@@ -169,13 +169,16 @@ def seed_prompts(tok: Tokens, seeds: list[dict], args) -> list[dict]:
         elif len(s["ids"]) >= 120 and len(text) >= 400:
             passages.append({"family": f"verifier-passages/g{s['genre']}", "text": text, "topic": s["topic"]})
     rng = random.Random(args.seed + 2)
-    return magpie[:args.magpie] + head_prompts.passage_prompts(rng, passages[:args.passages])
+    return (magpie[:args.magpie] + head_prompts.passage_prompts(rng, passages[:args.passages])
+            + head_prompts.long_passage_prompts(random.Random(args.seed + 3), passages, args.long_passages))
 
 
 def prompts_made_from(args, seeds: list[dict]) -> str:
     """What a prompt list is built from (the counts, the random seed and which seeds exist), as a short hash."""
     made = {"seed": args.seed, "scale": args.scale, "magpie": args.magpie, "passages": args.passages,
             "seeds": sorted(s["key"] for s in seeds)}
+    if args.long_passages:  # lists built before long prompts existed keep their hash
+        made["long_passages"] = args.long_passages
     return hashlib.sha256(json.dumps(made, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -337,7 +340,7 @@ def job_for(p: dict, tok: Tokens, args, sampled: bool) -> batch_gen.Job | None:
     meta = {k: p[k] for k in ("source", "family", "kind", "turns")} | {"sampled": bool(sampled),
                                                                         "prompt_sha": prompt_sha(p)}
     return batch_gen.Job(p["id"], ids, [tok.follow_up(t) for t in p["turns"][1:]],
-                         temperature=0.7 if sampled else 0.0, keep_from=max(0, len(ids) - PROMPT_TAIL), meta=meta)
+                         temperature=0.7 if sampled else 0.0, keep_from=max(0, len(ids) - args.prompt_tail), meta=meta)
 
 
 def first_sources(jobs: list[batch_gen.Job], sources: Iterable[str] = ()) -> list[batch_gen.Job]:
@@ -491,6 +494,8 @@ def stage_answers(args, tok: Tokens, prompts: list[dict], generate: bool = True)
         next_index = writer.index
     if not generate:
         return
+    if args.only:
+        todo = [p for p in todo if p["source"] in args.only]
     jobs = first_sources([j for j in (job_for(p, tok, args, sampled[p["id"]]) for p in todo) if j is not None],
                          args.first)
     answered, conversations = collections.Counter(), collections.Counter()  # per source, for ``balanced``
@@ -563,6 +568,14 @@ def main() -> int:
     ap.add_argument("--first", type=lambda v: [x for x in v.split(",") if x], default=[], metavar="SOURCES",
                     help="answer these sources' prompts before the others (comma-separated, e.g. "
                     "magpie,verifier-passages: what a run cut short should have; each still capped at its share)")
+    ap.add_argument("--only", type=lambda v: {x for x in v.split(",") if x}, default=set(), metavar="SOURCES",
+                    help="answer only these sources' prompts (comma-separated, e.g. long-passages,long-documents)")
+    ap.add_argument("--long-passages", type=int, default=1200,
+                    help="long prompts (2-4 of the verifier's passages: one article to summarise, or documents to "
+                    "answer from; default 1200)")
+    ap.add_argument("--prompt-tail", type=int, default=PROMPT_TAIL, metavar="N",
+                    help=f"record each prompt's last N tokens before the answer (default {PROMPT_TAIL}: the "
+                    "runtime head's window); the head trains on what is recorded")
     ap.add_argument("--max-context", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)

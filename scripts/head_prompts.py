@@ -9,8 +9,9 @@ Every prompt is ``{"id", "source", "family", "kind", "turns": [user message, opt
 
 * ``source``: where its text comes from -- one of ``SOURCES`` (each a Debian package or a template set)
   or, added by ``head_data.py`` with the model, ``magpie`` (user turns the verifier writes itself from the
-  bare start of a user message) and ``verifier-passages`` (texts the verifier writes, then summarised and
-  questioned);
+  bare start of a user message), ``verifier-passages`` (texts the verifier writes, then summarised and
+  questioned) and ``long-passages`` (2-4 of those texts in one prompt of ~500-1,500 tokens: an article to
+  summarise, or documents to answer from); ``long-documents`` are long sections of the Debian documents;
 * ``family``: the template or document it was made from -- the unit of the held-out split (a whole
   family is either trained on or held out, never both), and no source or family holds more than
   ``MAX_SHARE`` of the set;
@@ -464,6 +465,63 @@ def passage_prompts(rng: random.Random, items: list[dict]) -> list[dict]:
     return out
 
 
+# Long prompts (~500-1,500 tokens), the length of real summarisation and retrieval prompts: an article to summarise
+# made of several passages of one genre, or a question over several retrieved documents, the answer in one of them.
+# The head must learn to copy from far back in the prompt, which passages of 120-320 tokens never ask of it.
+LONG_SUMMARY_T = ["Summarize: {text}", "Summarize the following article:\n\n{text}",
+                  "{text}\n\nWrite a short summary of the article above.",
+                  "Give the main points of this article in three sentences:\n\n{text}",
+                  "Article:\n{text}\n\nSummary:"]
+LONG_RAG_T = ["{documents}\n\nAnswer the question using the documents above.\nQuestion: {question}",
+              "Use the following documents to answer the question.\n\n{documents}\n\nQuestion: {question}",
+              "Question: {question}\n\n{documents}\n\nAnswer the question based on these documents."]
+LONG_DOC_T = ["Document [{i}] (Title: {title})\n{text}", "[{i}] {title}\n{text}", "Title: {title}\n{text}"]
+
+
+def long_passage_prompts(rng: random.Random, items: list[dict], count: int) -> list[dict]:
+    """``count`` long prompts over the verifier's own passages (``items``: {"family", "text", "topic"}), each
+    joining 2-4 of them: half summarisation (one genre, read as one article), half RAG (one question about
+    one document among others; family: the question's genre)."""
+    by_family: dict[str, list[dict]] = {}
+    for it in items:
+        by_family.setdefault(it["family"], []).append(it)
+    families = sorted(f for f, v in by_family.items() if len(v) >= 4)
+    out = []
+    for i in range(count if families else 0):
+        n = rng.randint(2, 4)
+        if i % 2 == 0:
+            family = rng.choice(families)
+            parts = rng.sample(by_family[family], n)
+            text = rng.choice(LONG_SUMMARY_T).format(text="\n\n".join(p["text"] for p in parts))
+            kind = "summarization"
+        else:
+            parts = rng.sample(items, n)
+            family = parts[0]["family"]
+            doc_t = rng.choice(LONG_DOC_T)
+            docs = [doc_t.format(i=j + 1, title=p["topic"], text=p["text"]) for j, p in enumerate(parts)]
+            order = list(range(n))
+            rng.shuffle(order)  # the document the question is about sits anywhere among them
+            q = rng.choice(QUESTIONS).format(heading=parts[0]["topic"]).replace("the passage", "the documents")
+            text = rng.choice(LONG_RAG_T).format(documents="\n\n".join(docs[j] for j in order), question=q)
+            kind = "rag"
+        out.append({"source": "long-passages", "family": "long-" + family, "kind": kind, "turns": [text]})
+    return out
+
+
+def long_documents(rng: random.Random, count: int) -> list[dict]:
+    """Summarise / answer from long sections (2,500-4,500 characters) of the documentation sources."""
+    out = []
+    for source in DOC_KINDS:
+        for i, (fname, heading, body) in enumerate(passages(source, rng, count, min_chars=2500, max_chars=4500)):
+            kind = ("summarization", "rag")[i % 2]
+            q = rng.choice(QUESTIONS).format(heading=heading.strip("= ")[:80])
+            t = rng.choice(LONG_SUMMARY_T if kind == "summarization" else PASSAGE_T["rag"])
+            text = t.format(text=body, passage=body, question=q, question_lc=q[0].lower() + q[1:])
+            out.append({"source": "long-documents", "family": f"long-documents/{source}/{fname}", "kind": kind,
+                        "turns": [text]})
+    return out
+
+
 def build(seed: int = 0, scale: float = 1.0) -> list[dict]:
     """The prompts of every offline source (``magpie`` and ``verifier-passages`` are added by head_data.py,
     which needs the model), before near-duplicate removal and share caps (``finish``)."""
@@ -500,6 +558,8 @@ def build(seed: int = 0, scale: float = 1.0) -> list[dict]:
         t = rng.choice(QUOTE_T + ["What is funny about this?\n\n{quote}", "Rewrite this in plain words:\n\n{quote}"])
         out.append({"source": "fortunes-en", "family": f"fortunes-en/{fname}", "kind": "quotes",
                     "turns": [t.format(quote=quote)]})
+    # its own random stream: the prompts above come out as they did before these were added
+    out += long_documents(random.Random(seed + 7), n(250))
     return out
 
 

@@ -190,7 +190,8 @@ class _Tok:
 def _args(tmp_path, **kw):
     return types.SimpleNamespace(**({"out": tmp_path / "data", "keep": tmp_path / "kept", "seed": 0, "sampled": 0.0,
                                      "no_rebuild": False, "max_new_tokens": 8, "max_context": 512,
-                                     "stop_loops": 0, "first": []} | kw))
+                                     "stop_loops": 0, "first": [], "only": set(), "prompt_tail": head_data.PROMPT_TAIL,
+                                     "long_passages": 0} | kw))
 
 
 def _stand_in_verifier(monkeypatch) -> list[str]:
@@ -314,3 +315,31 @@ def test_the_prompt_list_is_rebuilt_when_seeds_were_added_after_it_and_reused_ot
     assert len(built) == 3
     head_data.stage_prompts(args, None, one + [{"key": "passage-1"}])
     assert len(built) == 3
+
+
+def test_only_answers_the_named_sources(tmp_path, monkeypatch):
+    prompts = [_prompt("a-0", ["a prompt of the first source"]) | {"source": "a"},
+               _prompt("b-0", ["a prompt of the second source"]) | {"source": "b"}]
+    asked = _stand_in_verifier(monkeypatch)
+    head_data.stage_answers(_args(tmp_path, only={"b"}), _Tok(), prompts)
+    assert asked == ["a prompt of the second source"]
+
+
+def test_long_passage_prompts_join_several_passages_and_ask_about_one_of_them():
+    """Summarisation joins passages of one genre; RAG asks a question over several titled documents."""
+    import random
+
+    items = [{"family": f"verifier-passages/g{g}", "text": f"passage {g}-{i} " + "word " * 50, "topic": f"topic {g}-{i}"}
+             for g in range(3) for i in range(6)]
+    prompts = head_prompts.long_passage_prompts(random.Random(0), items, 40)
+    assert len(prompts) == 40 and {p["kind"] for p in prompts} == {"summarization", "rag"}
+    for p in prompts:
+        text = p["turns"][0]
+        used = [it for it in items if it["text"] in text]
+        assert 2 <= len(used) <= 4 and p["source"] == "long-passages"
+        if p["kind"] == "summarization":  # one article: one genre, the family's
+            assert {it["family"] for it in used} == {p["family"].removeprefix("long-")}
+        else:  # each document under its title; the family is a document's genre
+            assert all(it["topic"] in text for it in used) and "Question: " in text
+            assert p["family"].removeprefix("long-") in {it["family"] for it in used}
+    assert head_prompts.long_passage_prompts(random.Random(0), items[:3], 5) == []  # no genre with enough passages
