@@ -11,8 +11,8 @@
    category at the first position (docs/drafters.md).
 3. With ``--why``, where the head's first draft misses (teacher-forced, every answer position): by the verifier's own
    confidence in the token (its top-1 probability >= 0.9 or not) and by whether the token copies text -- its
-   trigram occurs earlier in what the head reads (the prompt's last 256 tokens and the answer), or only in the
-   part of the question before that, which the head never reads -- per category.
+   trigram occurs earlier in what the head reads (the prompt's last ``--prompt-tail`` tokens and the answer), or
+   only in the part of the question before that, which the head never reads -- per category.
 
 Needs torch and transformers (build-time tools), as the head's training does.
 
@@ -29,10 +29,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 STEPS = 4
+MAX_CONTEXT = 2048  # the answers' graph; also the scoring window: a recorded turn is read whole, as live
 
 
-def answer_shard(questions: Path, verifier: Path, out: Path, max_new_tokens: int, threads: int | None) -> None:
-    """The verifier's greedy answers to every question's turns, as one shard in ``out`` (skipped if done)."""
+def answer_shard(questions: Path, verifier: Path, out: Path, max_new_tokens: int, threads: int | None,
+                 prompt_tail: int) -> None:
+    """The verifier's greedy answers to every question's turns, as one shard in ``out`` (skipped if done), each
+    with its prompt's last ``prompt_tail`` tokens."""
     import hashlib
 
     import batch_gen
@@ -42,6 +45,8 @@ def answer_shard(questions: Path, verifier: Path, out: Path, max_new_tokens: int
 
     made = {"questions_sha256": hashlib.sha256(questions.read_bytes()).hexdigest(), "max_new_tokens": max_new_tokens,
             "verifier": str(verifier.resolve())}
+    if prompt_tail != head_data.PROMPT_TAIL:  # shards made before the option keep saying nothing of it
+        made["prompt_tail"] = prompt_tail
     if (out / "shard_0000" / "done").is_file():
         was = json.loads((out / "replay.json").read_text()) if (out / "replay.json").is_file() else None
         if was != made:
@@ -52,7 +57,7 @@ def answer_shard(questions: Path, verifier: Path, out: Path, max_new_tokens: int
     tok = head_data.Tokens(verifier)
     cfg = json.loads((verifier / "config.json").read_text())
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    max_context = 2048
+    max_context = MAX_CONTEXT
     graph = batch_gen.export_batch_graph(verifier, out, max_context, head_data.FEATURE_LAYERS, head_data.TOP_K)
     target = batch_gen.BatchedTarget(graph, 16, cfg["num_hidden_layers"], cfg["num_key_value_heads"], head_dim,
                                      max_context, threads)
@@ -69,7 +74,7 @@ def answer_shard(questions: Path, verifier: Path, out: Path, max_new_tokens: int
             ids = tok.codec.encode(tok.codec.apply_chat_template(messages[key]), add_special_tokens=False)
             if len(ids) + max_new_tokens + 8 > max_context:
                 continue
-            jobs.append(batch_gen.Job(f"{key}/{turn + 1}", ids, keep_from=max(0, len(ids) - head_data.PROMPT_TAIL),
+            jobs.append(batch_gen.Job(f"{key}/{turn + 1}", ids, keep_from=max(0, len(ids) - prompt_tail),
                                       meta={"source": questions.stem, "family": key, "kind": category(q),
                                             "sampled": False}))
         bar = head_data.Progress(len(jobs), f"verifier answers, turn {turn + 1}")
@@ -128,7 +133,8 @@ def score(head_dir: Path, verifier: Path, data: Path, answer_tokens: int) -> dic
     head, layers, draft, to_draft = load_head(head_dir, verifier)
     shards = train_head.load_shards([data], layers)
     seqs = train_head.sequences(shards, 2)
-    return train_head.evaluate(head, shards, seqs, to_draft, draft, STEPS, 10**12, live_tokens=answer_tokens)
+    return train_head.evaluate(head, shards, seqs, to_draft, draft, STEPS, 10**12, T=MAX_CONTEXT,
+                               live_tokens=answer_tokens)
 
 
 def why(head_dir: Path, verifier: Path, data: Path, questions: Path) -> dict:
@@ -149,7 +155,7 @@ def why(head_dir: Path, verifier: Path, data: Path, questions: Path) -> dict:
     for i, q in enumerate(load_questions(questions)):
         ids = [t for turn in q["turns"] for t in tokenizer.encode(turn).ids]
         far_of[str(q.get("question_id", i))] = {tuple(ids[j:j + 3]) for j in range(len(ids) - 2)}
-    batches = train_head.Batches(shards, seqs, to_draft, 512, 1, 0)
+    batches = train_head.Batches(shards, seqs, to_draft, MAX_CONTEXT, 1, 0)
     cells: dict[str, np.ndarray] = {}
     head.eval()
     with torch.no_grad():
@@ -159,8 +165,8 @@ def why(head_dir: Path, verifier: Path, data: Path, questions: Path) -> dict:
             copy = copied(tokens, far_of.get(conv["id"].rsplit("/", 1)[0], set()))
             sure = np.exp(np.asarray(shards[i]["top_logp"][a:b, 0], np.float32)) >= CONFIDENT
             tally = cells.setdefault(conv["kind"], np.zeros((6, 2), np.int64))
-            for p in range(0, b - a - 2, 512):
-                t = min(512, b - a - 1 - p)
+            for p in range(0, b - a - 2, MAX_CONTEXT):
+                t = min(MAX_CONTEXT, b - a - 1 - p)
                 features, next_ids, top_ids, _, _, role, _ = batches.window(i, a, b, p, t)
                 logits = head.unrolled(torch.from_numpy(next_ids)[None], torch.from_numpy(features)[None], 1)[0]
                 first = draft[logits[0].argmax(-1).numpy()]
@@ -181,6 +187,9 @@ def main() -> int:
     ap.add_argument("--head", type=Path, action="append", required=True, help="a head directory (repeatable)")
     ap.add_argument("--out", type=Path, required=True, help="where the answers' shard is written once and reused")
     ap.add_argument("--max-new-tokens", type=int, default=96, help="per turn (default 96, as make bench-spec)")
+    ap.add_argument("--prompt-tail", type=int, default=None, metavar="N",
+                    help="record (and let the head read) each prompt's last N tokens (default: as the training "
+                         "data, scripts/head_data.py's PROMPT_TAIL); a new N needs its own --out")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     ap.add_argument("--why", action="store_true",
@@ -197,7 +206,10 @@ def main() -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    answer_shard(args.questions, args.verifier, args.out, args.max_new_tokens, args.threads)
+    import head_data
+
+    answer_shard(args.questions, args.verifier, args.out, args.max_new_tokens, args.threads,
+                 args.prompt_tail or head_data.PROMPT_TAIL)
     results = {}
     for h in args.head:
         ev = score(h, args.verifier, args.out, args.max_new_tokens)

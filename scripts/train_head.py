@@ -495,10 +495,11 @@ def main() -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.__setitem__("now", True))
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("now", True))
     batches = Batches(shards, train_seqs, to_draft, args.window, args.batch, args.seed + step, args.repeat_weight)
+    eval_window = evaluation_window(args.window)
     curve = (args.out / "curve.jsonl").open("a")
     deadline = time.time() + 60 * args.minutes if args.minutes else None
     if step == 0 and args.init_from:  # where the loaded head stands on this data's held-out families
-        ev = evaluate(head, eval_shards, eval_seqs, to_draft, draft_vocab, 4, args.eval_tokens)
+        ev = evaluate(head, eval_shards, eval_seqs, to_draft, draft_vocab, 4, args.eval_tokens, T=eval_window)
         curve.write(json.dumps({"step": 0, "minutes": 0.0, "tokens": 0, "loss": None, **ev}) + "\n")
         curve.flush()
         print(f"step 0 (--init-from {args.init_from}): {json.dumps(ev)}", file=sys.stderr)
@@ -529,7 +530,7 @@ def main() -> int:
         if step % args.save_every == 0:
             save()
         if step % args.eval_every == 0:
-            ev = evaluate(head, eval_shards, eval_seqs, to_draft, draft_vocab, 4, args.eval_tokens)
+            ev = evaluate(head, eval_shards, eval_seqs, to_draft, draft_vocab, 4, args.eval_tokens, T=eval_window)
             rec = {"step": step, "minutes": round(seconds / 60, 1), "tokens": tokens_seen, "loss": float(loss), **ev}
             curve.write(json.dumps(rec) + "\n")
             curve.flush()
@@ -586,6 +587,12 @@ def cpu_has_bf16() -> bool:
     return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
+def evaluation_window(window: int) -> int:
+    """Evaluation reads each held-out conversation in pieces this long, the head's context starting afresh in each:
+    at least what it trains on (512 for the default 256, so that earlier curves stay comparable)."""
+    return max(512, 2 * window)
+
+
 def json_safe(args: dict) -> dict:
     return {k: [str(x) for x in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v
             for k, v in args.items()}
@@ -603,7 +610,7 @@ def export(args, cfg, head, draft_vocab, shards, eval_seqs, to_draft, step, seco
     save_file({k: v.to(torch.float16) for k, v in weights.items()}, str(out / HEAD_WEIGHTS))
     cfg.save(out / HEAD_CONFIG)
     (out / DRAFT_VOCAB).write_text(json.dumps(draft_vocab.tolist()))
-    ev = evaluate(head, shards, eval_seqs, to_draft, draft_vocab, 4, 10**9)
+    ev = evaluate(head, shards, eval_seqs, to_draft, draft_vocab, 4, 10**9, T=evaluation_window((trained_args or {}).get("window", args.window)))
     curve = [json.loads(line) for line in (args.out / "curve.jsonl").read_text().splitlines()] \
         if (args.out / "curve.jsonl").is_file() else []
     record = {"step": step, "training_minutes": round(seconds / 60, 1), "tokens_trained": tokens_seen,
