@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """Per-pass cost of each model of one or more engine directories, and whether the target is batch-invariant.
 
-For every engine: the target's and the draft's step time for n = 1, 2, 3, 5 tokens at a fixed
+For every engine: the target's and the draft's step time for n = 1, 2, 3, 5 tokens (``--widths``) at a fixed
 context (the numbers the expected-speedup formula needs: c = draft step / target step, and how
 verification cost grows with k + 1), the 1-token step as the runtime runs it (padded to 2 rows where
 needed), then the row-invariance measurement behind losslessness (``runtime/invariance.py``).
 
-Usage: python benchmarks/step_cost.py ENGINE_DIR [ENGINE_DIR ...] [--context 200] [--repeats 15]
+Usage: python benchmarks/step_cost.py ENGINE_DIR [ENGINE_DIR ...] [--context 200] [--repeats 15] [--widths 1,9,33]
+(33: a tree of 32 and its root)
 """
 from __future__ import annotations
 
@@ -25,16 +26,20 @@ def main() -> None:
     ap.add_argument("engines", nargs="+")
     ap.add_argument("--context", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--widths", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2, 3, 5],
+                    help="tokens per pass to time (default 1,2,3,5)")
     a = ap.parse_args()
-    ids = (np.arange(a.context + 8) * 7919) % 5000 + 10  # deterministic, arbitrary tokens
-    widths = (1, 2, 3, 5)
+    widths = a.widths
+    ids = (np.arange(a.context + max(widths)) * 7919) % 5000 + 10  # deterministic, arbitrary tokens
     print(f"median ms per pass at context {a.context} (target 2 threads, draft 1 thread); 'n=1 as run' is the "
           "1-token step the runtime really runs (2 rows where the target is padded)")
     print(f"{'engine':<28} {'model':<7}" + "".join(f"{f'n={n}':>9}" for n in widths) + f"{'n=1 as run':>12}"
           + "   row invariance (target)")
     for engine in a.engines:
         m = load_manifest(engine, check_hashes=False)
-        for spec, threads in ((s, t) for s, t in ((m.target, 2), (m.draft, 1)) if s is not None):
+        # a feature head's passes need the target's features: drafters.md has its costs (head_catch_up.py)
+        for spec, threads in ((s, t) for s, t in ((m.target, 2), (m.draft, 1))
+                              if s is not None and s.feature_head is None):
             step = OrtModelStep(spec, threads=threads)
             as_run = step.min_rows
 
