@@ -34,11 +34,12 @@ build-trt: install-test
 	start=$$(date +%s); $(SPECRT) build .cache/demo/engine-trt --force && echo "make build-trt: specrt build took $$(( $$(date +%s) - start )) s"
 
 ## the draft head's training data (hours of CPU; resumable: rerun to continue, progress and ETA shown): the verifier's
-## own answers to ~22,000 prompts from the Debian documents below, the standard library and its own user turns.
+## own answers to ~30,000 prompts from the Debian documents below, the standard library and its own user turns and
+## passages (the counts the committed answers were generated with, so a rerun goes on with the same prompt list).
 ## The answers already in engines/demo/head-data (token ids, committed) are rebuilt into shards by teacher-forced
 ## passes, not generated again; new answers are added there (commit them)
 HEAD_DEBS := python3.11-doc fortunes fortunes-de fortunes-es fortunes-it debian-reference-en perl-doc
-HEAD_DATA := --verifier .cache/demo/verifier-hf --out .cache/head/data --magpie 250 --passages 100 --keep engines/demo/head-data
+HEAD_DATA := --verifier .cache/demo/verifier-hf --out .cache/head/data --magpie 2600 --passages 2700 --keep engines/demo/head-data
 head-data: install-export
 	test -f .cache/demo/verifier-hf/config.json || $(PYTHON) scripts/demo.py --no-check
 	dpkg -s $(HEAD_DEBS) >/dev/null 2>&1 || apt-get install -y -q $(HEAD_DEBS) || echo "warning: could not install $(HEAD_DEBS): their sources are skipped"
