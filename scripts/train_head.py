@@ -610,7 +610,8 @@ def export(args, cfg, head, draft_vocab, shards, eval_seqs, to_draft, step, seco
     save_file({k: v.to(torch.float16) for k, v in weights.items()}, str(out / HEAD_WEIGHTS))
     cfg.save(out / HEAD_CONFIG)
     (out / DRAFT_VOCAB).write_text(json.dumps(draft_vocab.tolist()))
-    ev = evaluate(head, shards, eval_seqs, to_draft, draft_vocab, 4, 10**9, T=evaluation_window((trained_args or {}).get("window", args.window)))
+    window = (trained_args or {}).get("window", args.window)  # what the head was trained on, not this command's
+    ev = evaluate(head, shards, eval_seqs, to_draft, draft_vocab, 4, 10**9, T=evaluation_window(window))
     curve = [json.loads(line) for line in (args.out / "curve.jsonl").read_text().splitlines()] \
         if (args.out / "curve.jsonl").is_file() else []
     record = {"step": step, "training_minutes": round(seconds / 60, 1), "tokens_trained": tokens_seen,

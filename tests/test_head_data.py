@@ -299,7 +299,8 @@ def test_the_prompt_list_is_rebuilt_when_seeds_were_added_after_it_and_reused_ot
         return [{"source": "docs", "family": "docs/a", "kind": "qa", "turns": ["What is a pipe?"]}]
 
     monkeypatch.setattr(head_prompts, "build", build)
-    monkeypatch.setattr(head_prompts, "finish", lambda prompts, seed: [p | {"id": str(i)} for i, p in enumerate(prompts)])
+    monkeypatch.setattr(head_prompts, "finish",
+                        lambda prompts, seed: [p | {"id": str(i)} for i, p in enumerate(prompts)])
     monkeypatch.setattr(head_data, "seed_prompts", lambda tok, seeds, args: [
         {"source": "verifier-passages", "family": "verifier-passages/g0", "kind": "rag", "turns": [s["key"]]}
         for s in seeds])
@@ -329,8 +330,8 @@ def test_long_passage_prompts_join_several_passages_and_ask_about_one_of_them():
     """Summarisation joins passages of one genre; RAG asks a question over several titled documents."""
     import random
 
-    items = [{"family": f"verifier-passages/g{g}", "text": f"passage {g}-{i} " + "word " * 50, "topic": f"topic {g}-{i}"}
-             for g in range(3) for i in range(6)]
+    items = [{"family": f"verifier-passages/g{g}", "text": f"passage {g}-{i} " + "word " * 50,
+              "topic": f"topic {g}-{i}"} for g in range(3) for i in range(6)]
     prompts = head_prompts.long_passage_prompts(random.Random(0), items, 40)
     assert len(prompts) == 40 and {p["kind"] for p in prompts} == {"summarization", "rag"}
     for p in prompts:
